@@ -1,0 +1,129 @@
+"""Thin command line: parse arguments, call one library function, print. Errors are one line, never a traceback."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from oncotransfer.errors import OncoError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Turn a folder of medical images into a validated classifier by transfer learning.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect data sets; list the built-in demo sets.")
+models_app = typer.Typer(no_args_is_help=True, help="Backbones and weights.")
+cells_app = typer.Typer(no_args_is_help=True, help="Cell-line microscopy preprocessing.")
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+app.add_typer(cells_app, name="cells")
+console = Console()
+err = Console(stderr=True)
+
+
+@data_app.command("demo")
+def data_demo() -> None:
+    """List the built-in demo data sets and their paths."""
+    from oncotransfer.data.demo import DEMO_SETS, demo_path
+    for name, what in DEMO_SETS.items():
+        console.print(f"demo:{name}\t{demo_path(name)}\t{what}")
+
+
+@data_app.command("inspect")
+def data_inspect(path: str = typer.Argument(..., help="class-per-folder tree, manifest CSV, or demo:NAME"),
+                 patient_regex: Optional[str] = typer.Option(None, help="regex on file names giving the patient id")) -> None:
+    """Counts per class and patient, sizes, modes, unreadable files and duplicates."""
+    from oncotransfer.data.inspect import inspect_dataset, render
+    render(inspect_dataset(path, patient_regex), console)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """The backbone registry: our names, timm models, input size, normalisation."""
+    from rich.table import Table
+    from oncotransfer.models.backbones import BACKBONES
+    t = Table("name", "timm model", "input", "mean", "std", "Grad-CAM layer", "from")
+    for s in BACKBONES.values():
+        t.add_row(s.name, s.timm_name, str(s.input_size), str(s.mean), str(s.std), s.gradcam_layer, s.paper)
+    console.print(t)
+    console.print("Any other timm model: timm:<name>. Weights: imagenet (hub), efficientnet_lite0_packaged "
+                  "(offline), file:PATH, run:RUN_DIR, none.")
+
+
+@app.command("train")
+def train(config: Path = typer.Argument(..., help="YAML config"),
+          set_: list[str] = typer.Option([], "--set", help="override a key: --set train.lr=0.001"),
+          resume: Optional[Path] = typer.Option(None, help="continue an interrupted run directory"),
+          verbose: bool = typer.Option(False, "--verbose", "-v", help="one line per epoch")) -> None:
+    """Train and evaluate; writes a run directory with checkpoint, metrics and report."""
+    from oncotransfer.config import load_config
+    from oncotransfer.train.stages import run_config
+    cfg = None if resume else load_config(config, set_)
+    result = run_config(cfg, resume=resume, log=_logger(verbose))
+    _print_result(result)
+
+
+def _logger(verbose: bool):
+    def log(line: str) -> None:
+        if verbose or not line.startswith("fold "):
+            err.print(line, highlight=False)
+    return log
+
+
+def _print_result(result) -> None:
+    pooled = result.metrics.get("pooled", {})
+    ci = pooled.get("accuracy_ci95")
+    ci_s = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+    console.print(f"accuracy: {pooled.get('accuracy', float('nan')):.4f}{ci_s}")
+    console.print(f"report: {result.run_dir / 'report.html'}")
+
+
+@app.command("evaluate")
+def evaluate(run_dir: Path = typer.Argument(..., help="run directory"),
+             data: Optional[str] = typer.Option(None, help="evaluate the run's model on another labelled data set")) -> None:
+    """Recompute metrics and the report of a run (or score its model on new labelled data)."""
+    from oncotransfer.evaluate.report import evaluate_run
+    if data is None:
+        metrics = evaluate_run(run_dir)
+        name = "report"
+    else:
+        from oncotransfer.infer.predict import predictions_on
+        metrics = evaluate_run(run_dir, predictions=predictions_on(run_dir, data), out_name="report_external")
+        name = "report_external"
+    console.print(f"accuracy: {metrics['pooled']['accuracy']:.4f}")
+    console.print(f"report: {Path(run_dir) / (name + '.html')}")
+
+
+@cells_app.command("extract")
+def cells_extract(raw_dir: Path, out_dir: Path,
+                  block_size: int = typer.Option(51, help="adaptive threshold window (odd)"),
+                  offset: Optional[float] = typer.Option(None, help="threshold offset"),
+                  min_size: Optional[int] = typer.Option(None, help="smallest object kept, in pixels"),
+                  patch_size: int = typer.Option(200, help="patch side in pixels"),
+                  polarity: str = typer.Option("auto", help="auto | dark | bright cells"),
+                  overwrite: bool = typer.Option(False, help="write into a non-empty OUT_DIR")) -> None:
+    """Adaptive threshold, clean-up, boxes and fixed-size patches per cell, with a QC montage."""
+    from oncotransfer.data.cells import CellParams, extract_cells
+    kw = {"block_size": block_size, "patch_size": patch_size, "polarity": polarity}
+    if offset is not None:
+        kw["offset"] = offset
+    if min_size is not None:
+        kw["min_size"] = min_size
+    result = extract_cells(raw_dir, out_dir, CellParams(**kw), overwrite=overwrite)
+    console.print(result.summary())
+
+
+def main() -> None:
+    try:
+        app()
+    except OncoError as e:
+        err.print(f"error: {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted; continue with `oncotransfer train CONFIG --resume RUN_DIR`")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""One typed schema for every run: load YAML, apply ``--set key=value`` overrides, save the resolved config."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from oncotransfer.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    path: str | None = None
+    """Class-per-folder tree, a manifest CSV, or ``demo:NAME`` for a built-in set."""
+    patient_regex: str | None = None
+    image_size: int | None = Field(default=None, ge=32, le=1024)
+    """Input size; ``None`` takes the backbone's own."""
+
+
+class SplitConfig(_Strict):
+    kind: Literal["holdout", "train-val-test", "kfold", "lopo"] = "holdout"
+    test_size: float = Field(default=0.1, gt=0, lt=1)
+    val_size: float = Field(default=0.2, ge=0, lt=1)
+    """train-val-test: fraction for validation (7:2:1 gives 0.2); kfold/lopo: inner validation carved from train."""
+    folds: int = Field(default=5, ge=2, le=50)
+    group_by_patient: bool = True
+    group_duplicates: bool = True
+    allow_image_level_split: bool = False
+    seed: int = 0
+
+
+class HeadConfig(_Strict):
+    kind: Literal["paper_dense", "linear", "mlp"] = "paper_dense"
+    hidden: list[int] = Field(default_factory=lambda: [100])
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    sigmoid: bool = False
+    """Binary tasks only: one logit with a sigmoid and binary cross-entropy."""
+
+
+class ModelConfig(_Strict):
+    backbone: str = "efficientnet_lite0"
+    weights: str = "imagenet"
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    freeze: str = "frozen"
+
+    @field_validator("freeze")
+    @classmethod
+    def _freeze(cls, v: str) -> str:
+        if v in ("frozen", "finetune"):
+            return v
+        if v.startswith("last:") and v[5:].isdigit() and int(v[5:]) > 0:
+            return v
+        raise ValueError("expected 'frozen', 'finetune' or 'last:N' with N > 0")
+
+
+class AugmentConfig(_Strict):
+    mode: Literal["none", "offline", "online"] = "none"
+    copies: int = Field(default=0, ge=0, le=50)
+    """offline: augmented copies kept beside each training original; online + frozen cache: views in the bank."""
+    rotation: float = Field(default=0.0, ge=0, le=180)
+    hflip: bool = False
+    vflip: bool = False
+    zoom: float = Field(default=0.0, ge=0, le=3)
+    zoom_mode: Literal["clamped", "keras"] = "clamped"
+    shift: float = Field(default=0.0, ge=0, lt=1)
+    brightness: float = Field(default=0.0, ge=0, lt=1)
+    fill: Literal["nearest", "constant", "reflect"] = "nearest"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _copies(self) -> "AugmentConfig":
+        if self.mode == "offline" and self.copies < 1:
+            raise ValueError("augment.copies must be >= 1 when augment.mode is 'offline'")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "none" and (self.rotation > 0 or self.hflip or self.vflip or self.zoom > 0
+                                         or self.shift > 0 or self.brightness > 0)
+
+
+class TrainConfig(_Strict):
+    optimizer: Literal["adam", "adamw", "adagrad", "sgd"] = "adam"
+    lr: float = Field(default=1e-3, gt=0, le=10)
+    weight_decay: float = Field(default=0.0, ge=0)
+    epochs: int = Field(default=30, ge=1, le=10000)
+    batch_size: int = Field(default=32, ge=1, le=4096)
+    early_stop_patience: int | None = Field(default=None, ge=1)
+    class_weights: bool = False
+    seed: int = 0
+    feature_cache: bool = True
+    """Frozen base: compute backbone features once per image (and per augmented view)."""
+    cache_dir: str | None = None
+    fast_cpu: bool = True
+    """channels_last + bf16 autocast on CPU for the backbone; turn off for bit-exact fp32."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    num_workers: int = Field(default=2, ge=0, le=64)
+
+
+class EvaluateConfig(_Strict):
+    positive_classes: list[str] | None = None
+    bootstrap: int = Field(default=1000, ge=0, le=100000)
+
+
+class StageConfig(_Strict):
+    """One stage of a multistage run: anything left out is taken from the top level."""
+    name: str
+    data: DataConfig | None = None
+    split: SplitConfig | None = None
+    head: HeadConfig | None = None
+    freeze: str | None = None
+    augment: AugmentConfig | None = None
+    train: TrainConfig | None = None
+    init_from: str | None = None
+
+
+class ExperimentConfig(_Strict):
+    name: str = "experiment"
+    data: DataConfig = Field(default_factory=DataConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    stages: list[StageConfig] = Field(default_factory=list)
+    compare_direct: bool = False
+    output_dir: str = "runs"
+
+
+def _format_validation(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key {key!r}; check its spelling against the documented config keys"
+    given = first.get("input")
+    shown = f" (got {given!r})" if given is not None and not isinstance(given, dict) else ""
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{source}: bad value for {key!r}{shown}: {msg}"
+
+
+def parse_value(text: str) -> Any:
+    """Parse the right-hand side of ``--set key=value`` as YAML (numbers, booleans, lists)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``a.b.c=value`` applied."""
+    out = _deep_copy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.lr=0.001")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = parse_value(value)
+    return out
+
+
+def _deep_copy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return d
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist; pass the path of a YAML config "
+                          "(see configs/ for examples)")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a mapping of config keys at the top level")
+    return raw
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(e, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, override and validate a YAML config. Relative data paths resolve against the config's folder."""
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    cfg = validate(raw, str(path))
+    return resolve_paths(cfg, Path(path).resolve().parent)
+
+
+def resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
+    """Make data paths absolute: relative ones are tried against ``base`` then the working directory."""
+    def fix(d: DataConfig | None) -> DataConfig | None:
+        if d is None or d.path is None or d.path.startswith("demo:") or Path(d.path).is_absolute():
+            return d
+        cand = base / d.path
+        p = cand if cand.exists() or not Path(d.path).exists() else Path(d.path).resolve()
+        return d.model_copy(update={"path": str(p.resolve())})
+    stages = [s.model_copy(update={"data": fix(s.data)}) for s in cfg.stages]
+    return cfg.model_copy(update={"data": fix(cfg.data), "stages": stages})
+
+
+def to_dict(cfg: BaseModel) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def with_updates(cfg: ExperimentConfig, updates: dict[str, Any]) -> ExperimentConfig:
+    """Return ``cfg`` with dotted-key updates applied and validated again (used by grids and stages)."""
+    items = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+             for k, v in updates.items()]
+    return validate(apply_overrides(to_dict(cfg), items), "grid/stage override")

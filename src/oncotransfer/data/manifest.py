@@ -1,0 +1,183 @@
+"""Folders or CSV -> Manifest (path, label, patient, sha256); duplicate detection by bytes and perceptual hash."""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from oncotransfer.errors import DataError
+from oncotransfer.data.images import IMAGE_SUFFIXES
+
+
+@dataclass
+class Manifest:
+    """Images with their class, patient (or None) and content hash. Rows are aligned arrays."""
+    root: Path
+    paths: list[str]
+    labels: np.ndarray
+    classes: list[str]
+    patients: np.ndarray | None
+    sha256: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)
+    """path -> reason for files left out (unreadable, truncated)."""
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, idx: np.ndarray | list[int]) -> "Manifest":
+        idx = np.asarray(idx, dtype=int)
+        return Manifest(self.root, [self.paths[i] for i in idx], self.labels[idx], self.classes,
+                        None if self.patients is None else self.patients[idx],
+                        [self.sha256[i] for i in idx], dict(self.skipped))
+
+    def relpath(self, i: int) -> str:
+        p = Path(self.paths[i])
+        try:
+            return str(p.relative_to(self.root))
+        except ValueError:
+            return str(p)
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame({"path": [self.relpath(i) for i in range(len(self))],
+                             "label": [self.classes[k] for k in self.labels],
+                             "patient": self.patients if self.patients is not None else None,
+                             "sha256": self.sha256})
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _patients_from_regex(paths: list[str], regex: str) -> np.ndarray:
+    try:
+        pat = re.compile(regex)
+    except re.error as e:
+        raise DataError(f"--patient-regex {regex!r} is not a valid regular expression: {e}") from None
+    out = []
+    for p in paths:
+        m = pat.search(Path(p).name)
+        if not m:
+            raise DataError(f"patient regex {regex!r} does not match file name {Path(p).name!r}; "
+                            "fix the regex (e.g. '^(Case-\\d+|P\\d+)') or give a patient column in a manifest CSV")
+        out.append(m.group(1) if m.groups() else m.group(0))
+    return np.array(out, dtype=object)
+
+
+def _from_folders(root: Path) -> tuple[list[str], list[str]]:
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    paths, labels = [], []
+    for d in class_dirs:
+        for f in sorted(d.rglob("*")):
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                paths.append(str(f))
+                labels.append(d.name)
+    if not paths:
+        loose = [f for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+        hint = (" (images lie in the folder itself: put them in one sub-folder per class)" if loose else "")
+        raise DataError(f"{root}: no images found in class sub-folders{hint}; expected "
+                        "PATH/<class>/<image> or a manifest CSV with columns path,label[,patient]")
+    return paths, labels
+
+
+def _from_csv(csv: Path) -> tuple[list[str], list[str], list[str] | None]:
+    try:
+        df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except Exception as e:
+        raise DataError(f"{csv}: cannot read CSV ({str(e)[:80]})") from None
+    missing = {"path", "label"} - set(df.columns)
+    if missing:
+        raise DataError(f"{csv}: missing column(s) {sorted(missing)}; expected path,label[,patient]")
+    base = csv.parent
+    paths = [str(p if Path(p).is_absolute() else base / p) for p in df["path"]]
+    absent = [p for p in paths if not Path(p).is_file()]
+    if absent:
+        raise DataError(f"{csv}: {len(absent)} listed file(s) do not exist, e.g. {absent[0]!r}")
+    patients = list(df["patient"]) if "patient" in df.columns and (df["patient"] != "").all() else None
+    return paths, list(df["label"]), patients
+
+
+def resolve_data_path(path: str | None) -> Path:
+    """``demo:NAME`` -> the built-in set; otherwise the path itself, which must exist."""
+    if path is None:
+        raise DataError("data.path is not set; give a folder of class sub-folders, a manifest CSV, or demo:NAME "
+                        "(`oncotransfer data demo` lists the built-in sets)")
+    if path.startswith("demo:"):
+        from oncotransfer.data.demo import demo_path
+        return demo_path(path[5:])
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"data path {str(p)!r} does not exist; give a folder of class sub-folders or a manifest CSV")
+    return p
+
+
+def load_manifest(path: str | Path, patient_regex: str | None = None, min_classes: int = 2) -> Manifest:
+    """Read a class-per-folder tree, a manifest CSV, or a folder holding ``manifest.csv``."""
+    p = resolve_data_path(str(path))
+    patients = None
+    if p.is_file():
+        paths, labels, patients = _from_csv(p)
+        root = p.parent
+    elif (p / "manifest.csv").is_file():
+        paths, labels, patients = _from_csv(p / "manifest.csv")
+        root = p
+    else:
+        if not any(p.iterdir()):
+            raise DataError(f"{p}: the folder is empty; expected one sub-folder of images per class")
+        paths, labels = _from_folders(p)
+        root = p
+    if patient_regex:
+        patients = list(_patients_from_regex(paths, patient_regex))
+    classes = sorted(set(labels))
+    if len(classes) < min_classes:
+        raise DataError(f"{p}: found only {len(classes)} class ({classes}); a classifier needs at least "
+                        f"{min_classes}: add a sub-folder per class")
+    index = {c: i for i, c in enumerate(classes)}
+    return Manifest(root, paths, np.array([index[c] for c in labels]), classes,
+                    None if patients is None else np.array(patients, dtype=object),
+                    [sha256_file(f) for f in paths])
+
+
+def drop(manifest: Manifest, failed: dict[int, str]) -> Manifest:
+    """Leave out unreadable images, remembering why."""
+    keep = [i for i in range(len(manifest)) if i not in failed]
+    out = manifest.subset(keep)
+    out.skipped.update({manifest.paths[i]: why for i, why in failed.items()})
+    return out
+
+
+def duplicate_groups(sha256: list[str], phash: np.ndarray | None = None, max_distance: int = 4) -> np.ndarray:
+    """Group id per image: identical bytes, or pHash within ``max_distance`` bits, share a group."""
+    n = len(sha256)
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(a: int, b: int) -> None:
+        parent[find(a)] = find(b)
+
+    first: dict[str, int] = {}
+    for i, h in enumerate(sha256):
+        if h in first:
+            union(i, first[h])
+        first.setdefault(h, i)
+    if phash is not None and n > 1:
+        bits = np.unpackbits(phash.view(np.uint8).reshape(n, 8), axis=1).astype(np.uint8)
+        for i in range(n - 1):
+            dist = np.count_nonzero(bits[i + 1:] != bits[i], axis=1)
+            for j in np.nonzero(dist <= max_distance)[0]:
+                union(i, i + 1 + int(j))
+    roots = [find(i) for i in range(n)]
+    _, ids = np.unique(roots, return_inverse=True)
+    return ids

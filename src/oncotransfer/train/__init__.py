@@ -1,0 +1,1 @@
+"""Training: loop, frozen-feature cache, checkpoints, experiments and stages."""

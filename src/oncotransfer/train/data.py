@@ -1,0 +1,39 @@
+"""Load a data set once for a run: manifest, decoded images, duplicate groups."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from oncotransfer.config import DataConfig
+from oncotransfer.data.images import decode_many
+from oncotransfer.data.manifest import Manifest, drop, duplicate_groups, load_manifest
+from oncotransfer.errors import DataError
+
+
+@dataclass
+class LoadedData:
+    manifest: Manifest
+    images: torch.Tensor
+    """uint8 (N, 3, S, S): decoded and resized once for the whole run."""
+    dup_groups: np.ndarray
+    warnings: list[str]
+
+
+def load_data(cfg: DataConfig, size: int, workers: int = 2, phash: bool = True) -> LoadedData:
+    manifest = load_manifest(cfg.path, cfg.patient_regex)
+    images, ok, failed, hashes = decode_many(manifest.paths, size, workers, phash=phash)
+    warnings = [f"skipped unreadable image: {why}" for why in failed.values()]
+    if failed:
+        manifest = drop(manifest, failed)
+    if len(manifest) == 0:
+        raise DataError(f"{cfg.path}: none of the images could be read")
+    present = set(manifest.labels.tolist())
+    if len(present) < 2:
+        raise DataError(f"{cfg.path}: after skipping unreadable files only one class is left")
+    groups = duplicate_groups(manifest.sha256, hashes if phash else None)
+    n_dup = len(groups) - len(np.unique(groups))
+    if n_dup:
+        warnings.append(f"{n_dup} image(s) are identical or near-identical to another (pHash distance <= 4)")
+    return LoadedData(manifest, images, groups, warnings)

@@ -1,0 +1,200 @@
+"""``run_experiment(config) -> RunResult``: data, split, one model per fold, run directory, report."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file
+
+from oncotransfer.config import ExperimentConfig, load_config, save_config, to_dict
+from oncotransfer.data.augment import Augmenter, describe
+from oncotransfer.data.splits import Fold, make_split
+from oncotransfer.errors import CheckpointError
+from oncotransfer.models.backbones import get_backbone
+from oncotransfer.models.classifier import create_classifier
+from oncotransfer.train.checkpoint import (atomic_save_tensors, checkpoint_meta, flatten_optimizer,
+                                           unflatten_optimizer, write_checkpoint, write_json)
+from oncotransfer.train.data import LoadedData, load_data
+from oncotransfer.train.device import pick_device, precision_label, prepare
+from oncotransfer.train.features import FeatureCache
+from oncotransfer.train.inputs import cached_inputs, image_inputs
+from oncotransfer.train.loop import FitState, evaluate, fit, make_loss, make_optimizer
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict
+    classes: list[str]
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.metrics["pooled"]["accuracy"])
+
+
+def new_run_dir(cfg: ExperimentConfig) -> Path:
+    stamp = datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    base = Path(cfg.output_dir) / f"{stamp}_{cfg.name}"
+    run_dir, k = base, 1
+    while run_dir.exists():
+        run_dir, k = Path(f"{base}-{k}"), k + 1
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | None = None, *, resume: bool = False,
+                   data: LoadedData | None = None, on_epoch_end: Callable[[int, FitState], None] | None = None,
+                   log: Callable[[str], None] | None = None, report: bool = True) -> RunResult:
+    """Train and evaluate one config; ``resume=True`` continues the run in ``run_dir`` from its saved state."""
+    say = log or (lambda s: None)
+    if resume:
+        run_dir = Path(run_dir)
+        if not (run_dir / "config.yaml").is_file():
+            raise CheckpointError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+        cfg = load_config(run_dir / "config.yaml")
+    else:
+        run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    t0 = time.perf_counter()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    spec = get_backbone(cfg.model.backbone)
+    size = cfg.data.image_size or spec.input_size
+    data = data or load_data(cfg.data, size, cfg.train.num_workers, phash=cfg.split.group_duplicates)
+    m = data.manifest
+    split = make_split(m, cfg.split, data.dup_groups)
+    split.to_frame(m).to_csv(run_dir / "split.csv", index=False)
+    say(f"{len(m)} images, {len(m.classes)} classes, split {cfg.split.kind}: {len(split.folds)} fold(s), "
+        f"{'grouped by ' + split.grouped_by if split.grouped_by else 'IMAGE-LEVEL'}")
+    device = pick_device(cfg.train.device)
+    aug = Augmenter(cfg.augment)
+    histories, preds, best_epochs, modes, fold0 = [], [], {}, set(), None
+    warnings = list(data.warnings) + list(split.warnings)
+    for fold in split.folds:
+        model, st, mode = train_fold(cfg, data, fold, run_dir, device, aug, on_epoch_end, say)
+        modes.add(mode)
+        best_epochs[str(fold.index)] = st.best_epoch
+        histories.append(pd.DataFrame(st.history).assign(fold=fold.index))
+        preds.append(_fold_predictions(model, data, fold, cfg, device))
+        if fold.index == 0:
+            fold0 = model
+            warnings += list(model.weights.warnings if model.weights else [])
+    history = pd.concat(histories)[["fold", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]]
+    history.to_csv(run_dir / "history.csv", index=False)
+    pd.concat(preds).to_csv(run_dir / "predictions.csv", index=False)
+    meta = checkpoint_meta(fold0, m.classes, cfg.model.head.model_dump(), to_dict(cfg),
+                           {"fold": 0, "n_folds": len(split.folds)})
+    write_checkpoint(run_dir, fold0, meta)
+    protocol = {"split": cfg.split.kind, "folds": len(split.folds), "grouped_by": split.grouped_by,
+                "image_level": split.image_level, "selection_on_test": split.selection_on_test,
+                "augment": describe(cfg.augment), "zoom_mode": cfg.augment.zoom_mode if cfg.augment.zoom else None,
+                "feature_cache": "; ".join(sorted(modes))}
+    write_json(run_dir / "run.json", {
+        "name": cfg.name, "classes": m.classes, "n_images": len(m), "protocol": protocol,
+        "best_epochs": best_epochs, "seconds": time.perf_counter() - t0, "device": str(device),
+        "precision": precision_label(device, cfg.train.fast_cpu), "weights": cfg.model.weights,
+        "backbone": cfg.model.backbone, "warnings": warnings, "skipped": m.skipped,
+        "checkpoint": f"fold 0 of {len(split.folds)}"})
+    metrics = {}
+    if report:
+        from oncotransfer.evaluate.report import evaluate_run
+        metrics = evaluate_run(run_dir)
+    return RunResult(run_dir, metrics, m.classes)
+
+
+def _class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float32)
+    return torch.as_tensor(len(labels) / (n_classes * np.maximum(counts, 1)))
+
+
+def train_fold(cfg: ExperimentConfig, data: LoadedData, fold: Fold, run_dir: Path, device: torch.device,
+               aug: Augmenter, on_epoch_end=None, say=lambda s: None):
+    """Build the fold's model (seeded), choose cached or image inputs, fit, keep the best epoch."""
+    m = data.manifest
+    torch.manual_seed(cfg.train.seed)
+    model = create_classifier(cfg.model.backbone, cfg.model.weights, cfg.model.head, len(m.classes),
+                              cfg.model.freeze, cfg.data.image_size)
+    model = prepare(model, device, cfg.train.fast_cpu)
+    cached = cfg.model.freeze == "frozen" and cfg.train.feature_cache
+    if cached:
+        key = {"timm": model.spec.timm_name, "weights": model.weights.digest, "pre": model.preprocessing(),
+               "precision": precision_label(device, cfg.train.fast_cpu)}
+        inputs = cached_inputs(model, data.images, m.labels, m.sha256, fold, cfg,
+                               FeatureCache(cfg.train.cache_dir, key), device, aug)
+        module, fast = model.head, False
+    else:
+        inputs = image_inputs(model, data.images, m.labels, m.sha256, fold, cfg, device, aug)
+        module, fast = model, cfg.train.fast_cpu
+    sigmoid = cfg.model.head.sigmoid
+    weights = _class_weights(m.labels[fold.train], len(m.classes)).to(device) if cfg.train.class_weights else None
+    loss = make_loss(sigmoid, weights)
+    opt = make_optimizer(cfg.train.optimizer, module.parameters(), cfg.train.lr, cfg.train.weight_decay)
+    state_file = run_dir / "state" / f"fold{fold.index}"
+    st = _load_state(state_file, module, opt)
+
+    def save(s: FitState) -> None:
+        _save_state(state_file, module, opt, s)
+        if on_epoch_end:
+            on_epoch_end(fold.index, s)
+
+    if not _finished(st, cfg):
+        st = fit(module, opt, loss, inputs.train, inputs.val, cfg.train.epochs, device, fast=fast, sigmoid=sigmoid,
+                 patience=cfg.train.early_stop_patience, seed=cfg.train.seed, state=st, on_epoch_end=save,
+                 progress=lambda r: say(f"fold {fold.index} epoch {r['epoch']}/{cfg.train.epochs} "
+                                        f"loss {r['train_loss']:.4f} acc {r['train_acc']:.3f} "
+                                        f"val_acc {r['val_acc']:.3f}"))
+    elif st.best_state is not None:
+        module.load_state_dict(st.best_state, strict=False)
+    model._inputs = inputs
+    return model, st, inputs.mode
+
+
+def _finished(st: FitState, cfg: ExperimentConfig) -> bool:
+    p = cfg.train.early_stop_patience
+    return st.epoch >= cfg.train.epochs or (p is not None and st.bad_epochs >= p)
+
+
+def _fold_predictions(model, data: LoadedData, fold: Fold, cfg: ExperimentConfig, device) -> pd.DataFrame:
+    m = data.manifest
+    inputs = model._inputs
+    module = model.head if cfg.model.freeze == "frozen" and cfg.train.feature_cache else model
+    fast = module is model and cfg.train.fast_cpu
+    loss = make_loss(cfg.model.head.sigmoid)
+    _, _, probs = evaluate(module, inputs.test(), loss, device, fast, cfg.model.head.sigmoid)
+    df = pd.DataFrame({"fold": fold.index, "path": [m.relpath(i) for i in fold.test],
+                       "label": [m.classes[m.labels[i]] for i in fold.test],
+                       "pred": [m.classes[k] for k in probs.argmax(1)]})
+    for c, name in enumerate(m.classes):
+        df[f"prob_{name}"] = probs[:, c]
+    return df
+
+
+def _save_state(path: Path, module: torch.nn.Module, opt, st: FitState) -> None:
+    tensors = {f"model.{k}": v for k, v in module.state_dict().items()}
+    if st.best_state is not None:
+        tensors.update({f"best.{k}": v for k, v in st.best_state.items()})
+    opt_t, opt_info = flatten_optimizer(opt)
+    tensors.update(opt_t)
+    atomic_save_tensors(tensors, path.with_suffix(".safetensors"))
+    write_json(path.with_suffix(".json"), {"epoch": st.epoch, "history": st.history, "best_epoch": st.best_epoch,
+                                           "best_score": list(st.best_score), "bad_epochs": st.bad_epochs,
+                                           "optimizer": opt_info})
+
+
+def _load_state(path: Path, module: torch.nn.Module, opt) -> FitState:
+    if not path.with_suffix(".json").is_file():
+        return FitState()
+    info = json.loads(path.with_suffix(".json").read_text())
+    tensors = load_file(str(path.with_suffix(".safetensors")))
+    module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    unflatten_optimizer(opt, tensors, info["optimizer"])
+    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
+    return FitState(info["epoch"], info["history"], info["best_epoch"], tuple(info["best_score"]), best,
+                    info["bad_epochs"])

@@ -1,0 +1,76 @@
+"""Frozen-backbone feature cache: each image's features once per view, on disk, keyed by all that changes them."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+
+from oncotransfer.data.images import normalise
+from oncotransfer.train.checkpoint import atomic_save_tensors
+from oncotransfer.train.device import autocast
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ONCOTRANSFER_CACHE", Path.home() / ".cache" / "oncotransfer")) / "features"
+
+
+@torch.inference_mode()
+def extract_features(backbone: torch.nn.Module, images: torch.Tensor, mean: tuple, std: tuple,
+                     device: torch.device, fast: bool, batch_size: int = 64) -> torch.Tensor:
+    """uint8 or [0, 1] images (N, 3, H, W) -> pooled float32 features (N, F). Backbone must be in eval mode."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = normalise(images[start:start + batch_size], mean, std).to(device)
+        if fast and device.type in ("cpu", "cuda"):
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, fast):
+            out.append(backbone(x).float().cpu())
+    return torch.cat(out) if out else torch.zeros((0, int(backbone.num_features)))
+
+
+class FeatureCache:
+    """Features per (model key, view key) file, rows addressed by image content hash.
+
+    The model key covers backbone, weights digest, preprocessing and precision; the view key covers the
+    augmentation and its per-image seed. A changed image has a new hash, so a stale row is never read.
+    """
+
+    def __init__(self, root: str | Path | None, model_key: dict):
+        self.root = Path(root) if root else default_cache_dir()
+        self.model_key = _digest(model_key)
+        self.hits = 0
+        self.misses = 0
+
+    def _file(self, view_key: dict) -> Path:
+        return self.root / self.model_key / f"{_digest(view_key)}.safetensors"
+
+    def get(self, view_key: dict, shas: list[str],
+            compute: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
+        """Features for ``shas`` in order; ``compute(missing_positions)`` fills what the cache lacks."""
+        path = self._file(view_key)
+        have: dict[str, torch.Tensor] = {}
+        if path.is_file():
+            with safe_open(str(path), "pt") as f:
+                known = json.loads(f.metadata()["shas"])
+                feats = f.get_tensor("features")
+            have = {s: feats[i] for i, s in enumerate(known)}
+        missing = [i for i, s in enumerate(shas) if s not in have]
+        self.hits += len(shas) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            new = compute(missing)
+            for j, i in enumerate(missing):
+                have[shas[i]] = new[j]
+            keys = list(have)
+            atomic_save_tensors({"features": torch.stack([have[k] for k in keys])}, path,
+                                {"shas": json.dumps(keys), "view": json.dumps(view_key, sort_keys=True)})
+        return torch.stack([have[s] for s in shas])
+
+
+def _digest(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]

@@ -1,0 +1,138 @@
+"""Plain ``train_one_epoch`` / ``evaluate`` / ``fit`` over batches of (inputs, targets).
+
+Inputs are images for a full model or cached features for a head: the loop does not care.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from oncotransfer.train.device import autocast
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+def make_loss(sigmoid: bool, class_weights: torch.Tensor | None = None) -> Callable:
+    """Softmax + cross-entropy, or (one-logit heads) sigmoid + binary cross-entropy."""
+    if sigmoid:
+        pos_weight = None if class_weights is None else class_weights[1:2] / class_weights[0]
+        bce = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+        return lambda logits, y: bce(logits.float().reshape(-1), y.float())
+    ce = nn.CrossEntropyLoss(weight=class_weights)
+    return lambda logits, y: ce(logits.float(), y)
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+
+def _probs(logits: torch.Tensor, sigmoid: bool) -> torch.Tensor:
+    if sigmoid:
+        p = torch.sigmoid(logits.float()).reshape(-1, 1)
+        return torch.cat([1 - p, p], 1)
+    return torch.softmax(logits.float(), 1)
+
+
+def train_one_epoch(module: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, loss_fn: Callable,
+                    device: torch.device, fast: bool = False, sigmoid: bool = False) -> tuple[float, float]:
+    module.train()
+    total, correct, loss_sum = 0, 0, 0.0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast(device, fast):
+            logits = module(x)
+        loss = loss_fn(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = len(y)
+        total += n
+        loss_sum += float(loss.detach()) * n
+        correct += int((_probs(logits.detach(), sigmoid).argmax(1) == y).sum())
+    return loss_sum / max(total, 1), correct / max(total, 1)
+
+
+@torch.inference_mode()
+def evaluate(module: nn.Module, batches: Batches, loss_fn: Callable, device: torch.device, fast: bool = False,
+             sigmoid: bool = False) -> tuple[float, float, np.ndarray]:
+    """Mean loss, accuracy and the (N, C) probabilities, in batch order."""
+    module.eval()
+    total, correct, loss_sum, probs = 0, 0, 0.0, []
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast(device, fast):
+            logits = module(x)
+        p = _probs(logits, sigmoid)
+        n = len(y)
+        total += n
+        loss_sum += float(loss_fn(logits, y)) * n
+        correct += int((p.argmax(1) == y).sum())
+        probs.append(p.cpu())
+    return loss_sum / max(total, 1), correct / max(total, 1), torch.cat(probs).numpy() if probs else np.zeros((0, 0))
+
+
+@dataclass
+class FitState:
+    """Everything needed to continue a fit after an interruption."""
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = -1
+    best_score: tuple[float, float] = (-1.0, float("-inf"))
+    best_state: dict[str, torch.Tensor] | None = None
+    bad_epochs: int = 0
+
+
+def fit(module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable,
+        train_batches: Callable[[int], Batches], val_batches: Callable[[], Batches], epochs: int,
+        device: torch.device, *, fast: bool = False, sigmoid: bool = False, patience: int | None = None,
+        seed: int = 0, state: FitState | None = None,
+        on_epoch_end: Callable[[FitState], None] | None = None, progress: Callable[[dict], None] | None = None
+        ) -> FitState:
+    """Train for ``epochs``, keeping the best validation epoch (highest accuracy, then lowest loss).
+
+    Every epoch re-seeds torch from (seed, epoch) so a resumed fit replays exactly what an uninterrupted one does.
+    """
+    st = state or FitState()
+    while st.epoch < epochs:
+        epoch = st.epoch
+        torch.manual_seed(seed * 100003 + epoch)
+        t0 = time.perf_counter()
+        tr_loss, tr_acc = train_one_epoch(module, train_batches(epoch), optimizer, loss_fn, device, fast, sigmoid)
+        va_loss, va_acc, _ = evaluate(module, val_batches(), loss_fn, device, fast, sigmoid)
+        row = {"epoch": epoch + 1, "train_loss": tr_loss, "train_acc": tr_acc, "val_loss": va_loss,
+               "val_acc": va_acc, "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+        st.history.append(row)
+        score = (va_acc, -va_loss)
+        if score > st.best_score:
+            st.best_score, st.best_epoch, st.bad_epochs = score, epoch + 1, 0
+            st.best_state = {k: v.detach().clone() for k, v in _trainable_state(module).items()}
+        else:
+            st.bad_epochs += 1
+        st.epoch = epoch + 1
+        if progress:
+            progress(row)
+        if on_epoch_end:
+            on_epoch_end(st)
+        if patience is not None and st.bad_epochs >= patience:
+            break
+    if st.best_state is not None:
+        module.load_state_dict(st.best_state, strict=False)
+    return st
+
+
+def _trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The state that training can change: all of it, unless the module is a classifier with a frozen base."""
+    return copy.copy(module.state_dict())
