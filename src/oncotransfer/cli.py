@@ -114,6 +114,75 @@ def cells_extract(raw_dir: Path, out_dir: Path,
     console.print(result.summary())
 
 
+@app.command("grid")
+def grid(grid_file: Path = typer.Argument(..., help="grid YAML: base/base_config + grid + trials"),
+         executor: str = typer.Option("local", help="how runs are executed (local)"),
+         workers: int = typer.Option(1, help="parallel workers, where the executor supports them"),
+         set_: list[str] = typer.Option([], "--set", help="override a base config key: --set train.epochs=5"),
+         verbose: bool = typer.Option(False, "--verbose", "-v", help="one line per run")) -> None:
+    """Run every cell × trial of a grid (finished runs are skipped), then summarise and report."""
+    from rich.table import Table
+    from oncotransfer.experiments.grid import grid_dir_for, load_grid, run_grid
+    spec = load_grid(grid_file, set_)
+    summary = run_grid(spec, executor, workers=workers, log=_logger(True) if verbose else None)
+    keys = list(spec.grid)
+    t = Table("cell", *keys, "accuracy mean ± sd", "95% CI", "n")
+    for r in summary.to_dict("records"):
+        t.add_row(r["cell"], *[str(r[k]) for k in keys], f"{r['accuracy_mean']:.4f} ± {r['accuracy_sd']:.4f}",
+                  f"{r['accuracy_ci95_low']:.3f}-{r['accuracy_ci95_high']:.3f}", str(r["n"]))
+    console.print(t)
+    console.print(f"report: {grid_dir_for(spec) / 'report.html'}")
+
+
+@app.command("predict")
+def predict(run_dir: Path = typer.Argument(..., help="run directory"),
+            paths: list[str] = typer.Argument(..., help="images and/or folders (walked recursively)"),
+            tta: bool = typer.Option(False, "--tta", help="average over flips and the run's rotations"),
+            explain: bool = typer.Option(False, "--explain", help="Grad-CAM overlay PNG per image"),
+            out: Path = typer.Option(Path("predictions.csv"), "--out", help="CSV to write"),
+            engine: str = typer.Option("auto", help="auto | torch | onnx (auto: onnx when exported)")) -> None:
+    """Class probabilities for new images; exit 1 if any image could not be read."""
+    from oncotransfer.infer.predict import run_predict
+    df, errors = run_predict(run_dir, paths, out, tta=tta, explain=explain, engine=engine)
+    from rich.table import Table
+    t = Table("path", "pred", *[c for c in df.columns if c.startswith("prob_")])
+    for row in df.head(50).itertuples(index=False):
+        t.add_row(str(row[0]), str(row[1]), *[f"{v:.3f}" for v in row[2:]])
+    console.print(t)
+    if len(df) > 50:
+        console.print(f"... {len(df) - 50} more rows")
+    console.print(f"{len(df)} image(s) -> {out}" + (f", overlays in {out.parent / (out.stem + '_explain')}"
+                                                     if explain else ""))
+    if errors:
+        for e in errors.values():
+            err.print(f"failed: {e}", highlight=False, soft_wrap=True)
+        err.print(f"{len(errors)} input(s) failed", highlight=False)
+        raise typer.Exit(1)
+
+
+@app.command("export")
+def export(run_dir: Path = typer.Argument(..., help="run directory"),
+           format_: str = typer.Option("onnx", "--format", help="onnx | torchscript")) -> None:
+    """Export the classifier (probabilities out) with model.json; fails if parity with PyTorch > 1e-4."""
+    from oncotransfer.infer.export import export_run
+    path = export_run(run_dir, format_, log=lambda s: console.print(s, highlight=False))
+    console.print(f"exported: {path} (+ {path.parent / 'model.json'})")
+
+
+@app.command("serve")
+def serve(run_dir: Path = typer.Argument(..., help="run directory"),
+          host: str = typer.Option("127.0.0.1", help="interface to bind"),
+          port: int = typer.Option(8000, help="TCP port"),
+          engine: str = typer.Option("auto", help="auto | torch | onnx"),
+          max_upload_mb: float = typer.Option(20.0, help="largest accepted upload")) -> None:
+    """Serve the model: POST /predict, GET /health, and an upload page at /."""
+    import uvicorn
+    from oncotransfer.serve.app import create_app
+    application = create_app(run_dir, engine=engine, max_upload_mb=max_upload_mb)
+    err.print(f"serving {run_dir} on http://{host}:{port}/ (engine {application.state.predictor.engine})")
+    uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
 def main() -> None:
     try:
         app()

@@ -83,7 +83,10 @@ def _holdout(y, groups, size, seed):
     n_splits = max(2, int(round(1 / size)))
     if len(np.unique(groups)) >= n_splits:
         sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-        return next(sgkf.split(idx, y, groups))
+        try:
+            return next(sgkf.split(idx, y, groups))
+        except ValueError:  # too few images per class to stratify: fall back to an unstratified group split
+            pass
     gss = GroupShuffleSplit(n_splits=1, test_size=size, random_state=seed)
     return next(gss.split(idx, y, groups))
 

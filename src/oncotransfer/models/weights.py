@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -160,5 +159,5 @@ def _from_run(spec: BackboneSpec, model: nn.Module, run_dir: Path) -> tuple[nn.M
     backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     load_into(model, backbone, f"run:{run_dir}")
     pre = meta["preprocessing"]
-    digest = hashlib.sha256(json.dumps(meta.get("digest", str(run_dir))).encode()).hexdigest()[:16]
-    return model, WeightsInfo(f"run:{run_dir}", meta.get("digest", digest), tuple(pre["mean"]), tuple(pre["std"]))
+    ckpt = run_dir / "checkpoint" / "model.safetensors"
+    return model, WeightsInfo(f"run:{run_dir}", _file_digest(ckpt), tuple(pre["mean"]), tuple(pre["std"]))

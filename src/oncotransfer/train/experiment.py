@@ -1,6 +1,7 @@
 """``run_experiment(config) -> RunResult``: data, split, one model per fold, run directory, report."""
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -17,13 +18,15 @@ from oncotransfer.config import ExperimentConfig, load_config, save_config, to_d
 from oncotransfer.data.augment import Augmenter, describe
 from oncotransfer.data.splits import Fold, make_split
 from oncotransfer.errors import CheckpointError
-from oncotransfer.models.backbones import get_backbone
-from oncotransfer.models.classifier import create_classifier
+from oncotransfer.models.backbones import get_backbone, with_normalisation
+from oncotransfer.models.classifier import Classifier, create_classifier
+from oncotransfer.models.heads import create_head
+from oncotransfer.models.weights import build_backbone
 from oncotransfer.train.checkpoint import (atomic_save_tensors, checkpoint_meta, flatten_optimizer,
                                            unflatten_optimizer, write_checkpoint, write_json)
 from oncotransfer.train.data import LoadedData, load_data
 from oncotransfer.train.device import pick_device, precision_label, prepare
-from oncotransfer.train.features import FeatureCache
+from oncotransfer.train.features import FeatureCache, resolve_engine
 from oncotransfer.train.inputs import cached_inputs, image_inputs
 from oncotransfer.train.loop import FitState, evaluate, fit, make_loss, make_optimizer
 
@@ -59,15 +62,15 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
         if not (run_dir / "config.yaml").is_file():
             raise CheckpointError(f"--resume {run_dir}: not a run directory (no config.yaml)")
         cfg = load_config(run_dir / "config.yaml")
-    else:
-        run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     t0 = time.perf_counter()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    # Everything that can fail on bad input runs before a run directory exists, so none is left half-made.
     spec = get_backbone(cfg.model.backbone)
     size = cfg.data.image_size or spec.input_size
     data = data or load_data(cfg.data, size, cfg.train.num_workers, phash=cfg.split.group_duplicates)
+    if not resume:
+        run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
     m = data.manifest
     split = make_split(m, cfg.split, data.dup_groups)
     split.to_frame(m).to_csv(run_dir / "split.csv", index=False)
@@ -119,15 +122,15 @@ def train_fold(cfg: ExperimentConfig, data: LoadedData, fold: Fold, run_dir: Pat
     """Build the fold's model (seeded), choose cached or image inputs, fit, keep the best epoch."""
     m = data.manifest
     torch.manual_seed(cfg.train.seed)
-    model = create_classifier(cfg.model.backbone, cfg.model.weights, cfg.model.head, len(m.classes),
-                              cfg.model.freeze, cfg.data.image_size)
+    model = _classifier(cfg, len(m.classes))
     model = prepare(model, device, cfg.train.fast_cpu)
     cached = cfg.model.freeze == "frozen" and cfg.train.feature_cache
     if cached:
+        engine = resolve_engine(cfg.train.feature_engine, device)
         key = {"timm": model.spec.timm_name, "weights": model.weights.digest, "pre": model.preprocessing(),
-               "precision": precision_label(device, cfg.train.fast_cpu)}
+               "precision": "fp32 onnxruntime" if engine == "onnx" else precision_label(device, cfg.train.fast_cpu)}
         inputs = cached_inputs(model, data.images, m.labels, m.sha256, fold, cfg,
-                               FeatureCache(cfg.train.cache_dir, key), device, aug)
+                               FeatureCache(cfg.train.cache_dir, key, engine), device, aug)
         module, fast = model.head, False
     else:
         inputs = image_inputs(model, data.images, m.labels, m.sha256, fold, cfg, device, aug)
@@ -140,20 +143,67 @@ def train_fold(cfg: ExperimentConfig, data: LoadedData, fold: Fold, run_dir: Pat
     st = _load_state(state_file, module, opt)
 
     def save(s: FitState) -> None:
-        _save_state(state_file, module, opt, s)
+        # Grids skip per-epoch state (a few ms each, comparable to a head epoch); the final state is still saved.
+        if cfg.train.save_every_epoch or _finished(s, cfg):
+            _save_state(state_file, module, opt, s)
         if on_epoch_end:
             on_epoch_end(fold.index, s)
 
     if not _finished(st, cfg):
-        st = fit(module, opt, loss, inputs.train, inputs.val, cfg.train.epochs, device, fast=fast, sigmoid=sigmoid,
-                 patience=cfg.train.early_stop_patience, seed=cfg.train.seed, state=st, on_epoch_end=save,
-                 progress=lambda r: say(f"fold {fold.index} epoch {r['epoch']}/{cfg.train.epochs} "
-                                        f"loss {r['train_loss']:.4f} acc {r['train_acc']:.3f} "
-                                        f"val_acc {r['val_acc']:.3f}"))
+        with _threads(1 if cached else torch.get_num_threads()):
+            st = fit(module, opt, loss, inputs.train, inputs.val, cfg.train.epochs, device, fast=fast,
+                     sigmoid=sigmoid, patience=cfg.train.early_stop_patience, seed=cfg.train.seed, state=st,
+                     on_epoch_end=save, progress=lambda r: say(
+                         f"fold {fold.index} epoch {r['epoch']}/{cfg.train.epochs} loss {r['train_loss']:.4f} "
+                         f"acc {r['train_acc']:.3f} val_acc {r['val_acc']:.3f}"))
     elif st.best_state is not None:
         module.load_state_dict(st.best_state, strict=False)
     model._inputs = inputs
     return model, st, inputs.mode
+
+
+_FROZEN: dict[tuple, tuple] = {}
+"""(backbone, weights, seed) -> (backbone module, weights info, RNG state after building it), for frozen bases."""
+
+
+def _classifier(cfg: ExperimentConfig, n_classes: int):
+    """``create_classifier``, but a frozen backbone is built once per process and seed (grids run hundreds of
+    runs; loading weights cost ~1.3 s a run). It never trains, so sharing it is safe, and restoring the RNG
+    state that building it left gives the head exactly the initialisation a fresh build would."""
+    mc = cfg.model
+    if mc.freeze != "frozen":
+        return create_classifier(mc.backbone, mc.weights, mc.head, n_classes, mc.freeze, cfg.data.image_size)
+    key = (mc.backbone, mc.weights, cfg.train.seed, _stamp(mc.weights))
+    if key in _FROZEN:
+        net, info, rng = _FROZEN[key]
+        torch.set_rng_state(rng)
+    else:
+        net, info = build_backbone(get_backbone(mc.backbone), mc.weights)
+        if len(_FROZEN) >= 8:  # bounded: a ResNet50 is ~100 MB
+            _FROZEN.pop(next(iter(_FROZEN)))
+        _FROZEN[key] = (net, info, torch.get_rng_state())
+    spec = with_normalisation(get_backbone(mc.backbone), info.mean, info.std)
+    head = create_head(mc.head, int(net.num_features), n_classes)
+    return Classifier(net, head, spec, cfg.data.image_size or spec.input_size, info, mc.freeze)
+
+
+def _stamp(weights: str) -> int | None:
+    """Modification time of a file:/run: weights source, so a rewritten file is never served from the memo."""
+    kind, _, where = weights.partition(":")
+    path = Path(where) / "checkpoint" / "model.safetensors" if kind == "run" else Path(where)
+    return path.stat().st_mtime_ns if kind in ("file", "run") and path.exists() else None
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    """A head on cached features is a few small matrix products per batch: more threads only add
+    synchronisation, which on a busy 2-core machine made each Adam step ~50 ms instead of well under 1 ms."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _finished(st: FitState, cfg: ExperimentConfig) -> bool:

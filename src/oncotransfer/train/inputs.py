@@ -11,7 +11,7 @@ import torch
 from oncotransfer.config import ExperimentConfig
 from oncotransfer.data.augment import Augmenter, augment_views
 from oncotransfer.data.images import normalise
-from oncotransfer.train.features import FeatureCache, extract_features
+from oncotransfer.train.features import FeatureCache
 
 
 def epoch_generator(seed: int, epoch: int, salt: str = "") -> torch.Generator:
@@ -56,7 +56,7 @@ def cached_inputs(model, images: torch.Tensor, labels: np.ndarray, shas: list[st
             imgs = images[missing]
             if view > 0:
                 imgs = augment_views(imgs, [shas[i] for i in missing], aug, cfg.augment.seed, view)
-            return extract_features(model.backbone, imgs, model.spec.mean, model.spec.std, device, fast)
+            return cache.extract(model.backbone, imgs, model.spec.mean, model.spec.std, device, fast)
         return run
 
     aug_key = cfg.augment.model_dump(exclude={"mode", "copies"})

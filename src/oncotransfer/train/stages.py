@@ -4,21 +4,31 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from oncotransfer.config import ExperimentConfig, StageConfig, save_config
+from pydantic import BaseModel
+
+from oncotransfer.config import ExperimentConfig, StageConfig, save_config, to_dict, validate
 from oncotransfer.errors import ConfigError
 from oncotransfer.train.experiment import RunResult, new_run_dir, run_experiment
 
 
+def _over(base: BaseModel, stage: BaseModel | None) -> BaseModel:
+    """Fields the stage sets explicitly win; the rest come from the top level."""
+    if stage is None:
+        return base
+    return base.model_copy(update={k: getattr(stage, k) for k in stage.model_fields_set})
+
+
 def stage_config(cfg: ExperimentConfig, stage: StageConfig, init: str | None) -> ExperimentConfig:
-    """The full config of one stage: the top level with the stage's own sections laid over it."""
-    model = cfg.model.model_copy(update={k: v for k, v in
-                                         {"head": stage.head, "freeze": stage.freeze,
-                                          "weights": stage.init_from and f"run:{stage.init_from}" or init}.items()
-                                         if v is not None})
-    return cfg.model_copy(update={
-        "name": f"{cfg.name}-{stage.name}", "data": stage.data or cfg.data, "split": stage.split or cfg.split,
-        "augment": stage.augment or cfg.augment, "train": stage.train or cfg.train, "model": model,
+    """The full config of one stage: the top level with the stage's own keys laid over it, validated again."""
+    weights = f"run:{stage.init_from}" if stage.init_from else init
+    model = cfg.model.model_copy(update={k: v for k, v in {"head": stage.head, "freeze": stage.freeze,
+                                                            "weights": weights}.items() if v is not None})
+    merged = cfg.model_copy(update={
+        "name": f"{cfg.name}-{stage.name}", "data": _over(cfg.data, stage.data), "split": _over(cfg.split, stage.split),
+        "augment": _over(cfg.augment, stage.augment), "train": _over(cfg.train, stage.train), "model": model,
+        "evaluate": _over(cfg.evaluate, stage.evaluate),
         "stages": [], "compare_direct": False})
+    return validate(to_dict(merged), f"stage {stage.name!r}")
 
 
 def run_config(cfg: ExperimentConfig | None, resume: Path | None = None,

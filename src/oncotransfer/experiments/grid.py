@@ -1,0 +1,204 @@
+"""Grid YAML -> validated runs (cells × trials) -> an executor -> results tables, figure and report.
+
+A grid file::
+
+    name: figure3
+    base_config: osteosarcoma_paper.yaml   # or base: {a config mapping}
+    grid: {model.backbone: [mobilenet_v2, resnet50v2], train.lr: [0.01, 0.001]}
+    trials: 5                              # trial t sets every trial key to base value + t
+    trial_keys: [train.seed]               # default: head init and batch order vary, the split stays fixed
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from oncotransfer.config import (ExperimentConfig, apply_overrides, read_yaml, resolve_paths, to_dict, validate,
+                                 with_updates)
+from oncotransfer.errors import ConfigError
+
+_GRID_KEYS = {"name", "base", "base_config", "grid", "trials", "trial_keys", "output_dir", "run_reports"}
+
+
+@dataclass(frozen=True)
+class GridRun:
+    """One run of the grid: a cell (one combination of grid values) and a trial number."""
+    cell: str
+    trial: int
+    values: dict[str, Any]
+    cfg: ExperimentConfig
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.cell}_t{self.trial}"
+
+
+@dataclass
+class GridSpec:
+    name: str
+    base: ExperimentConfig
+    grid: dict[str, list[Any]]
+    trials: int = 1
+    trial_keys: list[str] = field(default_factory=lambda: ["train.seed"])
+    output_dir: str = "runs"
+    run_reports: bool = False
+    source: str = "grid"
+
+
+def load_grid(path: str | Path, overrides: list[str] | None = None) -> GridSpec:
+    """Read and validate a grid file; ``overrides`` (``key=value``) apply to the base config."""
+    path = Path(path)
+    raw = read_yaml(path)
+    unknown = sorted(set(raw) - _GRID_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown grid key {unknown[0]!r}; expected some of {sorted(_GRID_KEYS)}")
+    if ("base" in raw) == ("base_config" in raw):
+        raise ConfigError(f"{path}: give exactly one of 'base' (a config mapping) or 'base_config' (a YAML path)")
+    base_dir = path.resolve().parent
+    if "base_config" in raw:
+        base_path = base_dir / str(raw["base_config"])
+        base_raw, base_dir = read_yaml(base_path), base_path.resolve().parent
+    else:
+        base_raw = raw["base"]
+        if not isinstance(base_raw, dict):
+            raise ConfigError(f"{path}: 'base' must be a mapping of config keys")
+    base = resolve_paths(validate(apply_overrides(base_raw, overrides or []), f"{path} (base)"), base_dir)
+    grid = raw.get("grid") or {}
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ConfigError(f"{path}: 'grid' must map dotted config keys to non-empty lists, "
+                          "e.g. grid: {{train.lr: [0.01, 0.001]}}")
+    trials = raw.get("trials", 1)
+    if not isinstance(trials, int) or trials < 1:
+        raise ConfigError(f"{path}: 'trials' must be a whole number >= 1 (got {trials!r})")
+    spec = GridSpec(name=str(raw.get("name") or path.stem), base=base, grid=grid, trials=trials,
+                    trial_keys=list(raw.get("trial_keys") or ["train.seed"]),
+                    output_dir=str(raw.get("output_dir") or "runs"), run_reports=bool(raw.get("run_reports", False)),
+                    source=str(path))
+    if not Path(spec.output_dir).is_absolute():
+        spec.output_dir = str((path.resolve().parent / spec.output_dir).resolve())
+    expand(spec)  # validate every cell before any training
+    return spec
+
+
+def _get(cfg: dict, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _check_key(spec: GridSpec, key: str, value: Any, what: str) -> ExperimentConfig:
+    try:
+        return with_updates(spec.base, {key: value})
+    except ConfigError as e:
+        raise ConfigError(f"{spec.source}: {what} {key!r} = {value!r} is not valid: "
+                          f"{str(e).split(': ', 1)[-1]}") from None
+
+
+def expand(spec: GridSpec) -> list[GridRun]:
+    """Every cell × trial, each config validated; a bad key or value fails here, naming it."""
+    keys = list(spec.grid)
+    for key in keys:
+        for value in spec.grid[key]:
+            _check_key(spec, key, value, "grid key")
+    base = to_dict(spec.base)
+    for key in spec.trial_keys:
+        if not isinstance(_get(base, key), int):
+            raise ConfigError(f"{spec.source}: trial key {key!r} must name an integer config key, e.g. train.seed")
+    from oncotransfer.models.backbones import get_backbone
+    for name in spec.grid.get("model.backbone", [spec.base.model.backbone]):
+        try:
+            get_backbone(str(name))
+        except ConfigError as e:
+            raise ConfigError(f"{spec.source}: grid key 'model.backbone' = {name!r}: {e}") from None
+    runs = []
+    for c, combo in enumerate(itertools.product(*(spec.grid[k] for k in keys))):
+        values = dict(zip(keys, combo))
+        for t in range(spec.trials):
+            updates = {**values, **{k: _get(base, k) + t for k in spec.trial_keys}}
+            cfg = with_updates(spec.base, updates)
+            cfg = cfg.model_copy(update={"name": f"{spec.name}-c{c:03d}-t{t}"})
+            runs.append(GridRun(f"c{c:03d}", t, values, cfg))
+    return runs
+
+
+def _data_key(cfg: ExperimentConfig) -> str:
+    from oncotransfer.models.backbones import get_backbone
+    size = cfg.data.image_size or get_backbone(cfg.model.backbone).input_size
+    return json.dumps([to_dict(cfg.data), size, cfg.split.group_duplicates], sort_keys=True)
+
+
+def run_local(spec: GridSpec, grid_dir: Path, runs: list[GridRun], *, workers: int = 1,
+              on_run_end: Callable[[GridRun, Path], None] | None = None,
+              log: Callable[[str], None] | None = None) -> None:
+    """Runs in turn in this process, sharing one loaded data set per distinct data config; the on-disk feature
+    cache is shared too, so the grid costs one feature pass per backbone. Finished runs are skipped."""
+    from oncotransfer.evaluate.report import evaluate_run
+    from oncotransfer.models.backbones import get_backbone
+    from oncotransfer.train.data import load_data
+    from oncotransfer.train.experiment import run_experiment
+    if workers != 1:
+        raise ConfigError(f"--workers {workers}: the local executor runs in one process (it shares the loaded "
+                          "images and the torch threads); use --workers 1")
+    say = log or (lambda s: None)
+    loaded: dict[str, Any] = {}
+    for i, run in enumerate(runs):
+        run_dir = grid_dir / "runs" / run.run_id
+        if (run_dir / "metrics.json").is_file():
+            _check_same(run, run_dir)
+            continue
+        cfg = run.cfg
+        key = _data_key(cfg)
+        if key not in loaded:
+            size = cfg.data.image_size or get_backbone(cfg.model.backbone).input_size
+            loaded[key] = load_data(cfg.data, size, cfg.train.num_workers, phash=cfg.split.group_duplicates)
+        t0 = time.perf_counter()
+        run_experiment(cfg, run_dir, data=loaded[key], report=False)
+        evaluate_run(run_dir, plots=spec.run_reports)
+        say(f"[{i + 1}/{len(runs)}] {run.run_id} {run.values} {time.perf_counter() - t0:.1f} s")
+        if on_run_end:
+            on_run_end(run, run_dir)
+
+
+def _check_same(run: GridRun, run_dir: Path) -> None:
+    """A finished run is reused only if it was made from the same config (an edited grid must not reuse it)."""
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else None
+    if saved != to_dict(run.cfg):
+        raise ConfigError(f"{run_dir}: a finished run with a different config; the grid changed since it ran. "
+                          "Give the grid a new name or output_dir (or delete that folder) and run again")
+
+
+EXECUTORS: dict[str, Callable[..., None]] = {"local": run_local}
+
+
+def grid_dir_for(spec: GridSpec) -> Path:
+    return Path(spec.output_dir) / f"grid_{spec.name}"
+
+
+def run_grid(spec: GridSpec, executor: str = "local", *, grid_dir: str | Path | None = None, workers: int = 1,
+             on_run_end: Callable[[GridRun, Path], None] | None = None,
+             log: Callable[[str], None] | None = None):
+    """Run (or resume) every run of the grid, then write results.csv, summaries, figure, tables and report."""
+    from oncotransfer.experiments.results import write_results
+    if executor not in EXECUTORS:
+        raise ConfigError(f"--executor {executor!r}: unknown executor; valid: {', '.join(sorted(EXECUTORS))}")
+    runs = expand(spec)
+    out = Path(grid_dir) if grid_dir else grid_dir_for(spec)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = {"name": spec.name, "base": to_dict(spec.base), "grid": spec.grid, "trials": spec.trials,
+                "trial_keys": spec.trial_keys, "output_dir": spec.output_dir, "run_reports": spec.run_reports}
+    (out / "grid.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    base_train = spec.base.train
+    if base_train.save_every_epoch:  # per-epoch resume state costs as much as a head epoch; a run is the unit
+        runs = [GridRun(r.cell, r.trial, r.values, r.cfg.model_copy(update={"train": r.cfg.train.model_copy(
+            update={"save_every_epoch": False})})) for r in runs]
+    EXECUTORS[executor](spec, out, runs, workers=workers, on_run_end=on_run_end, log=log)
+    return write_results(spec, out, runs)

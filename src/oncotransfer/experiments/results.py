@@ -1,0 +1,142 @@
+"""Grid results: a tidy table (one row per run), per-cell summaries, a Figure-3 plot, a Table-1 table, a report."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from oncotransfer.data.augment import describe
+from oncotransfer.evaluate.metrics import summarise
+from oncotransfer.evaluate.plots import save_figure
+from oncotransfer.evaluate.report import data_uri, fmt, render
+
+_METRICS = ("accuracy", "balanced_accuracy", "roc_auc")
+
+
+def _label(key: str, value: Any, cfg) -> Any:
+    """Grid values as table cells: scalars as they are, an augment section as its one-line description."""
+    if key == "augment":
+        return describe(cfg.augment)
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def collect(grid_dir: Path, runs: list) -> pd.DataFrame:
+    """One row per finished run: the varied keys, trial, metrics, best epoch(s), seconds and run directory."""
+    rows = []
+    for run in runs:
+        d = grid_dir / "runs" / run.run_id
+        if not (d / "metrics.json").is_file():
+            continue
+        m = json.loads((d / "metrics.json").read_text())
+        info = json.loads((d / "run.json").read_text())
+        row = {"cell": run.cell, **{k: _label(k, v, run.cfg) for k, v in run.values.items()}, "trial": run.trial}
+        row.update({k: m["pooled"].get(k) for k in _METRICS})
+        row["best_epochs"] = ";".join(str(v) for v in (info.get("best_epochs") or {}).values())
+        row.update({"seconds": info.get("seconds"), "run_dir": str(d)})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summarise_cells(results: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Per cell: mean, sd, 95% CI of accuracy over trials, n (and mean balanced accuracy and ROC-AUC)."""
+    out = []
+    for cell, part in results.groupby("cell", sort=True):
+        s = summarise(part["accuracy"].astype(float))
+        row = {"cell": cell, **{k: part[k].iloc[0] for k in keys}, "accuracy_mean": s["mean"], "accuracy_sd": s["sd"],
+               # an accuracy lies in [0, 1]; the t-interval of 2-3 trials can reach past it
+               "accuracy_ci95_low": max(0.0, s["ci95"][0]), "accuracy_ci95_high": min(1.0, s["ci95"][1]), "n": s["n"]}
+        for k in _METRICS[1:]:
+            vals = pd.to_numeric(part[k], errors="coerce")
+            row[f"{k}_mean"] = float(vals.mean()) if vals.notna().any() else None
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    def cell(v: Any) -> str:
+        return fmt(v, 4) if isinstance(v, (float, np.floating)) else str(v)
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def figure3(summary: pd.DataFrame, base) -> Figure | None:
+    """Accuracy against learning rate (log x), one line per backbone × epochs, error bars = sd over trials."""
+    if "train.lr" not in summary.columns:
+        return None
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    df = summary.assign(backbone=summary.get("model.backbone", base.model.backbone),
+                        epochs=summary.get("train.epochs", base.train.epochs))
+    for (bb, ep), part in df.groupby(["backbone", "epochs"], sort=True):
+        part = part.groupby("train.lr", as_index=False)[["accuracy_mean", "accuracy_sd"]].mean().sort_values("train.lr")
+        ax.errorbar(part["train.lr"], part["accuracy_mean"], yerr=part["accuracy_sd"], marker="o", capsize=3,
+                    label=f"{bb}, {ep} epochs")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("test accuracy (mean ± sd over trials)")
+    ax.set_title("Accuracy against learning rate")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def table1(summary: pd.DataFrame, keys: list[str]) -> pd.DataFrame | None:
+    """Rows = augmentation settings, columns = the other varied keys, cells = mean ± sd accuracy."""
+    aug = [k for k in keys if k == "augment" or k.startswith("augment.")]
+    if not aug:
+        return None
+    other = [k for k in keys if k not in aug]
+    df = summary.assign(setting=summary[aug].astype(str).agg(", ".join, axis=1),
+                        column=summary[other].astype(str).agg(", ".join, axis=1) if other else "accuracy",
+                        value=[f"{m:.3f} ± {s:.3f}" for m, s in zip(summary["accuracy_mean"], summary["accuracy_sd"])])
+    table = df.pivot_table(index="setting", columns="column", values="value", aggfunc="first", sort=False)
+    return table.reset_index().rename(columns={"setting": "augmentation"})
+
+
+_HTML = """<!doctype html><html><head><meta charset="utf-8"><title>Grid {{ name }}</title>
+<style>{{ css }}</style></head><body>
+<h1>Grid {{ name }}</h1>
+<p>{{ n_runs }} runs ({{ n_cells }} cells × {{ trials }} trials; trials vary {{ trial_keys }}). Total training time
+{{ seconds }}.</p>
+<h2>Summary per cell (accuracy over trials)</h2>{{ summary_html | safe }}
+{% if table1_html %}<h2>Augmentation settings (Table 1 style)</h2>{{ table1_html | safe }}{% endif %}
+{% if figure %}<h2>Accuracy against learning rate (Figure 3 style)</h2><img alt="figure 3" src="{{ figure }}">{% endif %}
+<h2>All runs</h2>{{ results_html | safe }}
+</body></html>
+"""
+
+
+def write_results(spec, grid_dir: Path, runs: list) -> pd.DataFrame:
+    """Write results.csv, summary.csv/.md, figure3.png, table1.md and report.html; return the summary."""
+    keys = list(spec.grid)
+    results = collect(grid_dir, runs)
+    results.to_csv(grid_dir / "results.csv", index=False)
+    if results.empty:
+        return pd.DataFrame()
+    summary = summarise_cells(results, keys)
+    summary.to_csv(grid_dir / "summary.csv", index=False)
+    (grid_dir / "summary.md").write_text(f"# Grid {spec.name}\n\n" + markdown_table(summary))
+    fig = figure3(summary, spec.base)
+    png = save_figure(fig, grid_dir / "figure3.png") if fig is not None else None
+    t1 = table1(summary, keys)
+    if t1 is not None:
+        (grid_dir / "table1.md").write_text("# Accuracy by augmentation setting (mean ± sd over trials)\n\n"
+                                            + markdown_table(t1))
+    html = render(_HTML, html=True, name=spec.name, n_runs=len(results), n_cells=results["cell"].nunique(),
+                  trials=spec.trials, trial_keys=", ".join(spec.trial_keys),
+                  seconds=f"{float(results['seconds'].sum()):.1f} s",
+                  summary_html=summary.to_html(index=False, float_format=lambda x: f"{x:.4f}"),
+                  table1_html=t1.to_html(index=False) if t1 is not None else "",
+                  figure=data_uri(png) if png else "",
+                  results_html=results.drop(columns=["run_dir"]).to_html(index=False,
+                                                                         float_format=lambda x: f"{x:.4f}"))
+    (grid_dir / "report.html").write_text(html)
+    return summary

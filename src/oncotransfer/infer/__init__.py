@@ -1,0 +1,1 @@
+"""Inference: ONNX export and runtime, prediction, serving."""

@@ -1,0 +1,105 @@
+"""Export a run's classifier (ONNX or TorchScript) with a JSON description, and check parity on real images."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from oncotransfer import __version__
+from oncotransfer.errors import ConfigError, OncoError
+
+PARITY_TOL = 1e-4
+
+
+class ExportParityError(OncoError):
+    """The exported model's probabilities differ from PyTorch's by more than the tolerance."""
+
+
+class ProbabilityModel(nn.Module):
+    """Normalised image batch -> (N, C) probabilities (a sigmoid head gives two columns too)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.head.probabilities(self.model(x))
+
+
+def parity_images(run_dir: Path, meta: dict, size: int, limit: int = 8) -> torch.Tensor:
+    """Up to ``limit`` of the run's own images (split.csv) resized uint8; the demo tiles if none are readable."""
+    from oncotransfer.data.images import decode_many
+    from oncotransfer.data.manifest import resolve_data_path
+    paths: list[str] = []
+    split = run_dir / "split.csv"
+    data_path = ((meta.get("config") or {}).get("data") or {}).get("path")
+    if split.is_file() and data_path:
+        try:
+            root = resolve_data_path(data_path)
+            root = root.parent if root.is_file() else root
+            rel = pd.read_csv(split)["path"].astype(str).tolist()
+            paths = [str(p if Path(p).is_absolute() else root / p) for p in rel]
+            paths = [p for p in paths if Path(p).is_file()][:limit]
+        except (OncoError, OSError, KeyError, pd.errors.ParserError):
+            paths = []
+    images = decode_many(paths, size)[0] if paths else torch.zeros((0, 3, size, size), dtype=torch.uint8)
+    if len(images) == 0:
+        from oncotransfer.data.demo import demo_path
+        demo = sorted(p for p in demo_path("osteosarcoma").rglob("*.jpg"))[:limit]
+        images = decode_many([str(p) for p in demo], size)[0]
+    return images
+
+
+def export_run(run_dir: str | Path, fmt: Literal["onnx", "torchscript"] = "onnx",
+               log: Callable[[str], None] | None = None) -> Path:
+    """Write RUN/export/model.onnx (or model.ts) and model.json; raise if parity with PyTorch fails."""
+    from oncotransfer.data.images import normalise
+    from oncotransfer.infer.predict import _checkpoint_digest
+    from oncotransfer.train.checkpoint import load_classifier, write_json
+    say = log or (lambda s: None)
+    if fmt not in ("onnx", "torchscript"):
+        raise ConfigError(f"--format {fmt!r}: expected onnx or torchscript")
+    run_dir = Path(run_dir)
+    model, meta = load_classifier(run_dir)
+    pre = meta["preprocessing"]
+    size = int(pre["size"])
+    wrapped = ProbabilityModel(model).eval()
+    out_dir = run_dir / "export"
+    x = normalise(parity_images(run_dir, meta, size), tuple(pre["mean"]), tuple(pre["std"]))
+    with torch.inference_mode():
+        ref = wrapped(x).numpy()
+    if fmt == "onnx":
+        from oncotransfer.infer.onnx import export_onnx, ort_session, run_session
+        path = export_onnx(wrapped, out_dir / "model.onnx", size)
+        got = run_session(ort_session(path), x.numpy())
+    else:
+        path = out_dir / "model.ts"
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # jit is deprecated upstream but still what the issue asks
+            traced = torch.jit.trace(wrapped, torch.zeros(2, 3, size, size), check_trace=False)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(".model.ts.tmp")
+            traced.save(str(tmp))
+            tmp.replace(path)
+            got = torch.jit.load(str(path))(x).numpy()
+    diff = float(np.abs(got - ref).max()) if len(ref) else float("nan")
+    say(f"parity on {len(ref)} real images: max abs probability difference {diff:.2e} (tolerance {PARITY_TOL:g})")
+    if not diff <= PARITY_TOL:
+        path.unlink(missing_ok=True)  # a model that disagrees with PyTorch must not be picked up by predict/serve
+        raise ExportParityError(f"{path.name}: exported probabilities differ from PyTorch by {diff:.2e} "
+                                f"(> {PARITY_TOL:g}) on {len(ref)} images; the export was removed")
+    write_json(out_dir / "model.json", {
+        "format": fmt, "file": path.name, "oncotransfer_version": __version__, "classes": meta["classes"],
+        "preprocessing": {**pre, "resize": pre.get("resize", "squash-bilinear-antialias"),
+                          "note": "RGB, squash-resize to size x size, scale to [0, 1], (x - mean) / std"},
+        "backbone": meta["backbone"], "checkpoint_digest": _checkpoint_digest(run_dir),
+        "input": {"name": "input", "shape": ["batch", 3, size, size], "dtype": "float32", "layout": "NCHW"},
+        "output": {"name": "output", "shape": ["batch", len(meta["classes"])],
+                   "meaning": "class probabilities in the order of 'classes' (rows sum to 1)"},
+        "parity": {"images": int(len(ref)), "max_abs_diff": diff, "tolerance": PARITY_TOL}})
+    return path

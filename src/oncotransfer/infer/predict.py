@@ -1,0 +1,226 @@
+"""Run a trained model on new images: ``Predictor`` (PyTorch or ONNX Runtime), test-time augmentation, CSV rows."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from oncotransfer.data.images import IMAGE_SUFFIXES, ImageReadError, decode_for_model, normalise, resize_uint8
+from oncotransfer.errors import CheckpointError, ConfigError, DataError
+
+Engine = Literal["auto", "torch", "onnx"]
+ONNX_NAME = "model.onnx"
+
+
+def onnx_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], dict[str, str]]:
+    """Files as given, folders walked recursively for image suffixes; missing paths become errors."""
+    out: list[Path] = []
+    errors: dict[str, str] = {}
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                errors[str(p)] = f"{p}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            errors[str(p)] = f"{p}: no such file or folder"
+    return out, errors
+
+
+class Predictor:
+    """A run's classifier with its own preprocessing; ``engine`` is ``torch`` or ``onnx``."""
+
+    def __init__(self, model: torch.nn.Module, meta: dict, engine: str = "torch", session=None,
+                 run_dir: Path | None = None):
+        self.model = model.eval()
+        self.meta = meta
+        self.engine = engine
+        self.session = session
+        self.run_dir = run_dir
+        pre = meta["preprocessing"]
+        self.size = int(pre["size"])
+        self.mean = tuple(pre["mean"])
+        self.std = tuple(pre["std"])
+        cfg = meta.get("config") or {}
+        self.name = str(cfg.get("name") or meta["backbone"]["name"])
+        self.rotation = float(((cfg.get("augment") or {}).get("rotation")) or 0.0)
+        self.fill = str((cfg.get("augment") or {}).get("fill") or "nearest")
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, engine: Engine = "auto") -> "Predictor":
+        """Load RUN/checkpoint; ``auto`` uses RUN/export/model.onnx with ONNX Runtime when both exist."""
+        from oncotransfer.train.checkpoint import load_classifier
+        run_dir = Path(run_dir)
+        if engine not in ("auto", "torch", "onnx"):
+            raise ConfigError(f"--engine {engine!r}: expected auto, torch or onnx")
+        model, meta = load_classifier(run_dir)
+        onnx_path = run_dir / "export" / ONNX_NAME
+        use_onnx = engine == "onnx" or (engine == "auto" and onnx_path.is_file() and onnx_available())
+        session = None
+        if use_onnx:
+            if not onnx_path.is_file():
+                raise CheckpointError(f"{run_dir}: no {onnx_path.relative_to(run_dir)}; run "
+                                      f"`oncotransfer export {run_dir} --format onnx` first or use --engine torch")
+            _check_export_matches(run_dir, meta)
+            from oncotransfer.infer.onnx import ort_session
+            session = ort_session(onnx_path)
+        return cls(model, meta, "onnx" if use_onnx else "torch", session, run_dir)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    # -- preprocessing ---------------------------------------------------------------------------------------
+    def to_uint8(self, images: Sequence[Image.Image | torch.Tensor | np.ndarray]) -> torch.Tensor:
+        """PIL images or uint8 (3, H, W) tensors -> uint8 (N, 3, size, size), squash-resized like training."""
+        out = []
+        for im in images:
+            if isinstance(im, Image.Image):
+                out.append(resize_uint8(im.convert("RGB"), self.size))
+                continue
+            t = torch.as_tensor(im)
+            if t.ndim != 3 or t.shape[0] != 3:
+                raise DataError(f"expected a (3, H, W) uint8 image tensor, got shape {tuple(t.shape)}")
+            if tuple(t.shape[1:]) != (self.size, self.size):
+                t = resize_uint8(Image.fromarray(t.permute(1, 2, 0).to(torch.uint8).numpy()), self.size)
+            out.append(t.to(torch.uint8))
+        return torch.stack(out) if out else torch.zeros((0, 3, self.size, self.size), dtype=torch.uint8)
+
+    def normalised(self, batch: torch.Tensor) -> torch.Tensor:
+        return normalise(batch, self.mean, self.std)
+
+    # -- inference -------------------------------------------------------------------------------------------
+    def probabilities(self, x: torch.Tensor, batch_size: int = 32) -> np.ndarray:
+        """Normalised float batch -> (N, C) probabilities with the selected engine."""
+        if len(x) == 0:
+            return np.zeros((0, len(self.classes)), np.float32)
+        if self.session is not None:
+            from oncotransfer.infer.onnx import run_session
+            return run_session(self.session, x.numpy(), batch_size)
+        with torch.inference_mode():
+            return torch.cat([self.model.probabilities(x[s:s + batch_size])
+                              for s in range(0, len(x), batch_size)]).float().numpy()
+
+    def tta_views(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        """Identity, horizontal and vertical flip, and ± the run's own rotation when it trained with one."""
+        views = [batch, batch.flip(-1), batch.flip(-2)]
+        if self.rotation > 0:
+            from oncotransfer.config import AugmentConfig
+            from oncotransfer.data.augment import AugParams, Augmenter
+            aug = Augmenter(AugmentConfig(mode="online", rotation=self.rotation, fill=self.fill))
+            n = len(batch)
+            for sign in (1.0, -1.0):
+                p = AugParams.identity(n)
+                p = AugParams(**{**p.__dict__, "theta_deg": np.full(n, sign * self.rotation)})
+                views.append(aug.apply(batch, p))
+        return views
+
+    def predict_uint8(self, batch: torch.Tensor, tta: bool = False) -> np.ndarray:
+        if not tta:
+            return self.probabilities(self.normalised(batch))
+        probs = [self.probabilities(self.normalised(v)) for v in self.tta_views(batch)]
+        return np.mean(probs, axis=0)
+
+    def predict_images(self, images: Sequence[Image.Image | torch.Tensor], tta: bool = False) -> np.ndarray:
+        """Images -> (N, C) class probabilities."""
+        return self.predict_uint8(self.to_uint8(images), tta)
+
+    def predict_paths(self, paths: Iterable[str | Path], tta: bool = False
+                      ) -> tuple[pd.DataFrame, dict[str, str]]:
+        """Files and folders -> (rows: path, pred, prob_<class>...; {path: error} for the unreadable ones)."""
+        files, errors = expand_paths(paths)
+        ok, tensors = [], []
+        for f in files:
+            try:
+                tensors.append(decode_for_model(f, self.size)[1])
+                ok.append(str(f))
+            except ImageReadError as e:
+                errors[str(f)] = str(e)
+        batch = torch.stack(tensors) if tensors else torch.zeros((0, 3, self.size, self.size), dtype=torch.uint8)
+        probs = self.predict_uint8(batch, tta)
+        return self.frame(ok, probs), errors
+
+    def frame(self, paths: list[str], probs: np.ndarray) -> pd.DataFrame:
+        df = pd.DataFrame({"path": paths, "pred": [self.classes[k] for k in probs.argmax(1)] if len(probs) else []})
+        for c, name in enumerate(self.classes):
+            df[f"prob_{name}"] = probs[:, c] if len(probs) else []
+        return df
+
+
+def _check_export_matches(run_dir: Path, meta: dict) -> None:
+    """An export written before the checkpoint changed would silently answer for another model."""
+    info = run_dir / "export" / "model.json"
+    if info.is_file():
+        exported = json.loads(info.read_text())
+        if exported.get("classes") != meta["classes"] or exported.get("checkpoint_digest") not in (
+                None, _checkpoint_digest(run_dir)):
+            raise CheckpointError(f"{run_dir}/export is stale (classes or weights differ from the checkpoint); "
+                                  f"run `oncotransfer export {run_dir}` again or use --engine torch")
+
+
+def _checkpoint_digest(run_dir: Path) -> str:
+    from oncotransfer.data.manifest import sha256_file
+    return sha256_file(Path(run_dir) / "checkpoint" / "model.safetensors")
+
+
+def predictions_on(run_dir: str | Path, data_path: str, engine: Engine = "auto") -> pd.DataFrame:
+    """Score a labelled data set (class folders, manifest, demo:NAME) in the format of RUN/predictions.csv."""
+    from oncotransfer.data.images import decode_many
+    from oncotransfer.data.manifest import load_manifest
+    pred = Predictor.from_run(run_dir, engine)
+    regex = ((pred.meta.get("config") or {}).get("data") or {}).get("patient_regex")
+    m = load_manifest(data_path, regex, min_classes=1)
+    unknown = sorted(set(m.classes) - set(pred.classes))
+    if unknown:
+        raise DataError(f"{data_path}: classes {unknown} are not among the model's classes {pred.classes}; "
+                        "name the class folders (or manifest labels) as in training")
+    images, ok, failed, _ = decode_many(m.paths, pred.size)
+    if not ok:
+        raise DataError(f"{data_path}: none of the {len(m)} images could be read, e.g. {next(iter(failed.values()))}")
+    probs = pred.predict_uint8(images)
+    df = pd.DataFrame({"fold": 0, "path": [m.relpath(i) for i in ok],
+                       "label": [m.classes[m.labels[i]] for i in ok],
+                       "pred": [pred.classes[k] for k in probs.argmax(1)]})
+    for c, name in enumerate(pred.classes):
+        df[f"prob_{name}"] = probs[:, c]
+    return df
+
+
+def run_predict(run_dir: str | Path, paths: list[str], out: str | Path, tta: bool = False, explain: bool = False,
+                engine: Engine = "auto") -> tuple[pd.DataFrame, dict[str, str]]:
+    """The ``predict`` command: CSV at ``out``; with ``explain`` overlays in ``<out stem>_explain/``."""
+    pred = Predictor.from_run(run_dir, engine)
+    df, errors = pred.predict_paths(paths, tta=tta)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out, index=False)
+    if explain and len(df):
+        from oncotransfer.infer.explain import heatmap, overlay_png
+        folder = out.parent / f"{out.stem}_explain"
+        folder.mkdir(parents=True, exist_ok=True)
+        used: set[str] = set()
+        for path, label in zip(df["path"], df["pred"]):
+            img, t = decode_for_model(path, pred.size)
+            batch = t.unsqueeze(0)
+            heat = heatmap(pred.model, pred.normalised(batch), pred.classes.index(label))
+            name = Path(path).stem
+            while name in used:  # same file name in two folders: keep both overlays
+                name += "_"
+            used.add(name)
+            (folder / f"{name}.png").write_bytes(overlay_png(img, heat))
+    return df, errors

@@ -1,0 +1,103 @@
+"""FastAPI service: ``POST /predict`` (multipart image), ``GET /health``, ``GET /`` (upload page).
+
+Hostile input never kills it: uploads are size-limited before and while reading, images are decoded with
+Pillow's bomb check as an error, inference runs under one lock in FastAPI's thread pool, and every error
+is a JSON body with a 4xx/5xx status.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+from pathlib import Path
+
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+
+from oncotransfer import __version__
+from oncotransfer.data.images import ImageReadError
+
+STATIC = Path(__file__).parent / "static"
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file in a multipart body
+log = logging.getLogger("oncotransfer.serve")
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message, "detail": message})
+
+
+def create_app(run_dir: str | Path, engine: str = "auto", max_upload_mb: float = 20) -> FastAPI:
+    """Build the app around one loaded model (``Predictor.from_run``)."""
+    from oncotransfer.data.images import decode_for_model
+    from oncotransfer.infer.predict import Predictor
+    predictor = Predictor.from_run(run_dir, engine)
+    limit = int(max_upload_mb * 1024 * 1024)
+    lock = threading.Lock()  # one inference at a time: ORT/torch already use every core, and Grad-CAM hooks the model
+    app = FastAPI(title="oncotransfer", version=__version__,
+                  description=f"{predictor.name}: {', '.join(predictor.classes)}")
+    app.state.predictor = predictor
+
+    @app.middleware("http")
+    async def _reject_large(request: Request, call_next):
+        # Refuse before the body is read (and spooled to disk) when the client declares it too large.
+        if request.url.path == "/predict":
+            length = request.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > limit + MULTIPART_OVERHEAD:
+                return _error(413, f"upload of {int(length) / 2**20:.1f} MB exceeds the limit of "
+                                   f"{max_upload_mb:g} MB")
+        try:
+            return await call_next(request)
+        except Exception as e:  # the service stays up and answers JSON whatever happens
+            log.exception("unhandled error")
+            return _error(500, f"internal error: {type(e).__name__}")
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        missing = [".".join(str(p) for p in e.get("loc", ())) for e in exc.errors()]
+        return _error(422, "expected a multipart/form-data upload with the image in a field named 'file' "
+                           f"(e.g. curl -F file=@image.jpg .../predict); problem with: {', '.join(missing)}")
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "model": predictor.name, "version": __version__, "engine": predictor.engine,
+                "backbone": predictor.meta["backbone"]["name"], "classes": predictor.classes,
+                "input_size": predictor.size, "max_upload_mb": max_upload_mb}
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.post("/predict")
+    def predict(file: UploadFile = File(..., description="the image (PNG, JPEG, TIFF, ...)"),
+                explain: bool = Query(False, description="also return a Grad-CAM overlay PNG (base64)")) -> dict:
+        data = file.file.read(limit + 1)  # never more than limit + 1 bytes in memory
+        if len(data) > limit:
+            raise HTTPException(413, f"upload exceeds the limit of {max_upload_mb:g} MB")
+        if not data:
+            raise HTTPException(400, "the uploaded file is empty")
+        try:
+            img, t = decode_for_model(data, predictor.size)
+        except ImageReadError as e:
+            msg = str(e)
+            status = 415 if "not an image" in msg else 400
+            raise HTTPException(status, f"{file.filename or 'upload'}: {msg.split(': ', 1)[-1]}") from None
+        batch = t.unsqueeze(0)
+        with lock:
+            probs = predictor.predict_uint8(batch)[0]
+            k = int(probs.argmax())
+            overlay = None
+            if explain:
+                from oncotransfer.infer.explain import heatmap, overlay_png
+                heat = heatmap(predictor.model, predictor.normalised(batch), k)
+                overlay = base64.b64encode(overlay_png(img, heat)).decode("ascii")
+        return {"model": predictor.name, "version": __version__, "engine": predictor.engine,
+                "classes": predictor.classes,
+                "probabilities": {c: float(p) for c, p in zip(predictor.classes, probs)},
+                "predicted": predictor.classes[k], "overlay_png": overlay}
+
+    return app

@@ -1,0 +1,114 @@
+"""Grids: expansion, up-front validation, a tiny end-to-end grid, and resume after an interruption."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from oncotransfer.errors import ConfigError
+from oncotransfer.experiments import expand, load_grid, run_grid
+
+
+def make_images(root: Path, per_class: int = 6, size: int = 40) -> Path:
+    rng = np.random.default_rng(1)
+    for c, rgb in {"a": (210, 60, 60), "b": (60, 90, 210)}.items():
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            x = np.tile(np.array(rgb, np.float32), (size, size, 1)) + rng.normal(0, 15, (size, size, 3))
+            Image.fromarray(x.clip(0, 255).astype(np.uint8)).save(root / c / f"{c}{i}.png")
+    return root
+
+
+def write_grid(tmp: Path, grid: dict, trials: int = 2, **extra) -> Path:
+    base = {"name": "g", "data": {"path": str(tmp / "img"), "image_size": 32},
+            "split": {"kind": "holdout", "test_size": 0.25, "val_size": 0.0, "group_by_patient": False,
+                      "group_duplicates": False, "allow_image_level_split": True},
+            "model": {"backbone": "efficientnet_lite0", "weights": "none", "freeze": "frozen"},
+            "train": {"epochs": 2, "batch_size": 4, "seed": 0, "feature_engine": "torch",
+                      "cache_dir": str(tmp / "cache"), "num_workers": 0},
+            "evaluate": {"bootstrap": 0}}
+    path = tmp / "grid.yaml"
+    path.write_text(yaml.safe_dump({"name": "tiny", "base": base, "grid": grid, "trials": trials,
+                                    "output_dir": str(tmp / "out"), **extra}))
+    return path
+
+
+def test_expansion_counts_and_values(tmp_path: Path) -> None:
+    spec = load_grid(write_grid(tmp_path, {"train.lr": [0.1, 0.01, 0.001], "train.epochs": [3, 5]}, trials=4))
+    runs = expand(spec)
+    assert len(runs) == 3 * 2 * 4
+    assert len({r.run_id for r in runs}) == len(runs)
+    r = next(r for r in runs if r.values == {"train.lr": 0.01, "train.epochs": 5} and r.trial == 3)
+    assert (r.cfg.train.lr, r.cfg.train.epochs, r.cfg.train.seed, r.cfg.split.seed) == (0.01, 5, 3, 0)
+
+
+def test_augment_sections_as_grid_values(tmp_path: Path) -> None:
+    spec = load_grid(write_grid(tmp_path, {"augment": [{"mode": "none"},
+                                                       {"mode": "offline", "copies": 1, "hflip": True}]}, trials=1))
+    runs = expand(spec)
+    assert [r.cfg.augment.hflip for r in runs] == [False, True]
+
+
+@pytest.mark.parametrize("grid, needle", [({"train.lrr": [0.1]}, "train.lrr"),
+                                          ({"train.lr": [0.1, -1]}, "train.lr"),
+                                          ({"model.backbone": ["resnet50v2"]}, "resnet50v2")])
+def test_bad_grid_key_fails_up_front_in_one_line(tmp_path: Path, grid: dict, needle: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_grid(write_grid(tmp_path, grid))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_executor_lists_valid_ones(tmp_path: Path) -> None:
+    spec = load_grid(write_grid(tmp_path, {"train.lr": [0.1]}, trials=1))
+    with pytest.raises(ConfigError, match="local"):
+        run_grid(spec, "slurm")
+
+
+def test_tiny_grid_end_to_end_and_resume(tmp_path: Path) -> None:
+    make_images(tmp_path / "img")
+    spec = load_grid(write_grid(tmp_path, {"train.lr": [0.01, 0.001]}, trials=2))
+    grid_dir = tmp_path / "out" / "grid_tiny"
+    done: list[str] = []
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(run, run_dir) -> None:
+        done.append(run.run_id)
+        if len(done) == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_grid(spec, grid_dir=grid_dir, on_run_end=interrupt)
+    finished = {p.parent.name for p in grid_dir.glob("runs/*/metrics.json")}
+    assert finished == set(done)
+    stamps = {d: (grid_dir / "runs" / d / "metrics.json").stat().st_mtime_ns for d in done}
+
+    rerun: list[str] = []
+    summary = run_grid(spec, grid_dir=grid_dir, on_run_end=lambda r, d: rerun.append(r.run_id))
+    assert len(rerun) == 2 and not set(rerun) & set(done)
+    assert all((grid_dir / "runs" / d / "metrics.json").stat().st_mtime_ns == s for d, s in stamps.items())
+    for name in ("grid.yaml", "results.csv", "summary.csv", "summary.md", "figure3.png", "report.html"):
+        assert (grid_dir / name).is_file(), name
+    results = pd.read_csv(grid_dir / "results.csv")
+    assert len(results) == 4 and set(results["train.lr"]) == {0.01, 0.001}
+    for lr, part in results.groupby("train.lr"):
+        row = summary[summary["train.lr"] == lr].iloc[0]
+        assert row["n"] == 2
+        assert row["accuracy_mean"] == pytest.approx(part["accuracy"].mean())
+        assert row["accuracy_ci95_low"] <= row["accuracy_mean"] <= row["accuracy_ci95_high"]
+    assert "data:image/png;base64," in (grid_dir / "report.html").read_text()
+    assert not (grid_dir / "runs" / done[0] / "report.html").exists()  # run_reports: false
+
+
+def test_changed_grid_does_not_reuse_finished_runs(tmp_path: Path) -> None:
+    make_images(tmp_path / "img")
+    spec = load_grid(write_grid(tmp_path, {"train.lr": [0.01]}, trials=1))
+    run_grid(spec)
+    changed = load_grid(write_grid(tmp_path, {"train.lr": [0.02]}, trials=1))
+    with pytest.raises(ConfigError, match="different config"):
+        run_grid(changed)

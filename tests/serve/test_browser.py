@@ -1,0 +1,74 @@
+"""End to end in a real browser: Debian's Chromium, headless, uploads a demo tile through the page."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from oncotransfer.data.demo import demo_path
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not CHROMIUM.exists(), reason="Chromium not installed at /usr/bin/chromium "
+                                 "(apt-get install chromium; .ci/run installs it)")]
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run):
+    import uvicorn
+    from oncotransfer.serve.app import create_app
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(tiny_run, engine="torch"), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    yield url
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_upload_shows_bars_and_heatmap(server, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (test extra)")
+    image = sorted(demo_path("osteosarcoma").rglob("*.jpg"))[0]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 800})
+            page.goto(server + "/")
+            page.wait_for_function("document.getElementById('model').textContent.includes('tiny')")
+            page.set_input_files("#file", str(image))
+            page.wait_for_selector("#bars .bar", timeout=120_000)
+            page.wait_for_function("document.getElementById('heatmap').complete && "
+                                   "document.getElementById('heatmap').naturalWidth > 0", timeout=60_000)
+            bars = page.locator("#bars .bar")
+            assert bars.count() == 3
+            widths = [float(bars.nth(i).locator(".fill").evaluate("e => parseFloat(e.style.width)"))
+                      for i in range(3)]
+            assert abs(sum(widths) - 100) < 0.5
+            assert page.locator("#bars .bar.predicted").count() == 1
+            assert "predicted:" in page.locator("#status").text_content()
+            shot = tmp_path / "page.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+            print(f"screenshot: {shot}")
+        finally:
+            browser.close()

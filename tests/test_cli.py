@@ -1,0 +1,133 @@
+"""The command line: listing, inspecting, and one clear ``error:`` line (no traceback) for every bad input."""
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from oncotransfer import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+EXE = ROOT / ".venv" / "bin" / "oncotransfer"
+
+
+def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """``oncotransfer ARGS`` in-process through ``main()`` (the console-script entry point)."""
+    monkeypatch.setattr(sys, "argv", ["oncotransfer", *args])
+    monkeypatch.setattr(cli.console, "width", 250)   # no wrapping of tables in captured output
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    out = capsys.readouterr()
+    code = e.value.code if isinstance(e.value.code, int) else (0 if e.value.code is None else 1)
+    return code, out.out, out.err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code != 0
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got: {err!r}"
+    assert lines[0].startswith("error:"), lines[0]
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+
+
+def png(path: Path, value: int = 128) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 16), (value, value, value)).save(path)
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)     # `train` creates runs/ relative to the working directory
+    return tmp_path
+
+
+def test_data_demo_lists_both_sets(monkeypatch, capsys):
+    code, out, _ = run_main(monkeypatch, capsys, "data", "demo")
+    assert code == 0
+    assert "demo:osteosarcoma" in out and "demo:bus250" in out
+
+
+def test_data_inspect_demo_counts(monkeypatch, capsys):
+    code, out, _ = run_main(monkeypatch, capsys, "data", "inspect", "demo:osteosarcoma")
+    assert code == 0
+    assert "60 images, 3 classes, 4 patients" in out
+    for name in ("Non-Tumor", "Non-Viable-Tumor", "Viable", "Case-3", "Case-4", "Case-48", "P9"):
+        assert name in out
+    assert "20" in out
+
+
+def test_models_list(monkeypatch, capsys):
+    code, out, _ = run_main(monkeypatch, capsys, "models", "list")
+    assert code == 0
+    for name in ("mobilenet_v2", "efficientnet_lite0", "tf_efficientnet_lite0", "resnet50"):
+        assert name in out
+
+
+def test_corrupt_image_is_named_and_not_fatal(tmp_path, monkeypatch, capsys):
+    for c in ("a", "b"):
+        for i in range(2):
+            png(tmp_path / c / f"{i}.png", 40 * i)
+    (tmp_path / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
+    code, out, _ = run_main(monkeypatch, capsys, "data", "inspect", str(tmp_path))
+    assert code == 0
+    assert "broken.png" in out and "unreadable" in out
+
+
+@pytest.mark.parametrize("case", ["missing-path", "empty-folder", "one-class"])
+def test_bad_data_paths(case, tmp_path, monkeypatch, capsys):
+    target = tmp_path / "d"
+    if case == "empty-folder":
+        target.mkdir()
+    elif case == "one-class":
+        for i in range(3):
+            png(target / "tumor" / f"{i}.png", i * 30)
+    code, _, err = run_main(monkeypatch, capsys, "data", "inspect", str(target)) if case != "one-class" else \
+        _train_on(target, tmp_path, monkeypatch, capsys)
+    needle = {"missing-path": "does not exist", "empty-folder": "empty", "one-class": "only 1 class"}[case]
+    assert_one_line_error(code, err, needle)
+
+
+def _train_on(data: Path, tmp_path: Path, monkeypatch, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {{path: '{data}'}}\noutput_dir: '{tmp_path / 'runs'}'\n")
+    return run_main(monkeypatch, capsys, "train", str(cfg))
+
+
+@pytest.mark.parametrize("yaml_text,needles", [
+    ("model:\n  backbone: no_such_net\n", ["unknown backbone 'no_such_net'", "efficientnet_lite0"]),
+    ("no_such_key: 1\n", ["unknown key 'no_such_key'"]),
+    ("train:\n  lr: -1\n", ["train.lr"]),
+    ("train:\n  epochs: many\n", ["train.epochs"]),
+    ("model:\n  freeze: partly\n", ["model.freeze"]),
+])
+def test_bad_configs(yaml_text, needles, in_tmp, monkeypatch, capsys):
+    cfg = in_tmp / "bad.yaml"
+    cfg.write_text(yaml_text)
+    code, _, err = run_main(monkeypatch, capsys, "train", str(cfg))
+    assert_one_line_error(code, err, *needles)
+
+
+def test_missing_config_and_bad_override(in_tmp, monkeypatch, capsys):
+    code, _, err = run_main(monkeypatch, capsys, "train", str(in_tmp / "none.yaml"))
+    assert_one_line_error(code, err, "does not exist")
+    (in_tmp / "ok.yaml").write_text("name: x\n")
+    code, _, err = run_main(monkeypatch, capsys, "train", str(in_tmp / "ok.yaml"), "--set", "train.lr=-1")
+    assert_one_line_error(code, err, "train.lr")
+
+
+@pytest.mark.skipif(not EXE.exists(), reason="no .venv/bin/oncotransfer console script")
+def test_console_script_error_is_one_line(tmp_path):
+    """The real entry point, in a subprocess: exit code 2, one stderr line, no traceback."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([str(EXE), "data", "inspect", str(tmp_path / "nope")], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert p.returncode == 2
+    assert_one_line_error(p.returncode, p.stderr, "does not exist")
