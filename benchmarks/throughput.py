@@ -100,6 +100,8 @@ def bench_backbone(name: str, batch: int, size: int | None, iters: int, warmup: 
                      "frozen": batch * iters / fz,
                      "cached": cached_ips if prec == "fp32" else None,
                      "finetune": batch * iters / ft})
+        r = rows[-1]  # progress as we go: the emulated-bf16 rows of the big backbones take minutes
+        print(f"  {name} {prec}: frozen {r['frozen']:.1f}, finetune {r['finetune']:.1f} images/s", flush=True)
     return rows
 
 
