@@ -23,3 +23,13 @@ def tiny_run(tmp_path_factory):
         "evaluate": {"bootstrap": 0},
     }, "tiny_run fixture")
     return run_experiment(cfg, report=False).run_dir
+
+
+@pytest.fixture
+def one_thread():
+    """The CI box has 2 cores shared by several jobs: one thread is faster there than two fighting."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -19,13 +19,7 @@ from oncotransfer.models.heads import create_head
 SIZE = 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI box has 2 cores shared by several jobs: one thread is faster there than two fighting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(freeze: str = "frozen", backbone: str = "mobilenet_v2", classes: int = 3, **head) -> nn.Module:

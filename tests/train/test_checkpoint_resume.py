@@ -15,13 +15,7 @@ from oncotransfer.train.data import load_data
 from oncotransfer.train.experiment import run_experiment
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI box has 2 cores shared by several jobs: one thread is faster there than two fighting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(tmp_path: Path, **over):

@@ -14,15 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(__file__).parents[2].parent / "shared" / "data" / "osteosarcoma-tcia-60"
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not (DATA / "manifest.csv").is_file(), reason="../shared/data is absent")]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+              pytest.mark.skipif(not (DATA / "manifest.csv").is_file(), reason="../shared/data is absent"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def test_demo_config_kfold_and_lopo(tmp_path):
