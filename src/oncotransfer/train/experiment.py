@@ -22,6 +22,7 @@ from oncotransfer.models.backbones import get_backbone, with_normalisation
 from oncotransfer.models.classifier import Classifier, create_classifier
 from oncotransfer.models.heads import create_head
 from oncotransfer.models.weights import build_backbone
+from oncotransfer.train import distributed as D
 from oncotransfer.train.checkpoint import (atomic_save_tensors, checkpoint_meta, flatten_optimizer,
                                            unflatten_optimizer, write_checkpoint, write_json)
 from oncotransfer.train.data import LoadedData, load_data
@@ -55,28 +56,34 @@ def new_run_dir(cfg: ExperimentConfig) -> Path:
 def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | None = None, *, resume: bool = False,
                    data: LoadedData | None = None, on_epoch_end: Callable[[int, FitState], None] | None = None,
                    log: Callable[[str], None] | None = None, report: bool = True) -> RunResult:
-    """Train and evaluate one config; ``resume=True`` continues the run in ``run_dir`` from its saved state."""
-    say = log or (lambda s: None)
+    """Train and evaluate one config; ``resume=True`` continues the run in ``run_dir`` from its saved state.
+
+    Under torchrun every rank calls this; rank 0 alone writes the run directory (see ``train.distributed``)."""
+    main = D.is_main()
+    say = (log if main else None) or (lambda s: None)
     if resume:
         run_dir = Path(run_dir)
-        if not (run_dir / "config.yaml").is_file():
+        if main and not (run_dir / "config.yaml").is_file():
             raise CheckpointError(f"--resume {run_dir}: not a run directory (no config.yaml)")
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = D.broadcast(load_config(run_dir / "config.yaml") if main else None)
     t0 = time.perf_counter()
     # Everything that can fail on bad input runs before a run directory exists, so none is left half-made.
     spec = get_backbone(cfg.model.backbone)
     size = cfg.data.image_size or spec.input_size
     data = data or load_data(cfg.data, size, cfg.train.num_workers, phash=cfg.split.group_duplicates)
     if not resume:
-        run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        if main:
+            run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+        run_dir = Path(D.broadcast(str(run_dir) if main else None))
     m = data.manifest
     split = make_split(m, cfg.split, data.dup_groups)
-    split.to_frame(m).to_csv(run_dir / "split.csv", index=False)
+    if main:
+        split.to_frame(m).to_csv(run_dir / "split.csv", index=False)
     say(f"{len(m)} images, {len(m.classes)} classes, split {cfg.split.kind}: {len(split.folds)} fold(s), "
         f"{'grouped by ' + split.grouped_by if split.grouped_by else 'IMAGE-LEVEL'}")
-    device = pick_device(cfg.train.device)
+    device = D.local_device(pick_device(cfg.train.device))
     aug = Augmenter(cfg.augment)
     histories, preds, best_epochs, modes, fold0 = [], [], {}, set(), None
     warnings = list(data.warnings) + list(split.warnings)
@@ -89,6 +96,8 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
         if fold.index == 0:
             fold0 = model
             warnings += list(model.weights.warnings if model.weights else [])
+    if not main:
+        return RunResult(run_dir, {}, m.classes)
     history = pd.concat(histories)[["fold", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]]
     history.to_csv(run_dir / "history.csv", index=False)
     pd.concat(preds).to_csv(run_dir / "predictions.csv", index=False)
@@ -104,7 +113,7 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
         "best_epochs": best_epochs, "seconds": time.perf_counter() - t0, "device": str(device),
         "precision": precision_label(device, cfg.train.fast_cpu), "weights": cfg.model.weights,
         "backbone": cfg.model.backbone, "warnings": warnings, "skipped": m.skipped,
-        "checkpoint": f"fold 0 of {len(split.folds)}"})
+        "checkpoint": f"fold 0 of {len(split.folds)}", "processes": D.world_size()})
     metrics = {}
     if report:
         from oncotransfer.evaluate.report import evaluate_run
@@ -141,10 +150,11 @@ def train_fold(cfg: ExperimentConfig, data: LoadedData, fold: Fold, run_dir: Pat
     opt = make_optimizer(cfg.train.optimizer, module.parameters(), cfg.train.lr, cfg.train.weight_decay)
     state_file = run_dir / "state" / f"fold{fold.index}"
     st = _load_state(state_file, module, opt)
+    train_module = D.wrap(module, device)
 
     def save(s: FitState) -> None:
         # Grids skip per-epoch state (a few ms each, comparable to a head epoch); the final state is still saved.
-        if cfg.train.save_every_epoch or _finished(s, cfg):
+        if D.is_main() and (cfg.train.save_every_epoch or _finished(s, cfg)):
             _save_state(state_file, module, opt, s)
         if on_epoch_end:
             on_epoch_end(fold.index, s)
@@ -153,7 +163,7 @@ def train_fold(cfg: ExperimentConfig, data: LoadedData, fold: Fold, run_dir: Pat
         with _threads(1 if cached else torch.get_num_threads()):
             st = fit(module, opt, loss, inputs.train, inputs.val, cfg.train.epochs, device, fast=fast,
                      sigmoid=sigmoid, patience=cfg.train.early_stop_patience, seed=cfg.train.seed, state=st,
-                     on_epoch_end=save, progress=lambda r: say(
+                     on_epoch_end=save, train_module=train_module, progress=lambda r: say(
                          f"fold {fold.index} epoch {r['epoch']}/{cfg.train.epochs} loss {r['train_loss']:.4f} "
                          f"acc {r['train_acc']:.3f} val_acc {r['val_acc']:.3f}"))
     elif st.best_state is not None:
@@ -239,10 +249,14 @@ def _save_state(path: Path, module: torch.nn.Module, opt, st: FitState) -> None:
 
 
 def _load_state(path: Path, module: torch.nn.Module, opt) -> FitState:
-    if not path.with_suffix(".json").is_file():
+    """The saved fit state, read by rank 0 and sent to the others (their file system may not hold it)."""
+    saved = None
+    if D.is_main() and path.with_suffix(".json").is_file():
+        saved = (json.loads(path.with_suffix(".json").read_text()), load_file(str(path.with_suffix(".safetensors"))))
+    saved = D.broadcast(saved)
+    if saved is None:
         return FitState()
-    info = json.loads(path.with_suffix(".json").read_text())
-    tensors = load_file(str(path.with_suffix(".safetensors")))
+    info, tensors = saved
     module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     unflatten_optimizer(opt, tensors, info["optimizer"])
     best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None

@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from oncotransfer.data.images import normalise
+from oncotransfer.train import distributed as D
 from oncotransfer.train.checkpoint import atomic_save_tensors
 from oncotransfer.train.device import autocast
 
@@ -92,25 +93,31 @@ class FeatureCache:
 
     def get(self, view_key: dict, shas: list[str],
             compute: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
-        """Features for ``shas`` in order; ``compute(missing_positions)`` fills what the cache lacks."""
+        """Features for ``shas`` in order; ``compute(missing_positions)`` fills what the cache lacks.
+
+        Under torchrun rank 0 reads and writes the cache; every rank takes part in ``compute`` (which shards the
+        extraction) and receives the result, so ranks on other machines need no cache of their own."""
         path = self._file(view_key)
+        main = D.is_main()
         have: dict[str, torch.Tensor] = {}
-        if path.is_file():
+        if main and path.is_file():
             with safe_open(str(path), "pt") as f:
                 known = json.loads(f.metadata()["shas"])
                 feats = f.get_tensor("features")
             have = {s: feats[i] for i, s in enumerate(known)}
-        missing = [i for i, s in enumerate(shas) if s not in have]
+        missing = D.broadcast([i for i, s in enumerate(shas) if s not in have] if main else None)
         self.hits += len(shas) - len(missing)
         self.misses += len(missing)
-        if missing:
-            new = compute(missing)
+        new = compute(missing) if missing else None
+        if not main:
+            return D.broadcast(None)
+        if new is not None:
             for j, i in enumerate(missing):
                 have[shas[i]] = new[j]
             keys = list(have)
             atomic_save_tensors({"features": torch.stack([have[k] for k in keys])}, path,
                                 {"shas": json.dumps(keys), "view": json.dumps(view_key, sort_keys=True)})
-        return torch.stack([have[s] for s in shas])
+        return D.broadcast(torch.stack([have[s] for s in shas]))
 
 
 def _digest(obj: dict) -> str:

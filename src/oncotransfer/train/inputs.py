@@ -11,6 +11,7 @@ import torch
 from oncotransfer.config import ExperimentConfig
 from oncotransfer.data.augment import Augmenter, augment_views
 from oncotransfer.data.images import normalise
+from oncotransfer.train.distributed import sharded_map
 from oncotransfer.train.features import FeatureCache
 
 
@@ -57,7 +58,7 @@ def cached_inputs(model, images: torch.Tensor, labels: np.ndarray, shas: list[st
             if view > 0:
                 imgs = augment_views(imgs, [shas[i] for i in missing], aug, cfg.augment.seed, view)
             return cache.extract(model.backbone, imgs, model.spec.mean, model.spec.std, device, fast)
-        return run
+        return lambda missing: sharded_map(run, missing)  # under torchrun each rank extracts 1/N, then gathered
 
     aug_key = cfg.augment.model_dump(exclude={"mode", "copies"})
     feats = [cache.get({"view": 0}, shas, compute(0))]

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from oncotransfer.train import distributed as D
 from oncotransfer.train.device import autocast
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -48,39 +49,45 @@ def _probs(logits: torch.Tensor, sigmoid: bool) -> torch.Tensor:
 
 def train_one_epoch(module: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, loss_fn: Callable,
                     device: torch.device, fast: bool = False, sigmoid: bool = False) -> tuple[float, float]:
+    """One pass over ``batches``. Under torchrun ``module`` is DDP-wrapped and each rank trains on its slice of
+    every global batch, its loss weighted by its share, so the averaged gradient is the global batch's."""
     module.train()
+    world = D.world_size()
     total, correct, loss_sum = 0, 0, 0.0
     for x, y in batches:
-        x, y = x.to(device), y.to(device)
+        n_global = len(y)
+        x, y = D.shard(x).to(device), D.shard(y).to(device)
         with autocast(device, fast):
             logits = module(x)
-        loss = loss_fn(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
         n = len(y)
+        loss = loss_fn(logits, y) if n else logits.sum() * 0.0  # an empty slice still joins the all-reduce
+        optimizer.zero_grad(set_to_none=True)
+        (loss * (n * world / n_global)).backward()
+        optimizer.step()
         total += n
         loss_sum += float(loss.detach()) * n
         correct += int((_probs(logits.detach(), sigmoid).argmax(1) == y).sum())
+    loss_sum, correct, total = D.all_sum(loss_sum, correct, total)
     return loss_sum / max(total, 1), correct / max(total, 1)
 
 
 @torch.inference_mode()
 def evaluate(module: nn.Module, batches: Batches, loss_fn: Callable, device: torch.device, fast: bool = False,
              sigmoid: bool = False) -> tuple[float, float, np.ndarray]:
-    """Mean loss, accuracy and the (N, C) probabilities, in batch order."""
+    """Mean loss, accuracy and the (N, C) probabilities, in batch order (gathered from every rank)."""
     module.eval()
     total, correct, loss_sum, probs = 0, 0, 0.0, []
     for x, y in batches:
-        x, y = x.to(device), y.to(device)
+        x, y = D.shard(x).to(device), D.shard(y).to(device)
         with autocast(device, fast):
             logits = module(x)
         p = _probs(logits, sigmoid)
         n = len(y)
         total += n
-        loss_sum += float(loss_fn(logits, y)) * n
+        loss_sum += float(loss_fn(logits, y)) * n if n else 0.0
         correct += int((p.argmax(1) == y).sum())
-        probs.append(p.cpu())
+        probs.append(D.gather_cat(p.cpu()))
+    loss_sum, correct, total = D.all_sum(loss_sum, correct, total)
     return loss_sum / max(total, 1), correct / max(total, 1), torch.cat(probs).numpy() if probs else np.zeros((0, 0))
 
 
@@ -99,18 +106,20 @@ def fit(module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable,
         train_batches: Callable[[int], Batches], val_batches: Callable[[], Batches], epochs: int,
         device: torch.device, *, fast: bool = False, sigmoid: bool = False, patience: int | None = None,
         seed: int = 0, state: FitState | None = None,
-        on_epoch_end: Callable[[FitState], None] | None = None, progress: Callable[[dict], None] | None = None
-        ) -> FitState:
+        on_epoch_end: Callable[[FitState], None] | None = None, progress: Callable[[dict], None] | None = None,
+        train_module: nn.Module | None = None) -> FitState:
     """Train for ``epochs``, keeping the best validation epoch (highest accuracy, then lowest loss).
 
     Every epoch re-seeds torch from (seed, epoch) so a resumed fit replays exactly what an uninterrupted one does.
+    ``train_module`` (a DDP wrapper of ``module`` under torchrun) is what trains; ``module`` is evaluated and kept.
     """
     st = state or FitState()
     while st.epoch < epochs:
         epoch = st.epoch
         torch.manual_seed(seed * 100003 + epoch)
         t0 = time.perf_counter()
-        tr_loss, tr_acc = train_one_epoch(module, train_batches(epoch), optimizer, loss_fn, device, fast, sigmoid)
+        tr_loss, tr_acc = train_one_epoch(train_module or module, train_batches(epoch), optimizer, loss_fn, device,
+                                          fast, sigmoid)
         va_loss, va_acc, _ = evaluate(module, val_batches(), loss_fn, device, fast, sigmoid)
         row = {"epoch": epoch + 1, "train_loss": tr_loss, "train_acc": tr_acc, "val_loss": va_loss,
                "val_acc": va_acc, "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}

@@ -8,6 +8,7 @@ from pydantic import BaseModel
 
 from oncotransfer.config import ExperimentConfig, StageConfig, save_config, to_dict, validate
 from oncotransfer.errors import ConfigError
+from oncotransfer.train import distributed as D
 from oncotransfer.train.experiment import RunResult, new_run_dir, run_experiment
 
 
@@ -45,9 +46,13 @@ def run_config(cfg: ExperimentConfig | None, resume: Path | None = None,
 
 
 def run_stages(cfg: ExperimentConfig, log: Callable[[str], None] | None = None) -> RunResult:
-    say = log or (lambda s: None)
-    parent = new_run_dir(cfg)
-    save_config(cfg, parent / "config.yaml")
+    main = D.is_main()
+    say = (log if main else None) or (lambda s: None)
+    if main:
+        parent = new_run_dir(cfg)
+        save_config(cfg, parent / "config.yaml")
+    # Under torchrun, ranks on other machines need this path on a shared file system (stage k+1 loads stage k).
+    parent = Path(D.broadcast(str(parent) if main else None))
     results: list[RunResult] = []
     init = None
     for i, stage in enumerate(cfg.stages):
@@ -56,7 +61,8 @@ def run_stages(cfg: ExperimentConfig, log: Callable[[str], None] | None = None) 
         res = run_experiment(sub, parent / f"stage{i + 1}_{stage.name}", log=log)
         results.append(res)
         init = f"run:{res.run_dir}"
-    (parent / "stages.txt").write_text("\n".join(str(r.run_dir.name) for r in results) + "\n")
+    if main:
+        (parent / "stages.txt").write_text("\n".join(str(r.run_dir.name) for r in results) + "\n")
     final = results[-1]
     if cfg.compare_direct:
         say("direct: the last stage straight from the first stage's starting weights")
@@ -65,9 +71,7 @@ def run_stages(cfg: ExperimentConfig, log: Callable[[str], None] | None = None) 
             direct_cfg = direct_cfg.model_copy(update={"model": direct_cfg.model.model_copy(
                 update={"weights": f"run:{cfg.stages[0].init_from}"})})
         direct = run_experiment(direct_cfg, parent / "direct", log=log)
+    if main:
         from oncotransfer.evaluate.multistage import write_multistage_report
-        write_multistage_report(parent, results, direct)
-    else:
-        from oncotransfer.evaluate.multistage import write_multistage_report
-        write_multistage_report(parent, results, None)
+        write_multistage_report(parent, results, direct if cfg.compare_direct else None)
     return RunResult(parent, final.metrics, final.classes)
