@@ -20,7 +20,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,7 +132,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("efficientnet_lite0", "mobilenet_v2"):
             rows += bench_model(name, args.repeats, Path(tmp))
-    print(f"\n| model | engine | 1 image (ms, median) | batch 32 (img/s) | target (ORT <= 10 ms, >= 150 img/s) |")
+    print("\n| model | engine | 1 image (ms, median) | batch 32 (img/s) | target (ORT <= 10 ms, >= 150 img/s) |")
     print("|---|---|---:|---:|---|")
     for name, engine, ms, ips in rows:
         ok = "" if engine != "ONNX Runtime" else ("met" if ms <= 10 and ips >= 150 else "MISSED")

@@ -1,10 +1,7 @@
 """Heads, backbone registry, freezing policies (frozen means frozen) and weight sources."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
