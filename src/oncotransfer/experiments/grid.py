@@ -7,9 +7,11 @@ A grid file::
     grid: {model.backbone: [mobilenet_v2, resnet50v2], train.lr: [0.01, 0.001]}
     trials: 5                              # trial t sets every trial key to base value + t
     trial_keys: [train.seed]               # default: head init and batch order vary, the split stays fixed
+    resources: {cpus: 1, gpus: 0}          # per run, for executors that schedule (ray)
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import time
@@ -22,8 +24,11 @@ import yaml
 from oncotransfer.config import (ExperimentConfig, apply_overrides, read_yaml, resolve_paths, to_dict, validate,
                                  with_updates)
 from oncotransfer.errors import ConfigError
+from oncotransfer.experiments.ray_executor import run_ray
 
-_GRID_KEYS = {"name", "base", "base_config", "grid", "trials", "trial_keys", "output_dir", "run_reports"}
+_GRID_KEYS = {"name", "base", "base_config", "grid", "trials", "trial_keys", "output_dir", "run_reports",
+              "resources"}
+_RESOURCES = {"cpus": 1.0, "gpus": 0.0}
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class GridSpec:
     output_dir: str = "runs"
     run_reports: bool = False
     source: str = "grid"
+    resources: dict[str, float] = field(default_factory=lambda: dict(_RESOURCES))
 
 
 def load_grid(path: str | Path, overrides: list[str] | None = None) -> GridSpec:
@@ -79,11 +85,27 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> GridSpec:
     spec = GridSpec(name=str(raw.get("name") or path.stem), base=base, grid=grid, trials=trials,
                     trial_keys=list(raw.get("trial_keys") or ["train.seed"]),
                     output_dir=str(raw.get("output_dir") or "runs"), run_reports=bool(raw.get("run_reports", False)),
-                    source=str(path))
+                    source=str(path), resources=_resources(raw.get("resources"), path))
     if not Path(spec.output_dir).is_absolute():
         spec.output_dir = str((path.resolve().parent / spec.output_dir).resolve())
     expand(spec)  # validate every cell before any training
     return spec
+
+
+def _resources(raw: Any, path: Path) -> dict[str, float]:
+    """``resources: {cpus: 1, gpus: 0}`` -> non-negative numbers per run; unknown sub-keys fail, naming the key."""
+    if raw is None:
+        return dict(_RESOURCES)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: 'resources' must be a mapping, e.g. resources: {{cpus: 1, gpus: 0}}")
+    out = dict(_RESOURCES)
+    for key, value in raw.items():
+        if key not in _RESOURCES:
+            raise ConfigError(f"{path}: unknown resources key {key!r}; expected some of {sorted(_RESOURCES)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ConfigError(f"{path}: resources.{key} must be a number >= 0 (got {value!r})")
+        out[key] = float(value)
+    return out
 
 
 def _get(cfg: dict, dotted: str) -> Any:
@@ -136,16 +158,29 @@ def _data_key(cfg: ExperimentConfig) -> str:
     return json.dumps([to_dict(cfg.data), size, cfg.split.group_duplicates], sort_keys=True)
 
 
-def run_local(spec: GridSpec, grid_dir: Path, runs: list[GridRun], *, workers: int = 1,
-              on_run_end: Callable[[GridRun, Path], None] | None = None,
-              log: Callable[[str], None] | None = None) -> None:
-    """Runs in turn in this process, sharing one loaded data set per distinct data config; the on-disk feature
-    cache is shared too, so the grid costs one feature pass per backbone. Finished runs are skipped."""
+def run_one(cfg: ExperimentConfig, run_dir: Path, run_reports: bool = False,
+            memo: dict[str, Any] | None = None) -> None:
+    """Train and evaluate one grid run into ``run_dir``: the code every executor runs. ``memo`` maps
+    ``_data_key`` to loaded data, so runs sharing a data config in one process decode the images once."""
     from oncotransfer.evaluate.report import evaluate_run
     from oncotransfer.models.backbones import get_backbone
     from oncotransfer.train.data import load_data
     from oncotransfer.train.experiment import run_experiment
-    if workers != 1:
+    memo = {} if memo is None else memo
+    key = _data_key(cfg)
+    if key not in memo:
+        size = cfg.data.image_size or get_backbone(cfg.model.backbone).input_size
+        memo[key] = load_data(cfg.data, size, cfg.train.num_workers, phash=cfg.split.group_duplicates)
+    run_experiment(cfg, run_dir, data=memo[key], report=False)
+    evaluate_run(run_dir, plots=run_reports)
+
+
+def run_local(spec: GridSpec, grid_dir: Path, runs: list[GridRun], *, workers: int | None = None,
+              on_run_end: Callable[[GridRun, Path], None] | None = None,
+              log: Callable[[str], None] | None = None) -> None:
+    """Runs in turn in this process, sharing one loaded data set per distinct data config; the on-disk feature
+    cache is shared too, so the grid costs one feature pass per backbone. Finished runs are skipped."""
+    if workers not in (None, 1):
         raise ConfigError(f"--workers {workers}: the local executor runs in one process (it shares the loaded "
                           "images and the torch threads); use --workers 1")
     say = log or (lambda s: None)
@@ -155,14 +190,8 @@ def run_local(spec: GridSpec, grid_dir: Path, runs: list[GridRun], *, workers: i
         if (run_dir / "metrics.json").is_file():
             _check_same(run, run_dir)
             continue
-        cfg = run.cfg
-        key = _data_key(cfg)
-        if key not in loaded:
-            size = cfg.data.image_size or get_backbone(cfg.model.backbone).input_size
-            loaded[key] = load_data(cfg.data, size, cfg.train.num_workers, phash=cfg.split.group_duplicates)
         t0 = time.perf_counter()
-        run_experiment(cfg, run_dir, data=loaded[key], report=False)
-        evaluate_run(run_dir, plots=spec.run_reports)
+        run_one(run.cfg, run_dir, spec.run_reports, loaded)
         say(f"[{i + 1}/{len(runs)}] {run.run_id} {run.values} {time.perf_counter() - t0:.1f} s")
         if on_run_end:
             on_run_end(run, run_dir)
@@ -176,29 +205,36 @@ def _check_same(run: GridRun, run_dir: Path) -> None:
                           "Give the grid a new name or output_dir (or delete that folder) and run again")
 
 
-EXECUTORS: dict[str, Callable[..., None]] = {"local": run_local}
+EXECUTORS: dict[str, Callable[..., None]] = {"local": run_local, "ray": run_ray}
 
 
 def grid_dir_for(spec: GridSpec) -> Path:
     return Path(spec.output_dir) / f"grid_{spec.name}"
 
 
-def run_grid(spec: GridSpec, executor: str = "local", *, grid_dir: str | Path | None = None, workers: int = 1,
-             on_run_end: Callable[[GridRun, Path], None] | None = None,
-             log: Callable[[str], None] | None = None):
-    """Run (or resume) every run of the grid, then write results.csv, summaries, figure, tables and report."""
+def run_grid(spec: GridSpec, executor: str = "local", *, grid_dir: str | Path | None = None,
+             workers: int | None = None, on_run_end: Callable[[GridRun, Path], None] | None = None,
+             log: Callable[[str], None] | None = None, **options: Any):
+    """Run (or resume) every run of the grid, then write results.csv, summaries, figure, tables and report.
+    ``options`` (e.g. ``address`` for ray) go to the executor; ``None`` values are dropped."""
     from oncotransfer.experiments.results import write_results
     if executor not in EXECUTORS:
         raise ConfigError(f"--executor {executor!r}: unknown executor; valid: {', '.join(sorted(EXECUTORS))}")
+    options = {k: v for k, v in options.items() if v is not None}
+    accepted = inspect.signature(EXECUTORS[executor]).parameters
+    for key in options:
+        if key not in accepted:
+            raise ConfigError(f"--{key.replace('_', '-')} does not apply to the {executor} executor")
     runs = expand(spec)
     out = Path(grid_dir) if grid_dir else grid_dir_for(spec)
     out.mkdir(parents=True, exist_ok=True)
     resolved = {"name": spec.name, "base": to_dict(spec.base), "grid": spec.grid, "trials": spec.trials,
-                "trial_keys": spec.trial_keys, "output_dir": spec.output_dir, "run_reports": spec.run_reports}
+                "trial_keys": spec.trial_keys, "output_dir": spec.output_dir, "run_reports": spec.run_reports,
+                "resources": spec.resources}
     (out / "grid.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     base_train = spec.base.train
     if base_train.save_every_epoch:  # per-epoch resume state costs as much as a head epoch; a run is the unit
         runs = [GridRun(r.cell, r.trial, r.values, r.cfg.model_copy(update={"train": r.cfg.train.model_copy(
             update={"save_every_epoch": False})})) for r in runs]
-    EXECUTORS[executor](spec, out, runs, workers=workers, on_run_end=on_run_end, log=log)
+    EXECUTORS[executor](spec, out, runs, workers=workers, on_run_end=on_run_end, log=log, **options)
     return write_results(spec, out, runs)
