@@ -55,13 +55,22 @@ def models_list() -> None:
 def train(config: Path = typer.Argument(..., help="YAML config"),
           set_: list[str] = typer.Option([], "--set", help="override a key: --set train.lr=0.001"),
           resume: Optional[Path] = typer.Option(None, help="continue an interrupted run directory"),
+          track: Optional[str] = typer.Option(None, "--track", help="log the run to a tracker: mlflow"),
+          tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="tracking store or server URI "
+                                                     "(default: sqlite:///<output_dir>/mlflow.db)"),
           verbose: bool = typer.Option(False, "--verbose", "-v", help="one line per epoch")) -> None:
     """Train and evaluate; writes a run directory with checkpoint, metrics and report."""
     from oncotransfer.config import load_config
+    from oncotransfer.train import distributed
     from oncotransfer.train.stages import run_config
     cfg = None if resume else load_config(config, set_)
-    result = run_config(cfg, resume=resume, log=_logger(verbose))
-    _print_result(result)
+    _check_track(track, tracking_uri)
+    # Under torchrun (WORLD_SIZE > 1) every process runs this; only rank 0 logs, writes and prints.
+    with distributed.session(cfg.train.device if cfg else "auto"):
+        result = run_config(cfg, resume=resume, log=_logger(verbose))
+        if distributed.is_main():
+            _print_result(result)
+            _track_run(result.run_dir, track, tracking_uri)
 
 
 def _logger(verbose: bool):
@@ -77,6 +86,37 @@ def _print_result(result) -> None:
     ci_s = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
     console.print(f"accuracy: {pooled.get('accuracy', float('nan')):.4f}{ci_s}")
     console.print(f"report: {result.run_dir / 'report.html'}")
+
+
+def _check_track(track: Optional[str], tracking_uri: Optional[str]) -> None:
+    """Unknown tracker, missing extra or unreachable server: fail before any training."""
+    if track:
+        from oncotransfer.experiments.tracking import check_tracker
+        check_tracker(track, tracking_uri)
+
+
+def _track_run(run_dir: Path, track: Optional[str], tracking_uri: Optional[str], **kw) -> None:
+    if track:
+        from oncotransfer.experiments.tracking import default_uri, log_run
+        uri = tracking_uri or default_uri(run_dir)
+        run_id = log_run(run_dir, track, uri, **kw)
+        console.print(f"tracked: {track} run {run_id} in {uri}", highlight=False, soft_wrap=True)
+
+
+def _grid_tracker(spec, track: Optional[str], tracking_uri: Optional[str]):
+    """on_run_end for grids: one tracked run per finished grid run (experiment = grid name); a tracking failure
+    is reported and the grid goes on (the run directory stays on disk)."""
+    if not track:
+        return None
+    uri = tracking_uri or f"sqlite:///{(Path(spec.output_dir).resolve() / 'mlflow.db').as_posix()}"
+
+    def on_run_end(run, run_dir: Path) -> None:
+        try:
+            _track_run(run_dir, track, uri, experiment=spec.name, run_name=run.run_id,
+                       tags={"grid": spec.name, "cell": run.cell, "trial": run.trial})
+        except OncoError as e:
+            err.print(f"warning: {run.run_id} not tracked: {e}", highlight=False, soft_wrap=True)
+    return on_run_end
 
 
 @app.command("evaluate")
@@ -116,15 +156,24 @@ def cells_extract(raw_dir: Path, out_dir: Path,
 
 @app.command("grid")
 def grid(grid_file: Path = typer.Argument(..., help="grid YAML: base/base_config + grid + trials"),
-         executor: str = typer.Option("local", help="how runs are executed (local)"),
-         workers: int = typer.Option(1, help="parallel workers, where the executor supports them"),
+         executor: str = typer.Option("local", help="how runs are executed: local | ray"),
+         address: Optional[str] = typer.Option(None, help="ray: cluster address HEAD:6379 or auto "
+                                               "(default: RAY_ADDRESS, else a local Ray instance)"),
+         workers: Optional[int] = typer.Option(None, help="local: 1; ray: most runs in flight (default: as "
+                                               "the cluster's resources allow)"),
+         track: Optional[str] = typer.Option(None, "--track", help="log each finished run to a tracker: mlflow"),
+         tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="tracking store or server URI "
+                                                    "(default: sqlite:///<output_dir>/mlflow.db)"),
          set_: list[str] = typer.Option([], "--set", help="override a base config key: --set train.epochs=5"),
          verbose: bool = typer.Option(False, "--verbose", "-v", help="one line per run")) -> None:
     """Run every cell × trial of a grid (finished runs are skipped), then summarise and report."""
     from rich.table import Table
     from oncotransfer.experiments.grid import grid_dir_for, load_grid, run_grid
     spec = load_grid(grid_file, set_)
-    summary = run_grid(spec, executor, workers=workers, log=_logger(True) if verbose else None)
+    _check_track(track, tracking_uri)
+    summary = run_grid(spec, executor, workers=workers, log=_logger(True) if verbose else None,
+                       on_run_end=_grid_tracker(spec, track, tracking_uri),
+                       address=address)
     keys = list(spec.grid)
     t = Table("cell", *keys, "accuracy mean ± sd", "95% CI", "n")
     for r in summary.to_dict("records"):
