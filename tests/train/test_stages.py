@@ -26,7 +26,7 @@ def _images(root: Path, classes: list[str], per_class: int, seed: int) -> Path:
     return root
 
 
-def _cfg(tmp_path: Path, compare: bool = False):
+def _cfg(tmp_path: Path, compare: bool = False, size2: int | None = None):
     a = _images(tmp_path / "a", ["x", "y", "z"], 8, 0)
     b = _images(tmp_path / "b", ["benign", "malignant"], 10, 1)
     return validate({
@@ -39,7 +39,7 @@ def _cfg(tmp_path: Path, compare: bool = False):
         "evaluate": {"bootstrap": 0},
         "stages": [
             {"name": "one", "data": {"path": str(a)}, "head": {"kind": "linear"}, "freeze": "last:1"},
-            {"name": "two", "data": {"path": str(b)}, "freeze": "frozen",
+            {"name": "two", "data": {"path": str(b), **({"image_size": size2} if size2 else {})}, "freeze": "frozen",
              "head": {"kind": "mlp", "hidden": [16, 8], "dropout": 0.2, "sigmoid": True},
              "train": {"epochs": 3}, "evaluate": {"positive_classes": ["malignant"]}},
         ]})
@@ -66,6 +66,7 @@ def test_stage_two_carries_stage_one_backbone_and_replaces_head(tmp_path):
     assert m2["config"]["evaluate"] == {"positive_classes": ["malignant"], "bootstrap": 0}
     assert m1["config"]["evaluate"]["positive_classes"] is None
     assert (res.run_dir / "report.html").is_file() and (res.run_dir / "checkpoint" / "meta.json").is_file()
+    assert "64 px" in (res.run_dir / "report.md").read_text() and "⚠" not in (res.run_dir / "report.md").read_text()
 
 
 def test_compare_direct_writes_side_by_side(tmp_path):
@@ -75,6 +76,12 @@ def test_compare_direct_writes_side_by_side(tmp_path):
     _, meta = read_checkpoint(res.run_dir / "direct")
     assert meta["config"]["model"]["weights"] == "efficientnet_lite0_packaged"
     assert "Did the detour help" in (res.run_dir / "report.md").read_text()
+
+
+def test_report_warns_when_a_stage_changes_resolution(tmp_path):
+    res = run_config(_cfg(tmp_path, size2=96))
+    report = (res.run_dir / "report.md").read_text()
+    assert "stage 2 runs at 96 px but stage 1 trained at 64 px" in report
 
 
 def test_checkpoint_of_another_backbone_is_a_clear_error(tmp_path):
