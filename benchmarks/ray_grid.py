@@ -10,8 +10,8 @@ its own grid folder and feature cache: ``oncotransfer grid`` (local executor) an
 --executor ray --address 127.0.0.1:PORT``. It checks that the per-run metrics agree and prints both wall times.
 
 Grid: frozen EfficientNet-Lite0 (packaged ImageNet weights), holdout 90/10 image-level; full: the 720-image
-cell-line set (../shared/data/cell-lines; the demo osteosarcoma tiles when absent), 3 lrs × 30/50 epochs ×
-2 trials = 12 runs; ``--quick``: the demo osteosarcoma tiles, 2 lrs × 10 epochs × 2 trials = 4 runs.
+cell-line set (../shared/data/cell-lines; the demo osteosarcoma tiles when absent), 6 lrs × 30/50/100 epochs ×
+2 trials = 36 runs; ``--quick``: the demo osteosarcoma tiles, 2 lrs × 10 epochs × 2 trials = 4 runs.
 
 On a 2-core machine the two 1-CPU "nodes" compete for the same cores (and share one disk, so the second node
 reads the feature cache the first filled): the speed-up shown is an upper bound of what sharing the cores adds,
@@ -61,7 +61,7 @@ def grid_file(work: Path, name: str, quick: bool) -> Path:
             "train": {"optimizer": "adam", "batch_size": 32, "seed": 0, "cache_dir": str(work / f"cache_{name}")},
             "evaluate": {"bootstrap": 0}}
     grid = {"train.lr": [0.01, 0.001], "train.epochs": [10]} if quick else \
-        {"train.lr": [0.01, 0.001, 0.0001], "train.epochs": [30, 50]}
+        {"train.lr": [0.1, 0.01, 0.005, 0.001, 0.0005, 0.0001], "train.epochs": [30, 50, 100]}
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"name": "raybench", "base": base, "grid": grid, "trials": 2,
                                     "output_dir": str(work / name), "resources": {"cpus": 1, "gpus": 0}}))
