@@ -83,3 +83,31 @@ def test_index_page_is_served_offline(client):
     r = client.get("/")
     assert r.status_code == 200 and "predict?explain=true" in r.text
     assert "http://" not in r.text and "https://" not in r.text  # no CDN: the machine is offline
+
+
+def test_onnx_session_pool_answers_concurrent_requests_like_torch(tiny_run, tmp_path):
+    """With an ONNX export each request takes one of the pooled single-threaded sessions: 8 concurrent
+    requests all succeed, every pooled session is returned, and the answers match the PyTorch engine."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    from oncotransfer.infer.export import export_run
+    from oncotransfer.serve.app import create_app
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    export_run(run, "onnx")
+    images = sorted(demo_path("osteosarcoma").rglob("*.jpg"))[:8]
+    onnx_client = TestClient(create_app(run, engine="onnx"), raise_server_exceptions=False)
+    torch_client = TestClient(create_app(run, engine="torch"), raise_server_exceptions=False)
+
+    def post(c, p):
+        return c.post("/predict", files={"file": (p.name, p.read_bytes(), "image/jpeg")})
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda p: post(onnx_client, p), images))
+    assert [r.status_code for r in got] == [200] * len(images)
+    assert all(r.json()["engine"] == "onnx" for r in got)
+    for p, r in zip(images, got):
+        want = post(torch_client, p).json()["probabilities"]
+        assert r.json()["probabilities"] == pytest.approx(want, abs=1e-4)
+    pool = onnx_client.app.state.engines
+    assert pool is not None and pool.qsize() == pool.maxsize  # every session went back
