@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))  # test helpers (synthetic) importable under --import-mode=importlib
 
 
 @pytest.fixture(scope="session")

@@ -3,38 +3,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-import yaml
-from PIL import Image
 
+from synthetic import TWO, colour_images, tiny_grid
 from oncotransfer.errors import ConfigError
 from oncotransfer.experiments import expand, load_grid, run_grid
 
 
 def make_images(root: Path, per_class: int = 6, size: int = 40) -> Path:
-    rng = np.random.default_rng(1)
-    for c, rgb in {"a": (210, 60, 60), "b": (60, 90, 210)}.items():
-        (root / c).mkdir(parents=True)
-        for i in range(per_class):
-            x = np.tile(np.array(rgb, np.float32), (size, size, 1)) + rng.normal(0, 15, (size, size, 3))
-            Image.fromarray(x.clip(0, 255).astype(np.uint8)).save(root / c / f"{c}{i}.png")
-    return root
+    return colour_images(root, TWO, per_class, size)
 
 
 def write_grid(tmp: Path, grid: dict, trials: int = 2, **extra) -> Path:
-    base = {"name": "g", "data": {"path": str(tmp / "img"), "image_size": 32},
-            "split": {"kind": "holdout", "test_size": 0.25, "val_size": 0.0, "group_by_patient": False,
-                      "group_duplicates": False, "allow_image_level_split": True},
-            "model": {"backbone": "efficientnet_lite0", "weights": "none", "freeze": "frozen"},
-            "train": {"epochs": 2, "batch_size": 4, "seed": 0, "feature_engine": "torch",
-                      "cache_dir": str(tmp / "cache"), "num_workers": 0},
-            "evaluate": {"bootstrap": 0}}
-    path = tmp / "grid.yaml"
-    path.write_text(yaml.safe_dump({"name": "tiny", "base": base, "grid": grid, "trials": trials,
-                                    "output_dir": str(tmp / "out"), **extra}))
-    return path
+    return tiny_grid(tmp, grid, trials, **extra)
 
 
 def test_expansion_counts_and_values(tmp_path: Path) -> None:

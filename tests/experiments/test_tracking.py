@@ -10,11 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
+from synthetic import TWO, colour_images, tiny_grid
 from oncotransfer import cli
 from oncotransfer.errors import ConfigError, MissingExtraError
 from oncotransfer.experiments.tracking import TrackingError, check_tracker, log_run
@@ -199,27 +198,12 @@ def test_train_command_tracks_its_run(tmp_path: Path, monkeypatch, capsys, store
 
 
 def make_images(root: Path, per_class: int = 6, size: int = 40) -> Path:
-    rng = np.random.default_rng(1)
-    for c, rgb in {"a": (210, 60, 60), "b": (60, 90, 210)}.items():
-        (root / c).mkdir(parents=True)
-        for i in range(per_class):
-            x = np.tile(np.array(rgb, np.float32), (size, size, 1)) + rng.normal(0, 15, (size, size, 3))
-            Image.fromarray(x.clip(0, 255).astype(np.uint8)).save(root / c / f"{c}{i}.png")
-    return root
+    return colour_images(root, TWO, per_class, size)
 
 
 def test_grid_command_tracks_each_run(tmp_path: Path, monkeypatch, capsys, store: str) -> None:
     make_images(tmp_path / "img")
-    base = {"name": "g", "data": {"path": str(tmp_path / "img"), "image_size": 32},
-            "split": {"kind": "holdout", "test_size": 0.25, "val_size": 0.0, "group_by_patient": False,
-                      "group_duplicates": False, "allow_image_level_split": True},
-            "model": {"backbone": "efficientnet_lite0", "weights": "none", "freeze": "frozen"},
-            "train": {"epochs": 2, "batch_size": 4, "seed": 0, "feature_engine": "torch",
-                      "cache_dir": str(tmp_path / "cache"), "num_workers": 0},
-            "evaluate": {"bootstrap": 0}}
-    grid = tmp_path / "grid.yaml"
-    grid.write_text(yaml.safe_dump({"name": "tracked", "base": base, "grid": {"train.lr": [0.01, 0.001]},
-                                    "trials": 1, "output_dir": str(tmp_path / "out")}))
+    grid = tiny_grid(tmp_path, {"train.lr": [0.01, 0.001]}, trials=1, name="tracked")
     code, out, err = run_main(monkeypatch, capsys, "grid", str(grid), "--track", "mlflow", "--tracking-uri", store)
     assert code == 0, err
     assert out.count("tracked: mlflow run ") == 2

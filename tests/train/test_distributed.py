@@ -20,27 +20,18 @@ import pytest
 import torch.distributed as dist
 import yaml
 
+from synthetic import THREE, colour_images
 from oncotransfer.config import validate
 from oncotransfer.train.experiment import run_experiment
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                  reason="this torch build has no gloo backend")]
-COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (50, 60, 210)}
 TOL = 1e-5
 
 
 def make_images(root: Path, per_class: int = 9, size: int = 40) -> Path:
-    from PIL import Image
-    rng = np.random.default_rng(1)
-    for c, rgb in COLOURS.items():
-        (root / c).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            a = np.tile(np.array(rgb, np.float32), (size, size, 1))
-            a[:, :: 2 + (i % 3)] *= 0.6
-            a += rng.normal(0, 25, a.shape)
-            Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(root / c / f"{c}_{i}.png")
-    return root
+    return colour_images(root, THREE, per_class, size, noise=25, seed=1, stripes=True, name="{c}_{i}.png")
 
 
 def raw_config(data: Path, tmp: Path, name: str, **train) -> dict:

@@ -7,28 +7,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
+from synthetic import THREE, colour_images
 from oncotransfer.config import validate
 from oncotransfer.models.classifier import create_classifier
 from oncotransfer.config import HeadConfig
 from oncotransfer.train.experiment import run_experiment
 from oncotransfer.train.features import FeatureCache, extract_features
 
-COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (50, 60, 210)}
 
 
 def make_images(root: Path, per_class: int = 8, size: int = 48) -> Path:
     """Distinct colours per class, with a stripe texture and per-image noise so no two images are identical."""
-    rng = np.random.default_rng(0)
-    for c, rgb in COLOURS.items():
-        (root / c).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            a = np.tile(np.array(rgb, np.float32), (size, size, 1))
-            a[:, :: 2 + (i % 3)] *= 0.6
-            a += rng.normal(0, 12, a.shape)
-            Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(root / c / f"{c}_{i}.png")
-    return root
+    return colour_images(root, THREE, per_class, size, noise=12, seed=0, stripes=True, name="{c}_{i}.png")
 
 
 def base_config(data: Path, tmp: Path, **train) -> dict:
