@@ -34,8 +34,8 @@ def make_images(root: Path, per_class: int = 9, size: int = 40) -> Path:
     return colour_images(root, THREE, per_class, size, noise=25, seed=1, stripes=True, name="{c}_{i}.png")
 
 
-def raw_config(data: Path, tmp: Path, name: str, **train) -> dict:
-    # batch 7 over 2 ranks: slices of 4 and 3, and a last batch of 2 (ranks get 1 + 1), so uneven shares count.
+def raw_config(data: Path, tmp: Path, name: str, feature_engine: str = "torch", **train) -> dict:
+    # batch 7 over 2 ranks: slices of 4 and 3, so the weighting of uneven shares is exercised.
     return {"name": name, "data": {"path": str(data), "image_size": 64},
             "split": {"kind": "train-val-test", "test_size": 0.2, "val_size": 0.2, "group_by_patient": False,
                       "group_duplicates": False, "allow_image_level_split": True},
@@ -43,7 +43,7 @@ def raw_config(data: Path, tmp: Path, name: str, **train) -> dict:
                       "head": {"kind": "paper_dense", "hidden": [16]}},
             "augment": {"mode": "offline", "copies": 1, "rotation": 15, "hflip": True},
             "train": {"epochs": 4, "batch_size": 7, "lr": 0.01, "seed": 5, "fast_cpu": False,
-                      "feature_engine": "torch", "cache_dir": str(tmp / f"cache_{name}"), "num_workers": 0,
+                      "feature_engine": feature_engine, "cache_dir": str(tmp / f"cache_{name}"), "num_workers": 0,
                       **train},
             "evaluate": {"bootstrap": 0}, "output_dir": str(tmp / f"runs_{name}")}
 
@@ -83,11 +83,13 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert ma["accuracy"] == mb["accuracy"]
 
 
-@pytest.mark.parametrize("cached", [True, False], ids=["feature-cache", "images-through-model"])
-def test_two_processes_match_one(tmp_path: Path, cached: bool) -> None:
+@pytest.mark.parametrize("cached, engine", [(True, "torch"), (True, "onnx"), (False, "torch")],
+                         ids=["feature-cache", "feature-cache-onnxruntime", "images-through-model"])
+def test_two_processes_match_one(tmp_path: Path, cached: bool, engine: str) -> None:
     data = make_images(tmp_path / "img")
-    one = run_experiment(validate(raw_config(data, tmp_path, "one", feature_cache=cached)), report=True).run_dir
-    (tmp_path / "two.yaml").write_text(yaml.safe_dump(raw_config(data, tmp_path, "two", feature_cache=cached)))
+    kw = {"feature_cache": cached, "feature_engine": engine}
+    one = run_experiment(validate(raw_config(data, tmp_path, "one", **kw)), report=True).run_dir
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(raw_config(data, tmp_path, "two", **kw)))
     proc = torchrun(["train", str(tmp_path / "two.yaml")], tmp_path)
     two = only_run(tmp_path / "runs_two")
     assert proc.stdout.count("accuracy:") == 1  # only rank 0 prints

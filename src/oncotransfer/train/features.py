@@ -85,7 +85,9 @@ class FeatureCache:
             if not path.is_file():
                 export_onnx(backbone.cpu().eval(), path, int(images.shape[-1]))
                 backbone.to(device)
-            self._session = ort_session(path)
+            # Under torchrun the ranks of one machine share its cores (torchrun sets OMP_NUM_THREADS=1 likewise).
+            per_rank = max(1, (os.cpu_count() or 1) // D.world_size()) if D.world_size() > 1 else None
+            self._session = ort_session(path, threads=per_rank)
         return extract_features_onnx(self._session, images, mean, std)
 
     def _file(self, view_key: dict) -> Path:
