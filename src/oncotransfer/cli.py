@@ -108,7 +108,8 @@ def _grid_tracker(spec, track: Optional[str], tracking_uri: Optional[str]):
     is reported and the grid goes on (the run directory stays on disk)."""
     if not track:
         return None
-    uri = tracking_uri or f"sqlite:///{(Path(spec.output_dir).resolve() / 'mlflow.db').as_posix()}"
+    from oncotransfer.experiments.tracking import store_in
+    uri = tracking_uri or store_in(spec.output_dir)
 
     def on_run_end(run, run_dir: Path) -> None:
         try:

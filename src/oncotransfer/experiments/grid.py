@@ -185,16 +185,26 @@ def run_local(spec: GridSpec, grid_dir: Path, runs: list[GridRun], *, workers: i
                           "images and the torch threads); use --workers 1")
     say = log or (lambda s: None)
     loaded: dict[str, Any] = {}
-    for i, run in enumerate(runs):
+    todo = pending_runs(grid_dir, runs)
+    for done, run in enumerate(todo, start=len(runs) - len(todo) + 1):
+        run_dir = grid_dir / "runs" / run.run_id
+        t0 = time.perf_counter()
+        run_one(run.cfg, run_dir, spec.run_reports, loaded)
+        say(f"[{done}/{len(runs)}] {run.run_id} {run.values} {time.perf_counter() - t0:.1f} s")
+        if on_run_end:
+            on_run_end(run, run_dir)
+
+
+def pending_runs(grid_dir: Path, runs: list[GridRun]) -> list[GridRun]:
+    """The runs still to do: a run with a metrics.json is finished (and must come from the same config)."""
+    todo = []
+    for run in runs:
         run_dir = grid_dir / "runs" / run.run_id
         if (run_dir / "metrics.json").is_file():
             _check_same(run, run_dir)
-            continue
-        t0 = time.perf_counter()
-        run_one(run.cfg, run_dir, spec.run_reports, loaded)
-        say(f"[{i + 1}/{len(runs)}] {run.run_id} {run.values} {time.perf_counter() - t0:.1f} s")
-        if on_run_end:
-            on_run_end(run, run_dir)
+        else:
+            todo.append(run)
+    return todo
 
 
 def _check_same(run: GridRun, run_dir: Path) -> None:

@@ -98,16 +98,10 @@ def run_ray(spec: GridSpec, grid_dir: Path, runs: list[GridRun], *, workers: int
     """Pending runs as Ray tasks on the cluster at ``address`` (None: RAY_ADDRESS, a cluster started on this
     machine, else a new local instance; "auto" allowed). ``workers`` caps the runs in flight (default: as many
     as the cluster's resources hold). Results are written as they finish; finished runs are skipped."""
-    from oncotransfer.experiments.grid import _check_same
+    from oncotransfer.experiments.grid import pending_runs
     ray = _import_ray()
     say = log or (lambda s: None)
-    pending = []
-    for run in runs:
-        run_dir = grid_dir / "runs" / run.run_id
-        if (run_dir / "metrics.json").is_file():
-            _check_same(run, run_dir)
-        else:
-            pending.append(run)
+    pending = pending_runs(grid_dir, runs)
     if not pending:
         return
     if workers is not None and workers < 1:

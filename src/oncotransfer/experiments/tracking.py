@@ -57,7 +57,12 @@ def check_tracker(tracker: str, tracking_uri: str | None = None) -> None:
 
 def default_uri(run_dir: str | Path) -> str:
     """``sqlite:///`` store in the folder that holds the run directory (``runs/mlflow.db``)."""
-    return "sqlite:///" + (Path(run_dir).resolve().parent / "mlflow.db").as_posix()
+    return store_in(Path(run_dir).resolve().parent)
+
+
+def store_in(folder: str | Path) -> str:
+    """The ``sqlite:///`` URI of ``folder/mlflow.db``."""
+    return "sqlite:///" + (Path(folder).resolve() / "mlflow.db").as_posix()
 
 
 def log_run(run_dir: str | Path, tracker: str = "mlflow", tracking_uri: str | None = None,
