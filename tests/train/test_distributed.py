@@ -122,3 +122,21 @@ def test_resume_a_two_process_run(tmp_path: Path) -> None:
     shutil.rmtree(two / "checkpoint")
     torchrun(["train", "unused.yaml", "--resume", str(two)], tmp_path)
     assert_same_run(one, two)
+
+
+def test_world_size_without_rendezvous_is_a_clear_error(tmp_path: Path, monkeypatch, capsys) -> None:
+    """WORLD_SIZE > 1 set by hand (not by torchrun) fails at once with one line naming what is missing."""
+    from oncotransfer import cli
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    data = make_images(tmp_path / "img")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw_config(data, tmp_path, "bad")))
+    monkeypatch.setattr(sys, "argv", ["oncotransfer", "train", str(tmp_path / "c.yaml")])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: WORLD_SIZE > 1 but RANK, MASTER_ADDR, MASTER_PORT not set" in err and "torchrun" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "runs_bad").exists()  # nothing trained, nothing written
