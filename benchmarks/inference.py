@@ -137,6 +137,13 @@ def main() -> None:
     for name, engine, ms, ips in rows:
         ok = "" if engine != "ONNX Runtime" else ("met" if ms <= 10 and ips >= 150 else "MISSED")
         print(f"| {name} | {engine} | {ms:.1f} | {ips:.0f} | {ok} |")
+    from roofline import print_feasibility
+    measured = {}
+    for name, engine, ms, ips in rows:
+        if engine == "ONNX Runtime":
+            measured[(name, "ORT inference, batch 32 (issue 5)")] = ips
+            measured[(name, "ORT inference, one image (issue 5)")] = ms
+    print_feasibility(measured, only="issue 5")
     run = args.run or _newest_run()
     engine, rps, errs, secs = bench_service(run, args.requests)
     print(f"\n| service ({run.name}, engine {engine}) | requests | clients | seconds | req/s | errors | target |")
