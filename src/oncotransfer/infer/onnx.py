@@ -46,8 +46,8 @@ def ort_session(path: str | Path, threads: int | None = None):
                                 "or set train.feature_engine: torch") from None
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    opts.intra_op_num_threads = threads or cores
+    from oncotransfer.train.device import usable_cores
+    opts.intra_op_num_threads = threads or usable_cores()
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import copy
 import logging
-import os
 import queue
 import threading
 from pathlib import Path
@@ -124,7 +123,8 @@ def _engine_pool(predictor) -> "queue.Queue | None":
         return None
     from oncotransfer.infer.onnx import ort_session
     from oncotransfer.infer.predict import ONNX_NAME
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from oncotransfer.train.device import usable_cores
+    cores = usable_cores()
     pool: queue.Queue = queue.Queue(maxsize=max(1, cores))
     for _ in range(max(1, cores)):
         worker = copy.copy(predictor)
