@@ -160,8 +160,9 @@ def grid(grid_file: Path = typer.Argument(..., help="grid YAML: base/base_config
          executor: str = typer.Option("local", help="how runs are executed: local | ray"),
          address: Optional[str] = typer.Option(None, help="ray: cluster address HEAD:6379 or auto "
                                                "(default: RAY_ADDRESS, else a local Ray instance)"),
-         workers: Optional[int] = typer.Option(None, help="local: 1; ray: most runs in flight (default: as "
-                                               "the cluster's resources allow)"),
+         workers: Optional[int] = typer.Option(None, help="runs at once. local default: one per core when "
+                                               "every run trains a head on cached features, else 1; ray "
+                                               "default: as the cluster's resources allow"),
          track: Optional[str] = typer.Option(None, "--track", help="log each finished run to a tracker: mlflow"),
          tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="tracking store or server URI "
                                                     "(default: sqlite:///<output_dir>/mlflow.db)"),

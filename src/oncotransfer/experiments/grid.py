@@ -14,7 +14,6 @@ from __future__ import annotations
 import inspect
 import itertools
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +23,7 @@ import yaml
 from oncotransfer.config import (ExperimentConfig, apply_overrides, read_yaml, resolve_paths, to_dict, validate,
                                  with_updates)
 from oncotransfer.errors import ConfigError
+from oncotransfer.experiments.local_executor import run_local
 from oncotransfer.experiments.ray_executor import run_ray
 
 _GRID_KEYS = {"name", "base", "base_config", "grid", "trials", "trial_keys", "output_dir", "run_reports",
@@ -173,26 +173,6 @@ def run_one(cfg: ExperimentConfig, run_dir: Path, run_reports: bool = False,
         memo[key] = load_data(cfg.data, size, cfg.train.num_workers, phash=cfg.split.group_duplicates)
     run_experiment(cfg, run_dir, data=memo[key], report=False)
     evaluate_run(run_dir, plots=run_reports)
-
-
-def run_local(spec: GridSpec, grid_dir: Path, runs: list[GridRun], *, workers: int | None = None,
-              on_run_end: Callable[[GridRun, Path], None] | None = None,
-              log: Callable[[str], None] | None = None) -> None:
-    """Runs in turn in this process, sharing one loaded data set per distinct data config; the on-disk feature
-    cache is shared too, so the grid costs one feature pass per backbone. Finished runs are skipped."""
-    if workers not in (None, 1):
-        raise ConfigError(f"--workers {workers}: the local executor runs in one process (it shares the loaded "
-                          "images and the torch threads); use --workers 1")
-    say = log or (lambda s: None)
-    loaded: dict[str, Any] = {}
-    todo = pending_runs(grid_dir, runs)
-    for done, run in enumerate(todo, start=len(runs) - len(todo) + 1):
-        run_dir = grid_dir / "runs" / run.run_id
-        t0 = time.perf_counter()
-        run_one(run.cfg, run_dir, spec.run_reports, loaded)
-        say(f"[{done}/{len(runs)}] {run.run_id} {run.values} {time.perf_counter() - t0:.1f} s")
-        if on_run_end:
-            on_run_end(run, run_dir)
 
 
 def pending_runs(grid_dir: Path, runs: list[GridRun]) -> list[GridRun]:

@@ -9,18 +9,17 @@ feature cache of the node it ran on is filled once rather than by every task at 
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import shutil
 import tempfile
 import time
-from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from oncotransfer.errors import ConfigError, MissingExtraError, OncoError
+from oncotransfer.experiments.schedule import LeadersFirst
 
 if TYPE_CHECKING:
     from oncotransfer.config import ExperimentConfig
@@ -74,15 +73,6 @@ def write_run_files(run_dir: Path, files: dict[str, bytes]) -> None:
     os.replace(tmp, run_dir)
 
 
-def _cache_group(cfg: ExperimentConfig) -> str | None:
-    """Runs sharing frozen features share a cache file; None where the run does not use the cache."""
-    from oncotransfer.experiments.grid import _data_key
-    if cfg.model.freeze != "frozen" or not cfg.train.feature_cache:
-        return None
-    return json.dumps([_data_key(cfg), cfg.model.backbone, str(cfg.model.weights), str(cfg.train.cache_dir),
-                       cfg.train.feature_engine])
-
-
 def _check_fits(ray, resources: dict[str, float]) -> None:
     """A task no node can hold would wait forever: fail up front instead."""
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
@@ -116,26 +106,16 @@ def run_ray(spec: GridSpec, grid_dir: Path, runs: list[GridRun], *, workers: int
     res = spec.resources
     task = ray.remote(_task).options(num_cpus=res["cpus"], num_gpus=res["gpus"])
     token = os.urandom(8).hex()
-    ready: deque = deque()
-    held: dict[str, list] = {}  # cache group -> runs waiting for the group's first run
-    for run in pending:
-        group = _cache_group(run.cfg)
-        if group is None or group not in held:
-            ready.append(run)
-            if group is not None:
-                held[group] = []
-        else:
-            held[group].append(run)
-    leaders = {id(r) for r in ready}
+    order = LeadersFirst(pending)
     inflight: dict[Any, GridRun] = {}
     done = len(runs) - len(pending)
     try:
         _check_fits(ray, res)
         say(f"ray: {len(pending)} run(s) to do, {res['cpus']:g} CPU / {res['gpus']:g} GPU each, cluster "
             f"{ray.cluster_resources().get('CPU', 0):g} CPU on {sum(n['Alive'] for n in ray.nodes())} node(s)")
-        while ready or inflight:
-            while ready and (workers is None or len(inflight) < workers):
-                run = ready.popleft()
+        while order.ready or inflight:
+            while order.ready and (workers is None or len(inflight) < workers):
+                run = order.ready.popleft()
                 inflight[task.remote(run.cfg, run.run_id, spec.run_reports, token, res["cpus"])] = run
             [ref], _ = ray.wait(list(inflight), num_returns=1)
             run = inflight.pop(ref)
@@ -148,8 +128,7 @@ def run_ray(spec: GridSpec, grid_dir: Path, runs: list[GridRun], *, workers: int
             write_run_files(run_dir, files)
             done += 1
             say(f"[{done}/{len(runs)}] {run.run_id} {run.values} {seconds:.1f} s on {node}")
-            if id(run) in leaders:
-                ready.extend(held.pop(_cache_group(run.cfg), []))
+            order.finished(run)
             if on_run_end:
                 on_run_end(run, run_dir)
     finally:
