@@ -129,3 +129,22 @@ def test_console_script_error_is_one_line(tmp_path):
                        env=env, timeout=120)
     assert p.returncode == 2
     assert_one_line_error(p.returncode, p.stderr, "does not exist")
+
+
+@pytest.mark.parametrize("args, run_dir, needle", [
+    (["train", "c.yaml"], Path("runs/x"), "oncotransfer train CONFIG --resume runs/x"),
+    (["train", "c.yaml"], None, "--resume RUN_DIR"),
+    (["grid", "g.yaml", "--workers", "1"], Path("runs/g/run-1"), "run the same `oncotransfer grid GRID.yaml` again"),
+    (["predict", "r", "a.png"], None, "interrupted"),
+])
+def test_ctrl_c_names_how_to_continue_the_interrupted_command(args, run_dir, needle, monkeypatch, capsys):
+    def interrupt():
+        e = KeyboardInterrupt()
+        if run_dir:
+            e.run_dir = run_dir   # what run_experiment attaches when a run is cut short
+        raise e
+    monkeypatch.setattr(cli, "app", interrupt)
+    code, _, err = run_main(monkeypatch, capsys, *args)
+    assert code == 130
+    assert needle in err and "Traceback" not in err
+    assert ("--resume" in err) == (args[0] == "train")

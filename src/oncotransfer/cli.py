@@ -240,9 +240,20 @@ def main() -> None:
     except OncoError as e:
         err.print(f"error: {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("interrupted; continue with `oncotransfer train CONFIG --resume RUN_DIR`")
+    except KeyboardInterrupt as e:
+        err.print(interrupted_hint(sys.argv[1:], getattr(e, "run_dir", None)), highlight=False, soft_wrap=True)
         sys.exit(130)
+
+
+def interrupted_hint(args: list[str], run_dir: Optional[Path] = None) -> str:
+    """What to type to continue after Ctrl-C, for the command that was interrupted."""
+    command = next((a for a in args if not a.startswith("-")), "")
+    if command == "grid":
+        return ("interrupted; finished runs are kept: run the same `oncotransfer grid GRID.yaml` again "
+                "to continue with the rest")
+    if command == "train":
+        return f"interrupted; continue with `oncotransfer train CONFIG --resume {run_dir or 'RUN_DIR'}`"
+    return "interrupted"
 
 
 if __name__ == "__main__":

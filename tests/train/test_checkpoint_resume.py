@@ -65,9 +65,10 @@ class Interrupt:
 def interrupted_equals_uninterrupted(tmp_path: Path, cfg) -> None:
     full = run_experiment(cfg, tmp_path / "full")
     stop = Interrupt(0, 2)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as interrupted:
         run_experiment(cfg, tmp_path / "cut", on_epoch_end=stop)
     assert stop.seen[-1] == (0, 2)
+    assert interrupted.value.run_dir == tmp_path / "cut"   # the CLI prints it in its --resume hint
     assert not (tmp_path / "cut" / "metrics.json").exists()
     resumed = run_experiment(run_dir=tmp_path / "cut", resume=True)
     h1, m1, p1 = comparable(full.run_dir)

@@ -87,15 +87,19 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
     aug = Augmenter(cfg.augment)
     histories, preds, best_epochs, modes, fold0 = [], [], {}, set(), None
     warnings = list(data.warnings) + list(split.warnings)
-    for fold in split.folds:
-        model, st, mode = train_fold(cfg, data, fold, run_dir, device, aug, on_epoch_end, say)
-        modes.add(mode)
-        best_epochs[str(fold.index)] = st.best_epoch
-        histories.append(pd.DataFrame(st.history).assign(fold=fold.index))
-        preds.append(_fold_predictions(model, data, fold, cfg, device))
-        if fold.index == 0:
-            fold0 = model
-            warnings += list(model.weights.warnings if model.weights else [])
+    try:
+        for fold in split.folds:
+            model, st, mode = train_fold(cfg, data, fold, run_dir, device, aug, on_epoch_end, say)
+            modes.add(mode)
+            best_epochs[str(fold.index)] = st.best_epoch
+            histories.append(pd.DataFrame(st.history).assign(fold=fold.index))
+            preds.append(_fold_predictions(model, data, fold, cfg, device))
+            if fold.index == 0:
+                fold0 = model
+                warnings += list(model.weights.warnings if model.weights else [])
+    except KeyboardInterrupt as e:
+        e.run_dir = run_dir  # so the CLI can name the directory that --resume continues
+        raise
     if not main:
         return RunResult(run_dir, {}, m.classes)
     history = pd.concat(histories)[["fold", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]]
