@@ -124,6 +124,22 @@ def test_multistage_parent_nests_one_run_per_stage(tmp_path: Path, store: str) -
     assert children["stage2_b"].data.metrics["pooled.accuracy"] == pytest.approx(0.2)
     assert client.get_run(parent_id).data.metrics["pooled.accuracy"] == pytest.approx(0.2)  # the final stage
     assert len(runs) == 4
+    assert log_run(parent, tracking_uri=store) == parent_id          # logging it again adds nothing
+    assert len(client.search_runs([exp.experiment_id])) == 4
+
+
+def test_logging_a_run_twice_is_one_mlflow_run(tmp_path: Path, store: str) -> None:
+    run = fake_run(tmp_path / "it's run", folds=1, name="twice")       # a quote in the path, on purpose
+    first = log_run(run, tracking_uri=store)
+    assert log_run(run, tracking_uri=store) == first
+    client = MlflowClient(tracking_uri=store)
+    exp = client.get_experiment_by_name("twice")
+    assert [r.info.run_id for r in client.search_runs([exp.experiment_id])] == [first]
+    other = log_run(run, tracking_uri=store, experiment="elsewhere")    # another experiment is another record
+    assert other != first
+    client.set_terminated(first, "FAILED")                              # a failed upload does not count
+    again = log_run(run, tracking_uri=store)
+    assert again not in (first, other)
 
 
 def test_default_store_sits_next_to_the_run_dirs(tmp_path: Path, monkeypatch) -> None:

@@ -68,7 +68,10 @@ def store_in(folder: str | Path) -> str:
 def log_run(run_dir: str | Path, tracker: str = "mlflow", tracking_uri: str | None = None,
             experiment: str | None = None, tags: dict[str, Any] | None = None, log_checkpoint: bool = False,
             run_name: str | None = None) -> str:
-    """Log a finished run directory (or a multistage parent with one nested run per stage); return the run id."""
+    """Log a finished run directory (or a multistage parent with one nested run per stage); return the run id.
+
+    Logging the same directory again into the same experiment returns the earlier run's id and logs nothing,
+    so a run tracked right after training and again later is one MLflow run, not two."""
     check_tracker(tracker)
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
@@ -78,6 +81,9 @@ def log_run(run_dir: str | Path, tracker: str = "mlflow", tracking_uri: str | No
     with _mlflow_errors(uri):
         client = _client(uri)
         exp_id = _experiment(client, experiment or str(cfg.get("name") or run.name), uri)
+        earlier = _logged_before(client, exp_id, run)
+        if earlier:
+            return earlier
         base_tags = {"oncotransfer.run_dir": str(run.resolve()), **{k: str(v) for k, v in (tags or {}).items()}}
         parent_id = _log_one(client, exp_id, run, run_name or run.name, base_tags, log_checkpoint)
         if (run / "stages.txt").is_file():
@@ -86,6 +92,18 @@ def log_run(run_dir: str | Path, tracker: str = "mlflow", tracking_uri: str | No
                 _log_one(client, exp_id, child, child.name, {**base_tags, "oncotransfer.run_dir": str(child.resolve()),
                                                              "mlflow.parentRunId": parent_id}, log_checkpoint)
     return parent_id
+
+
+def _logged_before(client, exp_id: str, run: Path) -> str | None:
+    """The id of a FINISHED top-level run of ``exp_id`` already logged from ``run``, if any."""
+    path = str(run.resolve())
+    quote = "'" if "'" not in path else '"'
+    if quote in path:  # both quote characters: MLflow's filter grammar cannot say it; log again
+        return None
+    found = client.search_runs([exp_id], f"tags.`oncotransfer.run_dir` = {quote}{path}{quote} "
+                                         "and attributes.status = 'FINISHED'", max_results=10)
+    top = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
+    return top[0].info.run_id if top else None
 
 
 def _log_one(client, exp_id: str, run: Path, name: str, tags: dict[str, str], log_checkpoint: bool) -> str:
