@@ -61,11 +61,15 @@ def run_local(spec: GridSpec, grid_dir: Path, runs: list[GridRun], *, workers: i
             on_run_end(run, run_dir)
 
 
-def _work(cfg: ExperimentConfig, work_dir: str, run_reports: bool, threads: int) -> float:
-    """One run in a worker process; returns its seconds."""
+def _work(cfg: ExperimentConfig, work_dir: str, run_reports: bool, threads: int, cwd: str,
+          env: dict[str, str]) -> float:
+    """One run in a worker process, in the parent's working folder and environment; returns its seconds."""
     import torch
 
     from oncotransfer.experiments.grid import run_one
+    os.chdir(cwd)  # the fork server started earlier and may sit elsewhere, with older variables
+    os.environ.clear()
+    os.environ.update(env)
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     run_one(cfg, Path(work_dir), run_reports, _MEMO)
@@ -83,8 +87,11 @@ def _run_pool(spec: GridSpec, grid_dir: Path, runs: list[GridRun], todo: list[Gr
     inflight: dict[str, GridRun] = {}
     done = len(runs) - len(todo)
     say(f"local: {len(todo)} run(s) to do in {workers} worker processes")
-    # spawn, not fork: forking a process whose torch thread pools are running can hang the child
-    pool = multiprocessing.get_context("spawn").Pool(workers)
+    # forkserver, not fork: forking a process whose torch thread pools run can hang the child. The server
+    # imports the training code once and lives as long as this process, so later pools start at once.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["oncotransfer.experiments.grid", "oncotransfer.train.experiment"])
+    pool = ctx.Pool(workers)
     try:
         while order.ready or inflight:
             while order.ready and len(inflight) < workers:
@@ -92,7 +99,8 @@ def _run_pool(spec: GridSpec, grid_dir: Path, runs: list[GridRun], todo: list[Gr
                 # a leader fills a feature cache while its group waits: give it the cores the waiting would idle
                 threads = cores if order.is_leader(run) and len(inflight) == 0 else max(1, cores // workers)
                 inflight[run.run_id] = run
-                pool.apply_async(_work, (run.cfg, str(partial / run.run_id), spec.run_reports, threads),
+                pool.apply_async(_work, (run.cfg, str(partial / run.run_id), spec.run_reports, threads,
+                                         os.getcwd(), dict(os.environ)),
                                  callback=lambda s, r=run: finished.put((r, s, None)),
                                  error_callback=lambda e, r=run: finished.put((r, 0.0, e)))
             run, seconds, error = finished.get()
