@@ -47,6 +47,9 @@ class ModelConfig(_Strict):
     weights: str = "imagenet"
     head: HeadConfig = Field(default_factory=HeadConfig)
     freeze: str = "frozen"
+    """frozen | finetune | last:N (the last N coarse groups train) | from:STAGE (e.g. from:blocks.6)."""
+    pool_stages: int = Field(default=1, ge=1, le=8)
+    """Frozen base: concatenate the pooled outputs of the last k stages (1 = the backbone's own features)."""
 
     @field_validator("freeze")
     @classmethod
@@ -55,7 +58,15 @@ class ModelConfig(_Strict):
             return v
         if v.startswith("last:") and v[5:].isdigit() and int(v[5:]) > 0:
             return v
-        raise ValueError("expected 'frozen', 'finetune' or 'last:N' with N > 0")
+        if v.startswith("from:") and len(v) > 5:
+            return v
+        raise ValueError("expected 'frozen', 'finetune', 'last:N' with N > 0 or 'from:STAGE' (e.g. from:blocks.6)")
+
+    @model_validator(mode="after")
+    def _pool(self) -> "ModelConfig":
+        if self.pool_stages > 1 and self.freeze != "frozen":
+            raise ValueError("model.pool_stages > 1 needs model.freeze: frozen (pooled stages of a frozen base)")
+        return self
 
 
 class AugmentConfig(_Strict):
@@ -96,6 +107,11 @@ class TrainConfig(_Strict):
     feature_cache: bool = True
     """Frozen base: compute backbone features once per image (and per augmented view)."""
     cache_dir: str | None = None
+    tail_cache: bool = True
+    """freeze last:N / from:STAGE: compute the frozen prefix's activations once per image and view (fp16, on
+    disk) and train only the tail on them; false recomputes the prefix every epoch."""
+    cache_memory_mb: int = Field(default=2048, ge=0)
+    """Cached activations up to this size are held in memory; larger sets are read from disk per batch."""
     feature_engine: Literal["auto", "torch", "onnx"] = "auto"
     """Frozen-base feature extraction. auto: ONNX Runtime on CPU when it imports (fp32, several times faster than
     eager PyTorch on AVX2 CPUs, features within 1e-5), PyTorch otherwise (GPUs are fast already)."""

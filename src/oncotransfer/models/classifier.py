@@ -11,6 +11,7 @@ from oncotransfer.config import HeadConfig
 from oncotransfer.errors import ConfigError
 from oncotransfer.models.backbones import BackboneSpec, get_backbone, with_normalisation
 from oncotransfer.models.heads import Head, create_head
+from oncotransfer.models.tail import Chain, PooledStages, TailModel, check_prefix_frozen, cut_index, stage_chain
 from oncotransfer.models.weights import WeightsInfo, build_backbone
 
 
@@ -18,7 +19,7 @@ class Classifier(nn.Module):
     """``backbone`` maps images to pooled features; ``head`` maps features to logits."""
 
     def __init__(self, backbone: nn.Module, head: Head, spec: BackboneSpec, image_size: int,
-                 weights: WeightsInfo | None = None, freeze: str = "finetune"):
+                 weights: WeightsInfo | None = None, freeze: str = "finetune", pool_stages: int = 1):
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -26,15 +27,37 @@ class Classifier(nn.Module):
         self.image_size = image_size
         self.weights = weights
         self.freeze = freeze
+        self.pool_stages = pool_stages
         self._eval_modules: list[nn.Module] = []
+        # Not a registered submodule: it shares the backbone's modules, and the state dict keeps its keys.
+        self._aux: dict[str, nn.Module] = {}
+        if pool_stages > 1:
+            self._aux["pooled"] = PooledStages(stage_chain(backbone), pool_stages)
         apply_freeze(self, freeze)
 
     @property
     def num_features(self) -> int:
-        return int(self.backbone.num_features)
+        return feature_width(self.backbone, self.pool_stages)
+
+    def feature_module(self) -> nn.Module:
+        """Images -> the features the head reads: the backbone's pooled output, or several stages pooled."""
+        return self._aux.get("pooled", self.backbone)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        return self.head(self.feature_module()(x))
+
+    def tail_split(self) -> tuple[Chain, TailModel, str]:
+        """(frozen prefix, tail + head, name of the first tail stage) for training on cached prefix outputs."""
+        if self.pool_stages > 1:
+            raise ConfigError("model.pool_stages > 1 works with a frozen base only; set model.freeze: frozen "
+                              "or model.pool_stages: 1")
+        chain = stage_chain(self.backbone)
+        cut = cut_index(chain)
+        check_prefix_frozen(chain, cut)
+        tail = Chain(chain[cut:])
+        kept = {id(m) for m in tail.modules()}
+        return Chain(chain[:cut]), TailModel(tail, self.head, [m for m in self._eval_modules if id(m) in kept]), \
+            chain[cut][0] if cut < len(chain) else "head"
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         return self.head.probabilities(self(x))
@@ -50,13 +73,36 @@ class Classifier(nn.Module):
         return self.spec.preprocessing(self.image_size)
 
 
+def feature_width(backbone: nn.Module, pool_stages: int = 1) -> int:
+    if pool_stages <= 1:
+        return int(backbone.num_features)
+    from oncotransfer.models.tail import pooled_width
+    return pooled_width(stage_chain(backbone), pool_stages)
+
+
 def _block_groups(backbone: nn.Module) -> list[list[str]]:
     groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
     return [list(v) for v in groups.values()]
 
 
+def _stage_label(param: str) -> str:
+    """``blocks.6.0.conv_pw.weight`` -> ``blocks.6``; ``conv_head.weight`` -> ``conv_head``."""
+    parts = param.split(".")
+    return ".".join(parts[:2]) if parts[0] in ("blocks", "stages", "layers") else parts[0]
+
+
+def _first_group(groups: list[list[str]], stage: str, model_name: str) -> int:
+    """Index of the coarse group holding ``stage`` (e.g. ``blocks.6`` or ``conv_head``)."""
+    for i, names in enumerate(groups):
+        if any(n == stage or n.startswith(stage + ".") for n in names):
+            return i
+    labels = [_stage_label(g[0]) for g in groups]
+    raise ConfigError(f"model.freeze: from:{stage}: {model_name} has no stage {stage!r}; give one of {labels}")
+
+
 def apply_freeze(model: Classifier, policy: str) -> None:
-    """frozen: no backbone gradients, backbone in eval mode; finetune: all; last:N: the last N blocks train."""
+    """frozen: no backbone gradients, backbone in eval mode; finetune: all; last:N: the last N coarse groups
+    train; from:STAGE: the group holding STAGE (e.g. ``blocks.6``) and every later one train."""
     for p in model.parameters():
         p.requires_grad_(True)
     model._eval_modules = []
@@ -66,12 +112,15 @@ def apply_freeze(model: Classifier, policy: str) -> None:
         for p in model.backbone.parameters():
             p.requires_grad_(False)
         model._eval_modules = [model.backbone]
-    elif policy.startswith("last:"):
-        n = int(policy[5:])
+    elif policy.startswith(("last:", "from:")):
         groups = _block_groups(model.backbone)
-        if n > len(groups):
-            raise ConfigError(f"model.freeze: last:{n} asks for more blocks than {model.spec.name} has "
-                              f"({len(groups)}); use last:1 .. last:{len(groups)} or finetune")
+        if policy.startswith("last:"):
+            n = int(policy[5:])
+            if n > len(groups):
+                raise ConfigError(f"model.freeze: last:{n} asks for more blocks than {model.spec.name} has "
+                                  f"({len(groups)}); use last:1 .. last:{len(groups)} or finetune")
+        else:
+            n = len(groups) - _first_group(groups, policy[5:], model.spec.name)
         trainable = {name for g in groups[-n:] for name in g}
         for name, p in model.backbone.named_parameters():
             p.requires_grad_(name in trainable)
@@ -79,7 +128,7 @@ def apply_freeze(model: Classifier, policy: str) -> None:
                                if isinstance(m, nn.modules.batchnorm._BatchNorm)
                                and not any(p.requires_grad for p in m.parameters(recurse=False))]
     else:
-        raise ConfigError(f"model.freeze: unknown policy {policy!r}; expected frozen, finetune or last:N")
+        raise ConfigError(f"model.freeze: unknown policy {policy!r}; expected frozen, finetune, last:N or from:STAGE")
     model.train(model.training)
 
 
@@ -94,10 +143,10 @@ class ClassifierSpec:
 
 
 def create_classifier(backbone: str, weights: str, head: HeadConfig, num_classes: int,
-                      freeze: str = "frozen", image_size: int | None = None) -> Classifier:
+                      freeze: str = "frozen", image_size: int | None = None, pool_stages: int = 1) -> Classifier:
     """Build a classifier; the normalisation comes from the weights, not from a hard-coded ImageNet mean."""
     spec = get_backbone(backbone)
     net, info = build_backbone(spec, weights)
     spec = with_normalisation(spec, info.mean, info.std)
-    head_module = create_head(head, int(net.num_features), num_classes)
-    return Classifier(net, head_module, spec, image_size or spec.input_size, info, freeze)
+    head_module = create_head(head, feature_width(net, pool_stages), num_classes)
+    return Classifier(net, head_module, spec, image_size or spec.input_size, info, freeze, pool_stages)

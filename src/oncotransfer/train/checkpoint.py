@@ -72,11 +72,14 @@ def load_classifier(run_dir: str | Path):
     state, meta = read_checkpoint(run_dir)
     pre = meta["preprocessing"]
     spec = with_normalisation(get_backbone(meta["backbone"]["name"]), pre["mean"], pre["std"])
+    from oncotransfer.models.classifier import feature_width
     backbone, _ = build_backbone(spec, "none")
-    head = create_head(HeadConfig(**meta["head"]), int(backbone.num_features), len(meta["classes"]))
+    pool = int(((meta.get("config") or {}).get("model") or {}).get("pool_stages") or 1)
+    head = create_head(HeadConfig(**meta["head"]), feature_width(backbone, pool), len(meta["classes"]))
     w = meta.get("weights") or {}
     info = WeightsInfo(w.get("source", "checkpoint"), w.get("digest", ""), tuple(pre["mean"]), tuple(pre["std"]))
-    model = Classifier(backbone, head, spec, int(pre["size"]), info, freeze=meta.get("freeze", "frozen"))
+    model = Classifier(backbone, head, spec, int(pre["size"]), info, freeze=meta.get("freeze", "frozen"),
+                       pool_stages=pool)
     model.load_state_dict(state, strict=True)
     return model.eval(), meta
 

@@ -19,7 +19,7 @@ from oncotransfer.data.augment import Augmenter, describe
 from oncotransfer.data.splits import Fold, make_split
 from oncotransfer.errors import CheckpointError
 from oncotransfer.models.backbones import get_backbone, with_normalisation
-from oncotransfer.models.classifier import Classifier, create_classifier
+from oncotransfer.models.classifier import Classifier, create_classifier, feature_width
 from oncotransfer.models.heads import create_head
 from oncotransfer.models.weights import build_backbone
 from oncotransfer.train import distributed as D
@@ -28,7 +28,9 @@ from oncotransfer.train.checkpoint import (atomic_save_tensors, checkpoint_meta,
 from oncotransfer.train.data import LoadedData, load_data
 from oncotransfer.train.device import pick_device, precision_label, prepare
 from oncotransfer.train.features import FeatureCache, resolve_engine
+from oncotransfer.train.activations import ActivationCache
 from oncotransfer.train.inputs import cached_inputs, image_inputs
+from oncotransfer.train.tail_inputs import tail_inputs
 from oncotransfer.train.loop import FitState, evaluate, fit, make_loss, make_optimizer
 
 
@@ -140,11 +142,17 @@ def train_fold(cfg: ExperimentConfig, data: LoadedData, fold: Fold, run_dir: Pat
     cached = cfg.model.freeze == "frozen" and cfg.train.feature_cache
     if cached:
         engine = resolve_engine(cfg.train.feature_engine, device)
-        key = {"timm": model.spec.timm_name, "weights": model.weights.digest, "pre": model.preprocessing(),
-               "precision": "fp32 onnxruntime" if engine == "onnx" else precision_label(device, cfg.train.fast_cpu)}
         inputs = cached_inputs(model, data.images, m.labels, m.sha256, fold, cfg,
-                               FeatureCache(cfg.train.cache_dir, key, engine), device, aug)
+                               FeatureCache(cfg.train.cache_dir, _cache_key(model, cfg, engine, device), engine),
+                               device, aug)
         module, fast = model.head, False
+    elif uses_tail_cache(cfg):
+        prefix, module, cut = model.tail_split()
+        engine = resolve_engine(cfg.train.feature_engine, device)
+        cache = ActivationCache(cfg.train.cache_dir, {**_cache_key(model, cfg, engine, device), "cut": cut}, engine)
+        inputs = tail_inputs(prefix, model.spec.mean, model.spec.std, data.images, m.labels, m.sha256, fold, cfg,
+                             cache, device, aug, cut)
+        fast = cfg.train.fast_cpu
     else:
         inputs = image_inputs(model, data.images, m.labels, m.sha256, fold, cfg, device, aug)
         module, fast = model, cfg.train.fast_cpu
@@ -173,7 +181,23 @@ def train_fold(cfg: ExperimentConfig, data: LoadedData, fold: Fold, run_dir: Pat
     elif st.best_state is not None:
         module.load_state_dict(st.best_state, strict=False)
     model._inputs = inputs
+    model._aux["trained"] = module  # a plain dict entry: registering the model as its own child would loop
     return model, st, inputs.mode
+
+
+def uses_tail_cache(cfg: ExperimentConfig) -> bool:
+    """A prefix-frozen base trains its tail on cached activations (one process: under torchrun every rank
+    recomputes the prefix, since the activation files are not shared between machines)."""
+    return (cfg.model.freeze.startswith(("last:", "from:")) and cfg.train.tail_cache and cfg.train.feature_cache
+            and D.world_size() == 1)
+
+
+def _cache_key(model: Classifier, cfg: ExperimentConfig, engine: str, device: torch.device) -> dict:
+    key = {"timm": model.spec.timm_name, "weights": model.weights.digest, "pre": model.preprocessing(),
+           "precision": "fp32 onnxruntime" if engine == "onnx" else precision_label(device, cfg.train.fast_cpu)}
+    if model.pool_stages > 1:  # only then, so existing caches keep their keys
+        key["pool_stages"] = model.pool_stages
+    return key
 
 
 _FROZEN: dict[tuple, tuple] = {}
@@ -186,7 +210,8 @@ def _classifier(cfg: ExperimentConfig, n_classes: int):
     state that building it left gives the head exactly the initialisation a fresh build would."""
     mc = cfg.model
     if mc.freeze != "frozen":
-        return create_classifier(mc.backbone, mc.weights, mc.head, n_classes, mc.freeze, cfg.data.image_size)
+        return create_classifier(mc.backbone, mc.weights, mc.head, n_classes, mc.freeze, cfg.data.image_size,
+                                 mc.pool_stages)
     key = (mc.backbone, mc.weights, cfg.train.seed, _stamp(mc.weights))
     if key in _FROZEN:
         net, info, rng = _FROZEN[key]
@@ -197,8 +222,8 @@ def _classifier(cfg: ExperimentConfig, n_classes: int):
             _FROZEN.pop(next(iter(_FROZEN)))
         _FROZEN[key] = (net, info, torch.get_rng_state())
     spec = with_normalisation(get_backbone(mc.backbone), info.mean, info.std)
-    head = create_head(mc.head, int(net.num_features), n_classes)
-    return Classifier(net, head, spec, cfg.data.image_size or spec.input_size, info, mc.freeze)
+    head = create_head(mc.head, feature_width(net, mc.pool_stages), n_classes)
+    return Classifier(net, head, spec, cfg.data.image_size or spec.input_size, info, mc.freeze, mc.pool_stages)
 
 
 def _stamp(weights: str) -> int | None:
@@ -227,9 +252,8 @@ def _finished(st: FitState, cfg: ExperimentConfig) -> bool:
 
 def _fold_predictions(model, data: LoadedData, fold: Fold, cfg: ExperimentConfig, device) -> pd.DataFrame:
     m = data.manifest
-    inputs = model._inputs
-    module = model.head if cfg.model.freeze == "frozen" and cfg.train.feature_cache else model
-    fast = module is model and cfg.train.fast_cpu
+    inputs, module = model._inputs, model._aux["trained"]
+    fast = module is not model.head and cfg.train.fast_cpu
     loss = make_loss(cfg.model.head.sigmoid)
     _, _, probs = evaluate(module, inputs.test(), loss, device, fast, cfg.model.head.sigmoid)
     df = pd.DataFrame({"fold": fold.index, "path": [m.relpath(i) for i in fold.test],

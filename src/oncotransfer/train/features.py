@@ -31,7 +31,7 @@ def extract_features(backbone: torch.nn.Module, images: torch.Tensor, mean: tupl
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, fast):
             out.append(backbone(x).float().cpu())
-    return torch.cat(out) if out else torch.zeros((0, int(backbone.num_features)))
+    return torch.cat(out) if out else torch.zeros((0, 0))
 
 
 def resolve_engine(engine: str, device: torch.device) -> str:

@@ -57,7 +57,7 @@ def cached_inputs(model, images: torch.Tensor, labels: np.ndarray, shas: list[st
             imgs = images[missing]
             if view > 0:
                 imgs = augment_views(imgs, [shas[i] for i in missing], aug, cfg.augment.seed, view)
-            return cache.extract(model.backbone, imgs, model.spec.mean, model.spec.std, device, fast)
+            return cache.extract(model.feature_module(), imgs, model.spec.mean, model.spec.std, device, fast)
         return lambda missing: sharded_map(run, missing)  # under torchrun each rank extracts 1/N, then gathered
 
     aug_key = cfg.augment.model_dump(exclude={"mode", "copies"})

@@ -1,0 +1,140 @@
+"""A timm backbone as a chain of stages: cut it into a frozen prefix and a trainable tail, or pool several stages.
+
+Tail fine-tuning on cached activations needs the backbone's forward pass to be ``prefix(x)`` then ``tail(a)``.
+Most timm CNNs (EfficientNet/MobileNet, ResNet, ResNetV2, Xception, Inception-ResNet) run their top-level
+children in registration order, with the block stages in one ``nn.Sequential``; ``stage_chain`` unrolls that
+and checks on a real forward pass that the chain reproduces the backbone, so an unsupported model is an error
+rather than silently wrong activations.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from oncotransfer.errors import ConfigError
+
+_STAGE_CONTAINERS = ("blocks", "stages", "layers")
+_HEADS = ("classifier", "fc", "head_drop", "classif", "last_linear")
+
+
+def stage_chain(backbone: nn.Module, check_size: int = 64) -> list[tuple[str, nn.Module]]:
+    """(name, module) in forward order; block stages unrolled (``blocks.0`` ... ``blocks.6``), pooling last."""
+    chain: list[tuple[str, nn.Module]] = []
+    for name, child in backbone.named_children():
+        if name in _HEADS:
+            continue
+        if name in _STAGE_CONTAINERS and isinstance(child, nn.Sequential):
+            chain += [(f"{name}.{i}", stage) for i, stage in child.named_children()]
+        else:
+            chain.append((name, child))
+    _check_chain(backbone, chain, check_size)
+    return chain
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode for a probe pass, then every submodule's own mode back (frozen BatchNorm stays in eval)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, t in modes:
+            m.training = t
+
+
+def _check_chain(backbone: nn.Module, chain: list[tuple[str, nn.Module]], size: int) -> None:
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with eval_mode(backbone):
+        try:
+            ref = backbone(x)
+            out = x
+            for _, m in chain:
+                out = m(out)
+            same = out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5, rtol=1e-4)
+        except Exception:  # noqa: BLE001 - any failure means the chain is not this model's forward pass
+            same = False
+    if not same:
+        raise ConfigError(f"{type(backbone).__name__}: its forward pass is not a plain chain of stages, so it "
+                          "cannot be cut into a cached prefix and a tail (or pooled over stages); use "
+                          "train.feature_cache: false, model.pool_stages: 1, or another backbone")
+
+
+def cut_index(chain: list[tuple[str, nn.Module]]) -> int:
+    """Position of the first chain element holding a trainable parameter (len(chain) when none does)."""
+    for i, (_, m) in enumerate(chain):
+        if any(p.requires_grad for p in m.parameters()):
+            return i
+    return len(chain)
+
+
+def check_prefix_frozen(chain: list[tuple[str, nn.Module]], cut: int) -> None:
+    """Caching the activations at ``cut`` is exact only if nothing before it trains."""
+    for name, m in chain[:cut]:
+        if any(p.requires_grad for p in m.parameters()):
+            raise ConfigError(f"model.freeze: {name} trains but sits before the cut; the frozen part must be a "
+                              "prefix of the backbone (use last:N or from:STAGE)")
+
+
+class Chain(nn.Sequential):
+    """Part of a backbone's chain, sharing (not copying) its modules."""
+
+    def __init__(self, modules: list[tuple[str, nn.Module]]):
+        super().__init__()
+        for name, m in modules:
+            self.add_module(name.replace(".", "_"), m)
+
+
+class TailModel(nn.Module):
+    """Cached prefix activations -> logits: the backbone's tail, then the head. Modules are the classifier's own,
+    so training this trains the classifier. Frozen BatchNorm layers inside the tail stay in eval mode."""
+
+    def __init__(self, tail: Chain, head: nn.Module, eval_modules: list[nn.Module]):
+        super().__init__()
+        self.tail = tail
+        self.head = head
+        self._eval = eval_modules
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.head(self.tail(a))
+
+    def train(self, mode: bool = True) -> "TailModel":
+        super().train(mode)
+        for m in self._eval:
+            m.eval()
+        return self
+
+
+class PooledStages(nn.Module):
+    """Images -> the global-average-pooled outputs of the last ``k`` stages, concatenated (last stage first).
+
+    The last stage is the backbone's own pooled feature vector (after its head convolution); earlier ones are
+    the block stages before it, pooled the same way. Shares the backbone's modules."""
+
+    def __init__(self, chain: list[tuple[str, nn.Module]], k: int):
+        super().__init__()
+        blocks = [i for i, (name, _) in enumerate(chain) if name.split(".")[0] in _STAGE_CONTAINERS]
+        if k - 1 > len(blocks):
+            raise ConfigError(f"model.pool_stages: {k} asks for more stages than the backbone has "
+                              f"({len(blocks) + 1}); use 1 .. {len(blocks) + 1}")
+        self.chain = Chain(chain)
+        self.taps = sorted(blocks[len(blocks) - (k - 1):]) if k > 1 else []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = []
+        for i, m in enumerate(self.chain):
+            x = m(x)
+            if i in self.taps:
+                pooled.append(x.float().mean(dim=(2, 3)))
+        return torch.cat([x.float().flatten(1)] + pooled[::-1], dim=1)
+
+
+def pooled_width(chain: list[tuple[str, nn.Module]], k: int, size: int = 64) -> int:
+    """Feature width of ``PooledStages(chain, k)``, measured on one small forward pass."""
+    m = PooledStages(chain, k)
+    with eval_mode(m):
+        return int(m(torch.zeros(1, 3, size, size)).shape[1])

@@ -1,0 +1,177 @@
+"""Cached activations at a cut inside a backbone, so only the tail (and head) trains each epoch.
+
+When the frozen part of a backbone is a prefix (``freeze: last:N`` or ``from:STAGE``), its output for an image
+never changes during training. It is computed once per image and per offline augmented view, stored as fp16
+``.npy`` files (memory-mapped) keyed like the feature cache plus the cut point, and the tail trains on it.
+A data set whose activations exceed ``train.cache_memory_mb`` is read batch by batch from disk instead of
+being loaded, so memory stays bounded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from oncotransfer.data.images import normalise
+from oncotransfer.train.features import _digest, default_cache_dir
+
+
+@torch.inference_mode()
+def extract_activations(prefix: torch.nn.Module, images: torch.Tensor, mean: tuple, std: tuple,
+                        device: torch.device, fast: bool, batch_size: int = 64) -> np.ndarray:
+    """uint8 images (N, 3, H, W) -> fp16 prefix outputs (N, C, h, w), with PyTorch. ``prefix`` in eval mode."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = normalise(images[start:start + batch_size], mean, std).to(device)
+        if fast and device.type in ("cpu", "cuda"):
+            x = x.contiguous(memory_format=torch.channels_last)
+        out.append(prefix(x).float().cpu().contiguous().numpy().astype(np.float16))
+    return np.concatenate(out) if out else np.zeros((0,), np.float16)
+
+
+def extract_activations_onnx(session, images: torch.Tensor, mean: tuple, std: tuple,
+                             batch_size: int = 32) -> np.ndarray:
+    from oncotransfer.infer.onnx import run_session
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = normalise(images[start:start + batch_size], mean, std).numpy()
+        out.append(run_session(session, x, batch_size).astype(np.float16))
+    return np.concatenate(out) if out else np.zeros((0,), np.float16)
+
+
+class ActivationCache:
+    """One fp16 ``.npy`` per (model key + cut, view key), rows addressed by image content hash.
+
+    ``<view>.json`` names the ``.npy`` that holds its rows; a new version of the rows gets a new file name and
+    the JSON is replaced last, so a reader never pairs an index with a half-written array.
+    """
+
+    def __init__(self, root: str | Path | None, model_key: dict, engine: str = "torch"):
+        self.root = Path(root) if root else default_cache_dir()
+        self.key = _digest({**model_key, "kind": "activations-fp16"})
+        self.engine = engine
+        self.hits = 0
+        self.misses = 0
+        self._session = None
+
+    def extract(self, prefix: torch.nn.Module, images: torch.Tensor, mean: tuple, std: tuple,
+                device: torch.device, fast: bool) -> np.ndarray:
+        if self.engine != "onnx":
+            return extract_activations(prefix, images, mean, std, device, fast)
+        if self._session is None:
+            from oncotransfer.infer.onnx import export_onnx, ort_session
+            path = self.root / self.key / f"prefix_{images.shape[-1]}.onnx"
+            if not path.is_file():
+                export_onnx(prefix.cpu().eval(), path, int(images.shape[-1]))
+                prefix.to(device)
+            self._session = ort_session(path)
+        return extract_activations_onnx(self._session, images, mean, std)
+
+    def _index_file(self, view_key: dict) -> Path:
+        return self.root / self.key / f"{_digest(view_key)}.json"
+
+    def _read(self, view_key: dict) -> tuple[list[str], np.ndarray | None]:
+        index = self._index_file(view_key)
+        if not index.is_file():
+            return [], None
+        try:
+            info = json.loads(index.read_text())
+            arr = np.load(index.parent / info["file"], mmap_mode="r")
+            if arr.shape[0] != len(info["shas"]):
+                raise ValueError("row count differs from the index")
+        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+            return [], None  # a damaged entry is recomputed, not trusted
+        return info["shas"], arr
+
+    def get(self, view_key: dict, shas: list[str], compute: Callable[[list[int]], np.ndarray],
+            chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """(memory-mapped array of rows, row of each of ``shas``). Missing rows are computed ``chunk`` images at
+        a time straight into the new file, so extraction memory does not grow with the data set."""
+        known, arr = self._read(view_key)
+        row = {s: i for i, s in enumerate(known)}
+        missing = [i for i, s in enumerate(shas) if s not in row]
+        self.hits += len(shas) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            arr = self._write(view_key, known, arr, [shas[i] for i in missing],
+                              (compute(missing[s:s + chunk]) for s in range(0, len(missing), chunk)))
+            known = known + [shas[i] for i in missing]
+            row = {s: i for i, s in enumerate(known)}
+        return arr, np.array([row[s] for s in shas], dtype=np.int64)
+
+    def _write(self, view_key: dict, known: list[str], old_arr: np.ndarray | None, added: list[str],
+               chunks) -> np.ndarray:
+        index = self._index_file(view_key)
+        index.parent.mkdir(parents=True, exist_ok=True)
+        old_name = None
+        if index.is_file():
+            try:
+                old_name = json.loads(index.read_text()).get("file")
+            except (OSError, json.JSONDecodeError):
+                old_name = None
+        first = next(chunks)
+        n_old = 0 if old_arr is None else len(old_arr)
+        shape = (n_old + len(added), *first.shape[1:])
+        fd, tmp = tempfile.mkstemp(dir=index.parent, prefix=f".{index.stem}.", suffix=".npy")
+        os.close(fd)
+        try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+            for s in range(0, n_old, 4096):
+                out[s:s + 4096] = old_arr[s:s + 4096]
+            at = n_old
+            for part in (first, *chunks):
+                out[at:at + len(part)] = part
+                at += len(part)
+            out.flush()
+            del out
+            name = f"{index.stem}.{shape[0]}.{os.getpid()}.npy"
+            os.replace(tmp, index.parent / name)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        fd, tmp = tempfile.mkstemp(dir=index.parent, prefix=f".{index.stem}.", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"file": name, "shas": known + added, "view": view_key, "shape": list(shape)}, f)
+        os.replace(tmp, index)
+        if old_name and old_name != name:
+            (index.parent / old_name).unlink(missing_ok=True)
+        return np.load(index.parent / name, mmap_mode="r")
+
+
+class ActivationBank:
+    """Rows of several views (view 0 = original, 1..K = augmented copies), gathered per batch as float32.
+
+    In memory (fp16) when all views fit ``budget_bytes``; otherwise every batch is read from the memory-mapped
+    files, so a large data set streams from disk instead of failing."""
+
+    def __init__(self, views: list[tuple[np.ndarray, np.ndarray]], budget_bytes: int):
+        need = sum(len(rows) * int(np.prod(arr.shape[1:])) * 2 for arr, rows in views)
+        self.streaming = need > budget_bytes
+        if self.streaming:
+            self._views = views
+        else:
+            self._views = [(np.ascontiguousarray(arr[np.sort(np.unique(rows))]), _reindex(rows)) for arr, rows in views]
+        self.nbytes = need
+
+    def gather(self, view: np.ndarray, pos: np.ndarray) -> torch.Tensor:
+        """Rows for (view, position-in-data-set) pairs, in the order given."""
+        first = self._views[0][0]
+        out = np.empty((len(pos), *first.shape[1:]), dtype=np.float16)
+        for v in np.unique(view):
+            sel = np.nonzero(view == v)[0]
+            arr, rows = self._views[int(v)]
+            want = rows[pos[sel]]
+            order = np.argsort(want, kind="stable")  # sorted reads are kinder to a memory-mapped file
+            out[sel[order]] = arr[want[order]]
+        return torch.from_numpy(out).float()
+
+
+def _reindex(rows: np.ndarray) -> np.ndarray:
+    """Rows into a compacted copy that holds only ``np.unique(rows)``, in sorted order."""
+    uniq = np.sort(np.unique(rows))
+    return np.searchsorted(uniq, rows)
