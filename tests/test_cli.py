@@ -105,6 +105,8 @@ def _train_on(data: Path, tmp_path: Path, monkeypatch, capsys):
     ("train:\n  lr: -1\n", ["train.lr"]),
     ("train:\n  epochs: many\n", ["train.epochs"]),
     ("model:\n  freeze: partly\n", ["model.freeze"]),
+    ("train:\n  schedule: onecycle\n  epochs: 10\n", ["train.warmup_epochs must be > 0", "warmup_epochs=3"]),
+    ("train:\n  schedule: cosine\n  warmup_epochs: 30\n", ["train.warmup_epochs (30)", "train.epochs (30)"]),
 ])
 def test_bad_configs(yaml_text, needles, in_tmp, monkeypatch, capsys):
     cfg = in_tmp / "bad.yaml"

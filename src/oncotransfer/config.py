@@ -99,6 +99,19 @@ class TrainConfig(_Strict):
     optimizer: Literal["adam", "adamw", "adagrad", "sgd"] = "adam"
     lr: float = Field(default=1e-3, gt=0, le=10)
     weight_decay: float = Field(default=0.0, ge=0)
+    schedule: Literal["constant", "cosine", "onecycle", "plateau"] = "constant"
+    """Learning-rate schedule (train/schedule.py): cosine and onecycle step per batch, plateau per epoch."""
+    warmup_epochs: float = Field(default=0.0, ge=0)
+    """cosine/onecycle: linear warm-up to lr over this many epochs (may be fractional); below train.epochs."""
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
+    """cosine: the lr at the last batch, as a fraction of lr."""
+    plateau_patience: int = Field(default=3, ge=0)
+    """plateau: lr × plateau_factor once more than this many epochs in a row fail to lower the validation loss."""
+    plateau_factor: float = Field(default=0.5, gt=0, lt=1)
+    backbone_lr_mult: float = Field(default=1.0, gt=0, le=1)
+    """Discriminative lr: trainable backbone parameters get lr × this, the head gets lr."""
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    """Softmax: CrossEntropyLoss(label_smoothing); one-logit sigmoid: targets y(1-eps) + eps/2."""
     epochs: int = Field(default=30, ge=1, le=10000)
     batch_size: int = Field(default=32, ge=1, le=4096)
     early_stop_patience: int | None = Field(default=None, ge=1)
@@ -153,9 +166,41 @@ class ExperimentConfig(_Strict):
     compare_direct: bool = False
     output_dir: str = "runs"
 
+    @model_validator(mode="after")
+    def _train_combinations(self) -> "ExperimentConfig":
+        problem = train_problem(self.train)
+        for stage in self.stages:
+            if problem is None and stage.train is not None:  # a stage's train keys lie over the top level's
+                merged = self.train.model_copy(update={k: getattr(stage.train, k)
+                                                       for k in stage.train.model_fields_set})
+                problem = train_problem(merged, f"stage {stage.name!r}: ")
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+def train_problem(t: TrainConfig, where: str = "") -> str | None:
+    """The first contradictory combination of train keys, as one line naming the key; ``None`` if there is none.
+
+    Checked on the whole config rather than on TrainConfig itself: a stage's train section sets only some keys
+    and takes the others (epochs, say) from the top level."""
+    if t.warmup_epochs >= t.epochs:
+        return f"{where}train.warmup_epochs ({t.warmup_epochs:g}) must be less than train.epochs ({t.epochs})"
+    if t.warmup_epochs > 0 and t.schedule not in ("cosine", "onecycle"):
+        return (f"{where}train.warmup_epochs applies to train.schedule cosine or onecycle, not {t.schedule!r}; "
+                "set train.warmup_epochs=0 or choose one of those schedules")
+    if t.schedule == "onecycle" and t.warmup_epochs == 0:
+        return (f"{where}train.warmup_epochs must be > 0 with train.schedule onecycle (its rising phase), "
+                f"e.g. train.warmup_epochs={0.3 * t.epochs:g}")
+    if t.min_lr_ratio > 0 and t.schedule != "cosine":
+        return f"{where}train.min_lr_ratio applies to train.schedule cosine only, not {t.schedule!r}"
+    return None
+
 
 def _format_validation(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
+    if not first["loc"] and first["type"] == "value_error":  # a whole-config check: its message names the keys
+        return f"{source}: {first['msg'].removeprefix('Value error, ')}"
     key = ".".join(str(p) for p in first["loc"]) or "(top level)"
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key {key!r}; check its spelling against the documented config keys"

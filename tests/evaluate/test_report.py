@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from oncotransfer.errors import CheckpointError, DataError
-from oncotransfer.evaluate.report import evaluate_run, write_comparison
+from oncotransfer.evaluate.report import evaluate_run, schedule_line, write_comparison
 
 CLASSES = ["Non-Tumor", "Non-Viable-Tumor", "Viable"]
 NT, NVT, V = CLASSES
@@ -85,6 +85,7 @@ def test_report_md_flags_image_level_split(tmp_path):
     assert "few images per patient <check>" in md
     assert "efficientnet_lite0_packaged" in md and "bf16+channels_last" in md and "2 min 05 s" in md
     assert "backbone: efficientnet_lite0" in md  # the config section
+    assert "- **LR schedule**: constant lr 0.001\n" in md  # a config without schedule keys: the defaults
     assert "![Training history](plots/history.png)" in md
 
 
@@ -162,3 +163,16 @@ def test_write_comparison_side_by_side(tmp_path):
         assert (run / "plots" / f"{name}.png").is_file()
     html = out.read_text()
     assert html.count("data:image/png;base64,") == 3 and "plots/" not in html
+
+
+def test_schedule_line_names_the_schedule_and_its_keys():
+    cos = {"lr": 0.01, "schedule": "cosine", "warmup_epochs": 1.5, "min_lr_ratio": 0.05,
+           "backbone_lr_mult": 0.1, "label_smoothing": 0.1}
+    assert schedule_line(cos) == ("cosine from lr 0.01 to 0.05 × lr at the last batch, linear warm-up over "
+                                  "1.5 epoch(s); backbone lr × 0.1; label smoothing 0.1")
+    assert "backbone" not in schedule_line(cos, frozen=True)      # a frozen backbone has no lr to scale
+    assert schedule_line({"lr": 0.01, "schedule": "onecycle", "warmup_epochs": 3}).startswith(
+        "one-cycle: from lr / 25 rising linearly to lr 0.01 over 3 epoch(s)")
+    assert "× 0.5 once more than 2 epoch(s)" in schedule_line({"lr": 0.01, "schedule": "plateau",
+                                                              "plateau_patience": 2})
+    assert schedule_line({}) == "not recorded"

@@ -13,6 +13,7 @@ from oncotransfer.data.images import normalise
 from oncotransfer.train.checkpoint import load_classifier
 from oncotransfer.train.data import load_data
 from oncotransfer.train.experiment import run_experiment
+from oncotransfer.train.schedule import lr_factor
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,7 +63,8 @@ class Interrupt:
             raise KeyboardInterrupt
 
 
-def interrupted_equals_uninterrupted(tmp_path: Path, cfg) -> None:
+def interrupted_equals_uninterrupted(tmp_path: Path, cfg) -> pd.DataFrame:
+    """Returns the uninterrupted run's history (every epoch of every fold, ``seconds`` dropped)."""
     full = run_experiment(cfg, tmp_path / "full")
     stop = Interrupt(0, 2)
     with pytest.raises(KeyboardInterrupt) as interrupted:
@@ -78,6 +80,7 @@ def interrupted_equals_uninterrupted(tmp_path: Path, cfg) -> None:
     pd.testing.assert_frame_equal(p1, p2)
     assert _strip_times(m1) == _strip_times(m2)
     assert full.accuracy == resumed.accuracy
+    return h1
 
 
 def test_checkpoint_round_trip_identical_probabilities(tmp_path):
@@ -110,3 +113,50 @@ def test_resume_finetune_without_cache(tmp_path):
     cfg = config(tmp_path, model__freeze="finetune", train__feature_cache=False, data__image_size=32,
                  train__epochs=3, train__lr=0.0005, augment__mode="online")
     interrupted_equals_uninterrupted(tmp_path, cfg)
+
+
+def _steps_per_epoch(run_dir: Path, fold: int = 0) -> int:
+    return json.loads((run_dir / "state" / f"fold{fold}.json").read_text())["schedule"]["steps_per_epoch"]
+
+
+@pytest.mark.parametrize("schedule", [
+    dict(train__schedule="cosine", train__warmup_epochs=1.5, train__min_lr_ratio=0.1, train__label_smoothing=0.1),
+    dict(train__schedule="onecycle", train__warmup_epochs=2, train__lr=0.01)])
+def test_resume_with_a_per_batch_schedule(tmp_path, schedule):
+    cfg = config(tmp_path, **schedule)
+    hist = interrupted_equals_uninterrupted(tmp_path, cfg)
+    # the history's lr is the schedule's at each epoch's first batch: a pure function of the step count
+    t, spe = cfg.train, _steps_per_epoch(tmp_path / "full")
+    want = [t.lr * lr_factor(t.schedule, e * spe, t.warmup_epochs * spe, t.epochs * spe, t.min_lr_ratio)
+            for e in range(t.epochs)]
+    assert hist.query("fold == 0")["lr"].tolist() == pytest.approx(want, rel=1e-12)
+    assert len(set(want)) == t.epochs
+
+
+def test_resume_with_plateau(tmp_path):
+    # at this lr, fold 0's epoch 3 (the first after the cut) is worse than epoch 2's best loss: a resume that
+    # lost the plateau's state (best = inf again) would not halve the lr there
+    cfg = config(tmp_path, train__schedule="plateau", train__plateau_patience=0, train__lr=0.01)
+    hist = interrupted_equals_uninterrupted(tmp_path, cfg)
+    for _, h in hist.groupby("fold"):
+        # torch's rule, replayed on the validation losses: patience 0 halves after any epoch that does not
+        # improve the best loss by 1e-4 relative
+        lr, best, want = cfg.train.lr, float("inf"), []
+        for loss in h["val_loss"]:
+            want.append(lr)
+            if loss < best * (1 - 1e-4):
+                best = loss
+            else:
+                lr *= 0.5
+        assert h["lr"].tolist() == pytest.approx(want, rel=1e-12)
+    assert hist["lr"].min() < cfg.train.lr                  # the plateau did cut the lr in this run
+
+
+def test_resume_discriminative_lr_with_cosine(tmp_path):
+    cfg = config(tmp_path, model__freeze="last:1", train__feature_cache=False, data__image_size=32,
+                 train__epochs=3, train__lr=0.001, augment__mode="online", train__schedule="cosine",
+                 train__warmup_epochs=0.5, train__backbone_lr_mult=0.1)
+    interrupted_equals_uninterrupted(tmp_path, cfg)
+    groups = json.loads((tmp_path / "full" / "state" / "fold0.json").read_text())["optimizer"]["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [0.001, pytest.approx(0.0001)]   # head, then backbone
+    assert groups[1]["lr"] == pytest.approx(groups[0]["lr"] * 0.1)

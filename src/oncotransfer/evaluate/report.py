@@ -221,6 +221,30 @@ def _read_run(run: Path, need_predictions: bool) -> tuple[dict[str, Any], dict[s
     return info, cfg if isinstance(cfg, dict) else {}, cfg_text
 
 
+def schedule_line(train: dict[str, Any], frozen: bool = False) -> str:
+    """One line for train.schedule and the keys that go with it (absent keys: the defaults, constant lr).
+    A frozen backbone trains nothing, so its lr multiplier is left out."""
+    if not train:
+        return "not recorded"
+    kind, lr, warm = train.get("schedule", "constant"), train.get("lr", 1e-3), train.get("warmup_epochs", 0)
+    ramp = f", linear warm-up over {warm:g} epoch(s)" if warm else ""
+    if kind == "cosine":
+        text = f"cosine from lr {lr:g} to {train.get('min_lr_ratio', 0.0):g} × lr at the last batch{ramp}"
+    elif kind == "onecycle":
+        text = (f"one-cycle: from lr / 25 rising linearly to lr {lr:g} over {warm:g} epoch(s), "
+                "then cosine to lr / 2.5e5")
+    elif kind == "plateau":
+        text = (f"reduce-on-plateau: lr {lr:g} × {train.get('plateau_factor', 0.5):g} once more than "
+                f"{train.get('plateau_patience', 3)} epoch(s) in a row fail to lower the validation loss")
+    else:
+        text = f"constant lr {lr:g}"
+    if train.get("backbone_lr_mult", 1.0) != 1.0 and not frozen:
+        text += f"; backbone lr × {train['backbone_lr_mult']:g}"
+    if train.get("label_smoothing", 0.0):
+        text += f"; label smoothing {train['label_smoothing']:g}"
+    return text
+
+
 def _context(metrics: dict[str, Any], info: dict[str, Any], cfg: dict[str, Any], cfg_text: str,
              plots: list[tuple[str, Path]], run: Path) -> dict[str, Any]:
     pooled, folds, classes = metrics["pooled"], metrics["folds"], metrics["classes"]
@@ -250,6 +274,7 @@ def _context(metrics: dict[str, Any], info: dict[str, Any], cfg: dict[str, Any],
              ("Device", info.get("device", "not recorded")),
              ("Augment mode", protocol.get("augment", "not recorded")),
              ("Feature cache", protocol.get("feature_cache", "not recorded")),
+             ("LR schedule", schedule_line(cfg.get("train") or {}, model.get("freeze") == "frozen")),
              ("Time taken", _duration(info.get("seconds")))]
     return {
         "name": metrics["name"],

@@ -32,6 +32,7 @@ from oncotransfer.train.activations import ActivationCache
 from oncotransfer.train.inputs import cached_inputs, image_inputs
 from oncotransfer.train.tail_inputs import tail_inputs
 from oncotransfer.train.loop import FitState, evaluate, fit, make_loss, make_optimizer
+from oncotransfer.train.schedule import Schedule, make_schedule
 
 
 @dataclass
@@ -158,16 +159,17 @@ def train_fold(cfg: ExperimentConfig, data: LoadedData, fold: Fold, run_dir: Pat
         module, fast = model, cfg.train.fast_cpu
     sigmoid = cfg.model.head.sigmoid
     weights = _class_weights(m.labels[fold.train], len(m.classes)).to(device) if cfg.train.class_weights else None
-    loss = make_loss(sigmoid, weights)
-    opt = make_optimizer(cfg.train.optimizer, module.parameters(), cfg.train.lr, cfg.train.weight_decay)
+    loss = make_loss(sigmoid, weights, cfg.train.label_smoothing)
+    opt = make_optimizer(cfg.train.optimizer, module, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_mult)
+    sched = make_schedule(opt, cfg.train, -(-inputs.n_train // cfg.train.batch_size))  # batches per epoch
     state_file = run_dir / "state" / f"fold{fold.index}"
-    st = _load_state(state_file, module, opt)
+    st = _load_state(state_file, module, opt, sched)
     train_module = D.wrap(module, device)
 
     def save(s: FitState) -> None:
         # Grids skip per-epoch state (a few ms each, comparable to a head epoch); the final state is still saved.
         if D.is_main() and (cfg.train.save_every_epoch or _finished(s, cfg)):
-            _save_state(state_file, module, opt, s)
+            _save_state(state_file, module, opt, s, sched)
         if on_epoch_end:
             on_epoch_end(fold.index, s)
 
@@ -175,7 +177,7 @@ def train_fold(cfg: ExperimentConfig, data: LoadedData, fold: Fold, run_dir: Pat
         with _threads(1 if cached else torch.get_num_threads()):
             st = fit(module, opt, loss, inputs.train, inputs.val, cfg.train.epochs, device, fast=fast,
                      sigmoid=sigmoid, patience=cfg.train.early_stop_patience, seed=cfg.train.seed, state=st,
-                     on_epoch_end=save, train_module=train_module, progress=lambda r: say(
+                     on_epoch_end=save, train_module=train_module, scheduler=sched, progress=lambda r: say(
                          f"fold {fold.index} epoch {r['epoch']}/{cfg.train.epochs} loss {r['train_loss']:.4f} "
                          f"acc {r['train_acc']:.3f} val_acc {r['val_acc']:.3f}"))
     elif st.best_state is not None:
@@ -264,7 +266,7 @@ def _fold_predictions(model, data: LoadedData, fold: Fold, cfg: ExperimentConfig
     return df
 
 
-def _save_state(path: Path, module: torch.nn.Module, opt, st: FitState) -> None:
+def _save_state(path: Path, module: torch.nn.Module, opt, st: FitState, sched: Schedule | None = None) -> None:
     tensors = {f"model.{k}": v for k, v in module.state_dict().items()}
     if st.best_state is not None:
         tensors.update({f"best.{k}": v for k, v in st.best_state.items()})
@@ -273,10 +275,11 @@ def _save_state(path: Path, module: torch.nn.Module, opt, st: FitState) -> None:
     atomic_save_tensors(tensors, path.with_suffix(".safetensors"))
     write_json(path.with_suffix(".json"), {"epoch": st.epoch, "history": st.history, "best_epoch": st.best_epoch,
                                            "best_score": list(st.best_score), "bad_epochs": st.bad_epochs,
-                                           "optimizer": opt_info})
+                                           "optimizer": opt_info,
+                                           **({"schedule": sched.state_dict()} if sched else {})})
 
 
-def _load_state(path: Path, module: torch.nn.Module, opt) -> FitState:
+def _load_state(path: Path, module: torch.nn.Module, opt, sched: Schedule | None = None) -> FitState:
     """The saved fit state, read by rank 0 and sent to the others (their file system may not hold it)."""
     saved = None
     if D.is_main() and path.with_suffix(".json").is_file():
@@ -287,6 +290,8 @@ def _load_state(path: Path, module: torch.nn.Module, opt) -> FitState:
     info, tensors = saved
     module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     unflatten_optimizer(opt, tensors, info["optimizer"])
+    if sched is not None and "schedule" in info:  # state written before schedules existed: constant lr
+        sched.load_state_dict(info["schedule"])
     best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
     return FitState(info["epoch"], info["history"], info["best_epoch"], tuple(info["best_score"]), best,
                     info["bad_epochs"])

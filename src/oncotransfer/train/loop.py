@@ -7,30 +7,64 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
+from oncotransfer.errors import ConfigError
 from oncotransfer.train import distributed as D
 from oncotransfer.train.device import autocast
+
+if TYPE_CHECKING:
+    from oncotransfer.train.schedule import Schedule
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
-def make_loss(sigmoid: bool, class_weights: torch.Tensor | None = None) -> Callable:
-    """Softmax + cross-entropy, or (one-logit heads) sigmoid + binary cross-entropy."""
+def make_loss(sigmoid: bool, class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0) -> Callable:
+    """Softmax + cross-entropy, or (one-logit heads) sigmoid + binary cross-entropy.
+
+    ``label_smoothing`` eps: softmax uses torch's ``CrossEntropyLoss(label_smoothing=eps)``; the one-logit head
+    trains on the binary targets ``y (1 - eps) + eps / 2``, the same smoothing over its two classes."""
+    eps = float(label_smoothing)
     if sigmoid:
         pos_weight = None if class_weights is None else class_weights[1:2] / class_weights[0]
         bce = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+        if eps:
+            return lambda logits, y: bce(logits.float().reshape(-1), y.float() * (1 - eps) + eps / 2)
         return lambda logits, y: bce(logits.float().reshape(-1), y.float())
-    ce = nn.CrossEntropyLoss(weight=class_weights)
+    ce = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=eps)
     return lambda logits, y: ce(logits.float(), y)
 
 
-def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
+
+
+def param_groups(module: nn.Module, lr: float, backbone_lr_mult: float = 1.0) -> list[dict]:
+    """Trainable parameters as optimizer groups: the head (everything not under ``backbone.``) at ``lr`` first,
+    then the backbone at ``lr * backbone_lr_mult``. A multiplier of 1, or a module with no trainable backbone
+    parameter (a head on cached features), gives one group in the module's own order, as before."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    backbone = [p for n, p in named if n.startswith("backbone.")]
+    if backbone_lr_mult == 1.0 or not backbone:
+        return [{"params": [p for _, p in named], "lr": lr}]
+    head = [p for n, p in named if not n.startswith("backbone.")]
+    groups = [{"params": head, "lr": lr}] if head else []
+    return groups + [{"params": backbone, "lr": lr * backbone_lr_mult}]
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0,
+                   backbone_lr_mult: float = 1.0) -> torch.optim.Optimizer:
+    """``params``: a module (its trainable parameters, grouped by ``param_groups``) or an iterable of parameters
+    (one group). Group 0 is the head's, so ``param_groups[0]["lr"]`` is the head's lr."""
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"train.optimizer: unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+    if isinstance(params, nn.Module):
+        params = param_groups(params, lr, backbone_lr_mult)
+    else:
+        params = [p for p in params if p.requires_grad]
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
@@ -48,9 +82,11 @@ def _probs(logits: torch.Tensor, sigmoid: bool) -> torch.Tensor:
 
 
 def train_one_epoch(module: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, loss_fn: Callable,
-                    device: torch.device, fast: bool = False, sigmoid: bool = False) -> tuple[float, float]:
+                    device: torch.device, fast: bool = False, sigmoid: bool = False,
+                    scheduler: Schedule | None = None) -> tuple[float, float]:
     """One pass over ``batches``. Under torchrun ``module`` is DDP-wrapped and each rank trains on its slice of
-    every global batch, its loss weighted by its share, so the averaged gradient is the global batch's."""
+    every global batch, its loss weighted by its share, so the averaged gradient is the global batch's.
+    ``scheduler.step_batch()`` follows every optimizer step."""
     module.train()
     world = D.world_size()
     total, correct, loss_sum = 0, 0, 0.0
@@ -64,6 +100,8 @@ def train_one_epoch(module: nn.Module, batches: Batches, optimizer: torch.optim.
         optimizer.zero_grad(set_to_none=True)
         (loss * (n * world / n_global)).backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step_batch()
         total += n
         loss_sum += float(loss.detach()) * n
         correct += int((_probs(logits.detach(), sigmoid).argmax(1) == y).sum())
@@ -107,22 +145,27 @@ def fit(module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable,
         device: torch.device, *, fast: bool = False, sigmoid: bool = False, patience: int | None = None,
         seed: int = 0, state: FitState | None = None,
         on_epoch_end: Callable[[FitState], None] | None = None, progress: Callable[[dict], None] | None = None,
-        train_module: nn.Module | None = None) -> FitState:
+        train_module: nn.Module | None = None, scheduler: Schedule | None = None) -> FitState:
     """Train for ``epochs``, keeping the best validation epoch (highest accuracy, then lowest loss).
 
     Every epoch re-seeds torch from (seed, epoch) so a resumed fit replays exactly what an uninterrupted one does.
     ``train_module`` (a DDP wrapper of ``module`` under torchrun) is what trains; ``module`` is evaluated and kept.
+    ``scheduler`` (train.schedule) steps after every batch and after every validation, before ``on_epoch_end``
+    saves state. A history row's ``lr`` is group 0's (the head's) at the epoch's start: its first batch's lr.
     """
     st = state or FitState()
     while st.epoch < epochs:
         epoch = st.epoch
         torch.manual_seed(seed * 100003 + epoch)
         t0 = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
         tr_loss, tr_acc = train_one_epoch(train_module or module, train_batches(epoch), optimizer, loss_fn, device,
-                                          fast, sigmoid)
+                                          fast, sigmoid, scheduler)
         va_loss, va_acc, _ = evaluate(module, val_batches(), loss_fn, device, fast, sigmoid)
+        if scheduler is not None:
+            scheduler.step_epoch(va_loss)
         row = {"epoch": epoch + 1, "train_loss": tr_loss, "train_acc": tr_acc, "val_loss": va_loss,
-               "val_acc": va_acc, "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+               "val_acc": va_acc, "lr": lr, "seconds": time.perf_counter() - t0}
         st.history.append(row)
         score = (va_acc, -va_loss)
         if score > st.best_score:
