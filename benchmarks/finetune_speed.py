@@ -45,7 +45,7 @@ def tail_share(freeze: str, size: int = 224) -> float:
     prefix, tail, _ = model.tail_split()
     x = torch.randn(1, 3, size, size)
     counts = []
-    for part, inp in ((prefix, x), (tail.tail, None)):
+    for part, inp in ((prefix, x), (tail.backbone, None)):
         counter = FlopCounterMode(display=False)
         with counter, torch.inference_mode():
             out = part(inp if inp is not None else a)

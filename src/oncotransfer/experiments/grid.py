@@ -8,6 +8,10 @@ A grid file::
     trials: 5                              # trial t sets every trial key to base value + t
     trial_keys: [train.seed]               # default: head init and batch order vary, the split stays fixed
     resources: {cpus: 1, gpus: 0}          # per run, for executors that schedule (ray)
+
+A ``recipe`` grid key varies several keys together: each item is a mapping with a ``name`` and dotted keys,
+e.g. ``grid: {recipe: [{name: frozen, model.freeze: frozen}, {name: last stage, model.freeze: "last:1",
+train.lr: 0.0003}]}``; tables show the recipe's name.
 """
 from __future__ import annotations
 
@@ -117,9 +121,24 @@ def _get(cfg: dict, dotted: str) -> Any:
     return node
 
 
+def updates_for(key: str, value: Any) -> dict[str, Any]:
+    """The dotted-key updates of one grid value: a recipe sets several keys at once."""
+    if key != "recipe":
+        return {key: value}
+    return {k: v for k, v in value.items() if k != "name"}
+
+
+def _check_recipe(spec: GridSpec, value: Any) -> None:
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or len(value) < 2:
+        raise ConfigError(f"{spec.source}: grid key 'recipe': each item must be a mapping with a 'name' and "
+                          f"dotted config keys, e.g. {{name: frozen, model.freeze: frozen}} (got {value!r})")
+
+
 def _check_key(spec: GridSpec, key: str, value: Any, what: str) -> ExperimentConfig:
+    if key == "recipe":
+        _check_recipe(spec, value)
     try:
-        return with_updates(spec.base, {key: value})
+        return with_updates(spec.base, updates_for(key, value))
     except ConfigError as e:
         raise ConfigError(f"{spec.source}: {what} {key!r} = {value!r} is not valid: "
                           f"{str(e).split(': ', 1)[-1]}") from None
@@ -136,7 +155,9 @@ def expand(spec: GridSpec) -> list[GridRun]:
         if not isinstance(_get(base, key), int):
             raise ConfigError(f"{spec.source}: trial key {key!r} must name an integer config key, e.g. train.seed")
     from oncotransfer.models.backbones import get_backbone
-    for name in spec.grid.get("model.backbone", [spec.base.model.backbone]):
+    names = spec.grid.get("model.backbone", [spec.base.model.backbone])
+    names += [r["model.backbone"] for r in spec.grid.get("recipe", []) if "model.backbone" in r]
+    for name in names:
         try:
             get_backbone(str(name))
         except ConfigError as e:
@@ -145,7 +166,8 @@ def expand(spec: GridSpec) -> list[GridRun]:
     for c, combo in enumerate(itertools.product(*(spec.grid[k] for k in keys))):
         values = dict(zip(keys, combo))
         for t in range(spec.trials):
-            updates = {**values, **{k: _get(base, k) + t for k in spec.trial_keys}}
+            updates = {k2: v2 for k, v in values.items() for k2, v2 in updates_for(k, v).items()}
+            updates.update({k: _get(base, k) + t for k in spec.trial_keys})
             cfg = with_updates(spec.base, updates)
             cfg = cfg.model_copy(update={"name": f"{spec.name}-c{c:03d}-t{t}"})
             runs.append(GridRun(f"c{c:03d}", t, values, cfg))

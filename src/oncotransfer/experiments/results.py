@@ -21,6 +21,8 @@ def _label(key: str, value: Any, cfg) -> Any:
     """Grid values as table cells: scalars as they are, an augment section as its one-line description."""
     if key == "augment":
         return describe(cfg.augment)
+    if key == "recipe":
+        return value["name"]
     if isinstance(value, (dict, list)):
         return json.dumps(value, sort_keys=True)
     return value

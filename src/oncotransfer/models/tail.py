@@ -91,16 +91,17 @@ class Chain(nn.Sequential):
 
 class TailModel(nn.Module):
     """Cached prefix activations -> logits: the backbone's tail, then the head. Modules are the classifier's own,
-    so training this trains the classifier. Frozen BatchNorm layers inside the tail stay in eval mode."""
+    so training this trains the classifier. Frozen BatchNorm layers inside the tail stay in eval mode. The tail
+    is called ``backbone`` so that ``train.backbone_lr_mult`` applies to it as to a whole backbone."""
 
     def __init__(self, tail: Chain, head: nn.Module, eval_modules: list[nn.Module]):
         super().__init__()
-        self.tail = tail
+        self.backbone = tail
         self.head = head
         self._eval = eval_modules
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
-        return self.head(self.tail(a))
+        return self.head(self.backbone(a))
 
     def train(self, mode: bool = True) -> "TailModel":
         super().train(mode)
