@@ -36,3 +36,35 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def kfold_run(tmp_path_factory):
+    """A real tiny 3-fold run with an inner validation subset per fold (so temperatures are fitted): frozen
+    offline Lite0 on the demo tiles at 64 px, 3 epochs, fp32 PyTorch features. Returns (run_dir, calls),
+    ``calls`` being the (logits, labels) that ``fit_temperature`` received, one per fold."""
+    from oncotransfer.config import validate
+    from oncotransfer.evaluate import calibration
+    from oncotransfer.train.experiment import run_experiment
+    tmp = tmp_path_factory.mktemp("kfold_run")
+    cfg = validate({
+        "name": "kfold", "output_dir": str(tmp / "runs"),
+        "data": {"path": "demo:osteosarcoma", "image_size": 64},
+        "split": {"kind": "kfold", "folds": 3, "val_size": 0.25, "allow_image_level_split": True,
+                  "group_by_patient": False},
+        "model": {"backbone": "efficientnet_lite0", "weights": "efficientnet_lite0_packaged", "freeze": "frozen"},
+        "train": {"epochs": 3, "cache_dir": str(tmp / "cache"), "num_workers": 1, "feature_engine": "torch",
+                  "fast_cpu": False},
+        "evaluate": {"bootstrap": 0},
+    }, "kfold_run fixture")
+    calls, real = [], calibration.fit_temperature
+
+    def recording(logits, y, sigmoid):
+        calls.append((logits.copy(), y.copy()))
+        return real(logits, y, sigmoid)
+    calibration.fit_temperature = recording
+    try:
+        run_dir = run_experiment(cfg).run_dir
+    finally:
+        calibration.fit_temperature = real
+    return run_dir, calls

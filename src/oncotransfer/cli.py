@@ -123,15 +123,21 @@ def _grid_tracker(spec, track: Optional[str], tracking_uri: Optional[str]):
 
 @app.command("evaluate")
 def evaluate(run_dir: Path = typer.Argument(..., help="run directory"),
-             data: Optional[str] = typer.Option(None, help="evaluate the run's model on another labelled data set")) -> None:
+             data: Optional[str] = typer.Option(None, help="evaluate the run's model on another labelled data set"),
+             fold: Optional[int] = typer.Option(None, "--fold", help="with --data: fold K's model alone "
+                                                "(default: the ensemble of a multi-fold run's fold models)")) -> None:
     """Recompute metrics and the report of a run (or score its model on new labelled data)."""
     from oncotransfer.evaluate.report import evaluate_run
     if data is None:
+        if fold is not None:
+            from oncotransfer.errors import ConfigError
+            raise ConfigError("--fold applies with --data (scoring a fold model on other data); "
+                            "the run's own report already has every fold")
         metrics = evaluate_run(run_dir)
         name = "report"
     else:
-        from oncotransfer.infer.predict import predictions_on
-        metrics = evaluate_run(run_dir, predictions=predictions_on(run_dir, data), out_name="report_external")
+        from oncotransfer.infer.predict import evaluate_on
+        metrics = evaluate_on(run_dir, data, fold=fold)
         name = "report_external"
     console.print(f"accuracy: {metrics['pooled']['accuracy']:.4f}")
     console.print(f"report: {Path(run_dir) / (name + '.html')}")
@@ -186,16 +192,20 @@ def grid(grid_file: Path = typer.Argument(..., help="grid YAML: base/base_config
     console.print(f"report: {grid_dir_for(spec) / 'report.html'}")
 
 
+_FOLD_HELP = "fold K's model alone (default: the ensemble of a multi-fold run's fold models)"
+
+
 @app.command("predict")
 def predict(run_dir: Path = typer.Argument(..., help="run directory"),
             paths: list[str] = typer.Argument(..., help="images and/or folders (walked recursively)"),
             tta: bool = typer.Option(False, "--tta", help="average over flips and the run's rotations"),
             explain: bool = typer.Option(False, "--explain", help="Grad-CAM overlay PNG per image"),
             out: Path = typer.Option(Path("predictions.csv"), "--out", help="CSV to write"),
-            engine: str = typer.Option("auto", help="auto | torch | onnx (auto: onnx when exported)")) -> None:
+            engine: str = typer.Option("auto", help="auto | torch | onnx (auto: onnx when exported)"),
+            fold: Optional[int] = typer.Option(None, "--fold", help=_FOLD_HELP)) -> None:
     """Class probabilities for new images; exit 1 if any image could not be read."""
     from oncotransfer.infer.predict import run_predict
-    df, errors = run_predict(run_dir, paths, out, tta=tta, explain=explain, engine=engine)
+    df, errors = run_predict(run_dir, paths, out, tta=tta, explain=explain, engine=engine, fold=fold)
     from rich.table import Table
     t = Table("path", "pred", *[c for c in df.columns if c.startswith("prob_")])
     for row in df.head(50).itertuples(index=False):
@@ -214,10 +224,11 @@ def predict(run_dir: Path = typer.Argument(..., help="run directory"),
 
 @app.command("export")
 def export(run_dir: Path = typer.Argument(..., help="run directory"),
-           format_: str = typer.Option("onnx", "--format", help="onnx | torchscript")) -> None:
+           format_: str = typer.Option("onnx", "--format", help="onnx | torchscript"),
+           fold: Optional[int] = typer.Option(None, "--fold", help=_FOLD_HELP)) -> None:
     """Export the classifier (probabilities out) with model.json; fails if parity with PyTorch > 1e-4."""
     from oncotransfer.infer.export import export_run
-    path = export_run(run_dir, format_, log=lambda s: console.print(s, highlight=False))
+    path = export_run(run_dir, format_, log=lambda s: console.print(s, highlight=False), fold=fold)
     console.print(f"exported: {path} (+ {path.parent / 'model.json'})")
 
 
@@ -226,12 +237,14 @@ def serve(run_dir: Path = typer.Argument(..., help="run directory"),
           host: str = typer.Option("127.0.0.1", help="interface to bind"),
           port: int = typer.Option(8000, help="TCP port"),
           engine: str = typer.Option("auto", help="auto | torch | onnx"),
-          max_upload_mb: float = typer.Option(20.0, help="largest accepted upload")) -> None:
+          max_upload_mb: float = typer.Option(20.0, help="largest accepted upload"),
+          fold: Optional[int] = typer.Option(None, "--fold", help=_FOLD_HELP)) -> None:
     """Serve the model: POST /predict, GET /health, and an upload page at /."""
     import uvicorn
     from oncotransfer.serve.app import create_app
-    application = create_app(run_dir, engine=engine, max_upload_mb=max_upload_mb)
-    err.print(f"serving {run_dir} on http://{host}:{port}/ (engine {application.state.predictor.engine})")
+    application = create_app(run_dir, engine=engine, max_upload_mb=max_upload_mb, fold=fold)
+    p = application.state.predictor
+    err.print(f"serving {run_dir} on http://{host}:{port}/ ({p.describe()}, engine {p.engine})")
     uvicorn.run(application, host=host, port=port, log_level="warning")
 
 

@@ -139,6 +139,10 @@ class TrainConfig(_Strict):
 class EvaluateConfig(_Strict):
     positive_classes: list[str] | None = None
     bootstrap: int = Field(default=1000, ge=0, le=100000)
+    calibrate: bool = True
+    """Temperature scaling per fold, fitted on the fold's validation subset only (none without one)."""
+    ece_bins: int = Field(default=15, ge=1, le=100)
+    """Equal-width confidence bins of the expected calibration error and the reliability diagram."""
 
 
 class StageConfig(_Strict):

@@ -103,7 +103,7 @@ def test_report_html_is_self_contained(tmp_path):
     run = make_run(tmp_path)
     evaluate_run(run)
     html = (run / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4
+    assert html.count("data:image/png;base64,") == 5  # history, confusion, binary confusion, ROC, reliability
     sources = re.findall(r'src="([^"]*)"', html)
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
     assert "href" not in html and "<link" not in html and "http" not in html and "plots/" not in html

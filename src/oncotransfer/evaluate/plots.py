@@ -126,6 +126,37 @@ def plot_roc(y_true: Sequence[Any] | np.ndarray, y_prob: np.ndarray, classes: li
     return fig
 
 
+def plot_reliability(y_true: Sequence[Any] | np.ndarray, before: np.ndarray, after: np.ndarray | None,
+                     classes: list[str], n_bins: int = 15) -> Figure:
+    """Reliability diagram: accuracy against top-label confidence per equal-width bin, before and (when
+    given) after temperature scaling, in one figure; the legend carries each curve's ECE."""
+    from oncotransfer.evaluate.calibration import expected_calibration_error, reliability_bins
+    truth = as_indices(y_true, classes)
+    fig = Figure(figsize=(5.5, 5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="perfectly calibrated")
+    curves = [("before", before, "tab:red")] + ([("after temperature scaling", after, "tab:green")]
+                                                  if after is not None else [])
+    width = 1.0 / n_bins
+    for i, (label, prob, colour) in enumerate(curves):
+        count, conf, acc = reliability_bins(truth, np.asarray(prob, dtype=float), n_bins)
+        full = count > 0
+        ece = expected_calibration_error(truth, prob, n_bins)
+        centres = (np.arange(n_bins) + 0.5) * width
+        # side-by-side bars of the accuracy per bin, and the (confidence, accuracy) points joined
+        ax.bar(centres[full] + (i - (len(curves) - 1) / 2) * width / len(curves), acc[full],
+               width=width / len(curves), color=colour, alpha=0.25, linewidth=0)
+        ax.plot(conf[full], acc[full], marker="o", color=colour, label=f"{label} (ECE {ece:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("confidence (top-label probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability ({n_bins} bins)")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper left", fontsize=8)
+    return fig
+
+
 def save_figure(fig: Figure, path: str | Path) -> Path:
     """Write ``fig`` as an image (format from the suffix), creating the parent folder."""
     out = Path(path)

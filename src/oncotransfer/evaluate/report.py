@@ -15,7 +15,9 @@ import yaml
 
 from oncotransfer.errors import CheckpointError, DataError
 from oncotransfer.evaluate.metrics import classification_metrics, fold_summary
-from oncotransfer.evaluate.plots import as_indices, plot_confusion, plot_history, plot_roc, save_figure
+from oncotransfer.evaluate.calibration import expected_calibration_error
+from oncotransfer.evaluate.plots import (as_indices, plot_confusion, plot_history, plot_reliability, plot_roc,
+                                         save_figure)
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#222}
@@ -168,6 +170,42 @@ def prediction_arrays(predictions: pd.DataFrame, classes: list[str]) -> tuple[np
     return as_indices(predictions["label"].astype(str).to_numpy(), classes), predictions[cols].to_numpy(float)
 
 
+def calibration_summary(predictions: pd.DataFrame, classes: list[str], info: dict[str, Any], n_bins: int
+                        ) -> tuple[dict[str, Any], np.ndarray | None]:
+    """metrics.json's "calibration" block and the pooled calibrated probabilities (None when there are none).
+
+    ``cal_prob_<class>`` columns exist for the folds that have a temperature; rows of any fold without one
+    keep their uncalibrated probabilities in ``ece_after`` (said in the note)."""
+    y_true, y_prob = prediction_arrays(predictions, classes)
+    cols = [f"cal_prob_{c}" for c in classes]
+    cal = None
+    if all(c in predictions.columns for c in cols) and predictions[cols].notna().all(axis=1).any():
+        cal = predictions[cols].to_numpy(float)
+        missing = np.isnan(cal).any(axis=1)
+        cal[missing] = y_prob[missing]
+    temps = info.get("temperatures") or {}
+    out = {"ece_before": expected_calibration_error(y_true, y_prob, n_bins),
+           "ece_after": expected_calibration_error(y_true, cal, n_bins) if cal is not None else None,
+           "temperatures": temps, "fitted_on": "validation subset of each fold", "bins": n_bins}
+    if cal is None:
+        enabled = (info.get("calibration") or {}).get("enabled", True)
+        out["note"] = ("not calibrated: no validation split" if enabled
+                       else "not calibrated: evaluate.calibrate is false")
+    elif missing.any():
+        folds = sorted(map(str, predictions.loc[missing, "fold"].unique()))
+        out["note"] = f"fold(s) {', '.join(folds)} not calibrated (no validation subset); uncalibrated there"
+    return out, cal
+
+
+def _temperature_text(temps: dict[str, Any]) -> str:
+    vals = [float(t) for t in temps.values() if t is not None]
+    if not vals:
+        return ""
+    if len(vals) == 1:
+        return f"T = {vals[0]:.3f}"
+    return f"T = {min(vals):.3f}–{max(vals):.3f} over {len(vals)} folds"
+
+
 def protocol_lines(protocol: dict[str, Any], n_folds: int) -> list[dict[str, str]]:
     """The protocol box: one line per fact, flagged 'danger' or 'warn' where it inflates the numbers."""
     split = protocol.get("split", "unknown")
@@ -252,6 +290,13 @@ def _context(metrics: dict[str, Any], info: dict[str, Any], cfg: dict[str, Any],
     headline = [("Accuracy", fmt_ci(pooled["accuracy"], pooled["accuracy_ci95"]) + f" on {pooled['n']} test images"),
                 ("Balanced accuracy", fmt(pooled["balanced_accuracy"])),
                 ("ROC-AUC", fmt(pooled["roc_auc"]))]
+    cal = metrics.get("calibration")
+    if cal:
+        t = _temperature_text(cal.get("temperatures") or {})
+        after = (f"{fmt(cal['ece_before'])} before, {fmt(cal['ece_after'])} after temperature scaling"
+                 f" ({t}, fitted on the {cal['fitted_on']})" if cal["ece_after"] is not None
+                 else f"{fmt(cal['ece_before'])} ({cal.get('note', 'not calibrated')})")
+        headline.append((f"Calibration error (ECE, {cal.get('bins', 15)} bins)", after))
     if n_folds > 1:
         headline += [(f"{label} over folds (mean ± sd)", fmt_mean_sd(folds.get(key)))
                      for key, label in (("accuracy", "Accuracy"), ("balanced_accuracy", "Balanced accuracy"),
@@ -276,9 +321,17 @@ def _context(metrics: dict[str, Any], info: dict[str, Any], cfg: dict[str, Any],
              ("Feature cache", protocol.get("feature_cache", "not recorded")),
              ("LR schedule", schedule_line(cfg.get("train") or {}, model.get("freeze") == "frozen")),
              ("Time taken", _duration(info.get("seconds")))]
+    lines = protocol_lines(protocol, n_folds)
+    if metrics.get("scored_by"):
+        lines.insert(0, {"text": f"Scored by: {metrics['scored_by']}", "level": ""})
+    if cal:
+        lines.append({"text": "Temperature scaling fitted on the validation subset of each fold; test folds "
+                              "never used" if cal["ece_after"] is not None else
+                      f"Probabilities {cal.get('note', 'not calibrated')}",
+                      "level": "" if cal["ece_after"] is not None else "warn"})
     return {
         "name": metrics["name"],
-        "protocol": protocol_lines(protocol, n_folds),
+        "protocol": lines,
         "headline": headline,
         "per_class": [[c, fmt(v["precision"]), fmt(v["recall"]), fmt(v["f1"]), v["support"]]
                       for c, v in pooled["per_class"].items()],
@@ -292,13 +345,15 @@ def _context(metrics: dict[str, Any], info: dict[str, Any], cfg: dict[str, Any],
 
 
 def evaluate_run(run_dir: str | Path, predictions: pd.DataFrame | None = None,
-                 out_name: str = "report", plots: bool = True) -> dict[str, Any]:
+                 out_name: str = "report", plots: bool = True, scored_by: str | None = None) -> dict[str, Any]:
     """Metrics per fold and pooled, plots and the Markdown/HTML report for one run directory.
 
     ``predictions`` replaces predictions.csv (e.g. an external test set); with an ``out_name`` other than
     "report" the outputs get that suffix (metrics_<out_name>.json, plots/confusion_<out_name>.png, ...)
     so the run's own results are not overwritten. ``plots=False`` writes metrics only (grids: plots and
-    reports cost about 0.7 s a run, more than training a head on cached features).
+    reports cost about 0.7 s a run, more than training a head on cached features). ``scored_by`` names the
+    model that produced given predictions (e.g. "ensemble of 5 fold models") in metrics and the protocol.
+    ECE comes from ``prob_<class>`` (``pooled.ece``) and, where present, ``cal_prob_<class>`` (``calibration``).
     """
     run = Path(run_dir)
     info, cfg, cfg_text = _read_run(run, need_predictions=predictions is None)
@@ -316,11 +371,18 @@ def evaluate_run(run_dir: str | Path, predictions: pd.DataFrame | None = None,
                 for f, part in predictions.groupby("fold", sort=True)}
     y_true, y_prob = prediction_arrays(predictions, classes)
     pooled = classification_metrics(y_true, y_prob, **kw)
+    n_bins = int(ev.get("ece_bins", 15))
+    pooled["ece"] = expected_calibration_error(y_true, y_prob, n_bins)
+    for f, part in predictions.groupby("fold", sort=True):
+        per_fold[str(f)]["ece"] = expected_calibration_error(*prediction_arrays(part, classes), n_bins)
+    calibration, cal_prob = calibration_summary(predictions, classes, info, n_bins)
     keys = ("accuracy", "balanced_accuracy", "roc_auc") + (("binary.precision", "binary.recall")
                                                           if pooled["binary"] else ())
     metrics = {"name": info.get("name") or cfg.get("name") or run.name, "classes": classes,
                "protocol": info.get("protocol") or {}, "pooled": pooled, "per_fold": per_fold,
-               "folds": fold_summary(list(per_fold.values()), keys)}
+               "folds": fold_summary(list(per_fold.values()), keys), "calibration": calibration}
+    if scored_by:
+        metrics["scored_by"] = scored_by
     sfx = "" if out_name == "report" else f"_{slug(out_name)}"
     (run / f"metrics{sfx}.json").write_text(json.dumps(metrics, indent=2))
     if not plots:
@@ -341,6 +403,8 @@ def evaluate_run(run_dir: str | Path, predictions: pd.DataFrame | None = None,
         figures.append(("Binary confusion matrix", save_figure(
             plot_confusion(b["confusion_matrix"], names, "Positive vs rest"), run / f"plots/confusion_binary{sfx}.png")))
     figures.append(("ROC", save_figure(plot_roc(y_true, y_prob, classes), run / f"plots/roc{sfx}.png")))
+    figures.append(("Reliability (calibration)", save_figure(
+        plot_reliability(y_true, y_prob, cal_prob, classes, n_bins), run / f"plots/reliability{sfx}.png")))
 
     ctx = _context(metrics, info, cfg, cfg_text, figures, run)
     (run / f"{out_name}.md").write_text(render(_MD, html=False, **ctx))

@@ -45,8 +45,33 @@ def collect(grid_dir: Path, runs: list) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def cell_ensemble(run_dirs: list[str]) -> dict[str, Any] | None:
+    """Metrics of the trials' averaged test probabilities (``ensemble_accuracy``, ...), or None unless there
+    are 2+ trials that all predicted the same test rows (trial keys such as train.seed leave the split alone).
+    Calibrated probabilities are averaged when every trial has them, the uncalibrated ones otherwise."""
+    from oncotransfer.evaluate.metrics import classification_metrics
+    from oncotransfer.evaluate.report import prediction_arrays
+    if len(run_dirs) < 2 or not all((Path(d) / "predictions.csv").is_file() for d in run_dirs):
+        return None
+    frames = [pd.read_csv(Path(d) / "predictions.csv", dtype={"label": str, "pred": str, "path": str})
+              for d in run_dirs]
+    rows = frames[0][["fold", "path", "label"]]
+    if any(not f[["fold", "path", "label"]].equals(rows) for f in frames[1:]):
+        return None
+    classes = json.loads((Path(run_dirs[0]) / "run.json").read_text())["classes"]
+    cal = [f"cal_prob_{c}" for c in classes]
+    calibrated = all(set(cal) <= set(f.columns) and f[cal].notna().all().all() for f in frames)
+    probs = [f[cal].to_numpy(float) if calibrated else prediction_arrays(f, classes)[1] for f in frames]
+    y_true = prediction_arrays(frames[0], classes)[0]
+    m = classification_metrics(y_true, np.mean(probs, axis=0), classes, bootstrap=0)
+    return {"ensemble_accuracy": m["accuracy"], "ensemble_balanced_accuracy": m["balanced_accuracy"],
+            "ensemble_roc_auc": m["roc_auc"], "ensemble_trials": len(frames),
+            "ensemble_probabilities": "calibrated" if calibrated else "uncalibrated"}
+
+
 def summarise_cells(results: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Per cell: mean, sd, 95% CI of accuracy over trials, n (and mean balanced accuracy and ROC-AUC)."""
+    """Per cell: mean, sd, 95% CI of accuracy over trials, n (and mean balanced accuracy and ROC-AUC); and,
+    where the trials share their test rows, the metrics of their averaged probabilities (``ensemble_*``)."""
     out = []
     for cell, part in results.groupby("cell", sort=True):
         s = summarise(part["accuracy"].astype(float))
@@ -56,6 +81,8 @@ def summarise_cells(results: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
         for k in _METRICS[1:]:
             vals = pd.to_numeric(part[k], errors="coerce")
             row[f"{k}_mean"] = float(vals.mean()) if vals.notna().any() else None
+        if "run_dir" in part.columns:
+            row.update(cell_ensemble(part.sort_values("trial")["run_dir"].astype(str).tolist()) or {})
         out.append(row)
     return pd.DataFrame(out)
 

@@ -21,14 +21,18 @@ class ExportParityError(OncoError):
 
 
 class ProbabilityModel(nn.Module):
-    """Normalised image batch -> (N, C) probabilities (a sigmoid head gives two columns too)."""
+    """Normalised image batch -> (N, C) probabilities (a sigmoid head gives two columns too). ``model`` is a
+    classifier, or an ``Ensemble`` (members' logits / their temperatures, probabilities averaged)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, temperature: float | None = None):
         super().__init__()
         self.model = model
+        self.temperature = temperature
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.head.probabilities(self.model(x))
+        if hasattr(self.model, "member_logits"):
+            return self.model.probabilities(x)
+        return self.model.head.probabilities(self.model(x), self.temperature)
 
 
 def parity_images(run_dir: Path, meta: dict, size: int, limit: int = 8) -> torch.Tensor:
@@ -56,19 +60,23 @@ def parity_images(run_dir: Path, meta: dict, size: int, limit: int = 8) -> torch
 
 
 def export_run(run_dir: str | Path, fmt: Literal["onnx", "torchscript"] = "onnx",
-               log: Callable[[str], None] | None = None) -> Path:
-    """Write RUN/export/model.onnx (or model.ts) and model.json; raise if parity with PyTorch fails."""
+               log: Callable[[str], None] | None = None, fold: int | None = None) -> Path:
+    """Write RUN/export/model.onnx (or model.ts) and model.json; raise if parity with PyTorch fails.
+    A multi-fold run exports the ensemble of its fold models in one file (``fold``: that fold's model alone);
+    temperatures are part of the exported graph, so its outputs are the calibrated probabilities."""
     from oncotransfer.data.images import normalise
     from oncotransfer.infer.predict import _checkpoint_digest
-    from oncotransfer.train.checkpoint import load_classifier, write_json
+    from oncotransfer.infer.predict import Predictor
+    from oncotransfer.train.checkpoint import write_json
     say = log or (lambda s: None)
     if fmt not in ("onnx", "torchscript"):
         raise ConfigError(f"--format {fmt!r}: expected onnx or torchscript")
     run_dir = Path(run_dir)
-    model, meta = load_classifier(run_dir)
+    pred = Predictor.from_run(run_dir, "torch", fold)
+    meta = pred.meta
     pre = meta["preprocessing"]
     size = int(pre["size"])
-    wrapped = ProbabilityModel(model).eval()
+    wrapped = ProbabilityModel(pred.ensemble).eval()
     out_dir = run_dir / "export"
     x = normalise(parity_images(run_dir, meta, size), tuple(pre["mean"]), tuple(pre["std"]))
     with torch.inference_mode():
@@ -98,8 +106,12 @@ def export_run(run_dir: str | Path, fmt: Literal["onnx", "torchscript"] = "onnx"
         "preprocessing": {**pre, "resize": pre.get("resize", "squash-bilinear-antialias"),
                           "note": "RGB, squash-resize to size x size, scale to [0, 1], (x - mean) / std"},
         "backbone": meta["backbone"], "checkpoint_digest": _checkpoint_digest(run_dir),
+        "model": pred.describe(), "members": pred.members, "temperature": pred.temperature,
+        "calibration": "logits / temperature before softmax (sigmoid), fitted on each fold's validation subset"
+                       if pred.ensemble.calibrated else "none (no temperature fitted)",
         "input": {"name": "input", "shape": ["batch", 3, size, size], "dtype": "float32", "layout": "NCHW"},
         "output": {"name": "output", "shape": ["batch", len(meta["classes"])],
-                   "meaning": "class probabilities in the order of 'classes' (rows sum to 1)"},
+                   "meaning": "class probabilities in the order of 'classes' (rows sum to 1)"
+                              + ("; the mean of the members' probabilities" if len(pred.members) > 1 else "")},
         "parity": {"images": int(len(ref)), "max_abs_diff": diff, "tolerance": PARITY_TOL}})
     return path

@@ -43,11 +43,16 @@ def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], dict[str, str
 
 
 class Predictor:
-    """A run's classifier with its own preprocessing; ``engine`` is ``torch`` or ``onnx``."""
+    """A run's classifier, or the ensemble of its fold models, with its own preprocessing; ``engine`` is
+    ``torch`` or ``onnx``. Probabilities are calibrated (logits / T) where a temperature was fitted.
+    ``model`` is the first member (fold 0 of an ensemble), used for Grad-CAM."""
 
     def __init__(self, model: torch.nn.Module, meta: dict, engine: str = "torch", session=None,
-                 run_dir: Path | None = None):
+                 run_dir: Path | None = None, ensemble=None, members: list[dict] | None = None):
+        from oncotransfer.models.ensemble import Ensemble
         self.model = model.eval()
+        self.members = members or [{"fold": int(meta.get("fold") or 0), "temperature": meta.get("temperature")}]
+        self.ensemble = (ensemble or Ensemble([self.model], [self.members[0].get("temperature")])).eval()
         self.meta = meta
         self.engine = engine
         self.session = session
@@ -62,24 +67,41 @@ class Predictor:
         self.fill = str((cfg.get("augment") or {}).get("fill") or "nearest")
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, engine: Engine = "auto") -> "Predictor":
-        """Load RUN/checkpoint; ``auto`` uses RUN/export/model.onnx with ONNX Runtime when both exist."""
-        from oncotransfer.train.checkpoint import load_classifier
+    def from_run(cls, run_dir: str | Path, engine: Engine = "auto", fold: int | None = None) -> "Predictor":
+        """Load RUN/checkpoint: the ensemble of every fold model (``fold=None``; one model for a single-fold
+        run) or fold ``fold`` alone. ``auto`` uses RUN/export/model.onnx with ONNX Runtime when it exists and
+        holds the same members."""
+        from oncotransfer.models.ensemble import Ensemble
+        from oncotransfer.train.checkpoint import load_members
         run_dir = Path(run_dir)
         if engine not in ("auto", "torch", "onnx"):
             raise ConfigError(f"--engine {engine!r}: expected auto, torch or onnx")
-        model, meta = load_classifier(run_dir)
+        members, entries, meta = load_members(run_dir, fold)
+        info = [{"fold": int(e["fold"]), "temperature": e.get("temperature")} for e in entries]
+        meta = {**meta, "fold": info[0]["fold"], "temperature": info[0]["temperature"]}
+        ensemble = Ensemble(members, [m["temperature"] for m in info], [f"fold{m['fold']}" for m in info])
         onnx_path = run_dir / "export" / ONNX_NAME
-        use_onnx = engine == "onnx" or (engine == "auto" and onnx_path.is_file() and onnx_available())
+        use_onnx = engine == "onnx" or (engine == "auto" and onnx_path.is_file() and onnx_available()
+                                        and _export_members(run_dir) in (None, info))
         session = None
         if use_onnx:
             if not onnx_path.is_file():
                 raise CheckpointError(f"{run_dir}: no {onnx_path.relative_to(run_dir)}; run "
                                       f"`oncotransfer export {run_dir} --format onnx` first or use --engine torch")
-            _check_export_matches(run_dir, meta)
+            _check_export_matches(run_dir, meta, info)
             from oncotransfer.infer.onnx import ort_session
             session = ort_session(onnx_path)
-        return cls(model, meta, "onnx" if use_onnx else "torch", session, run_dir)
+        return cls(members[0], meta, "onnx" if use_onnx else "torch", session, run_dir, ensemble, info)
+
+    @property
+    def temperature(self) -> float | None:
+        """The single model's temperature (None: uncalibrated, or an ensemble: see ``members``)."""
+        return self.members[0].get("temperature") if len(self.members) == 1 else None
+
+    def describe(self) -> str:
+        n = len(self.members)
+        return (f"ensemble of {n} fold models (probabilities averaged)" if n > 1
+                else f"fold {self.members[0]['fold']} model")
 
     @property
     def classes(self) -> list[str]:
@@ -106,15 +128,30 @@ class Predictor:
 
     # -- inference -------------------------------------------------------------------------------------------
     def probabilities(self, x: torch.Tensor, batch_size: int = 32) -> np.ndarray:
-        """Normalised float batch -> (N, C) probabilities with the selected engine."""
+        """Normalised float batch -> (N, C) (calibrated, averaged) probabilities with the selected engine."""
         if len(x) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
         if self.session is not None:
             from oncotransfer.infer.onnx import run_session
             return run_session(self.session, x.numpy(), batch_size)
         with torch.inference_mode():
-            return torch.cat([self.model.probabilities(x[s:s + batch_size])
+            return torch.cat([self.ensemble.probabilities(x[s:s + batch_size])
                               for s in range(0, len(x), batch_size)]).float().numpy()
+
+    def probability_pair(self, x: torch.Tensor, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+        """(uncalibrated, calibrated or None when no member has a temperature) probabilities; PyTorch, one pass."""
+        if not self.ensemble.calibrated:
+            return self.probabilities(x, batch_size), None
+        if len(x) == 0:
+            empty = np.zeros((0, len(self.classes)), np.float32)
+            return empty, empty
+        raw, cal = [], []
+        with torch.inference_mode():
+            for s in range(0, len(x), batch_size):
+                a, b = self.ensemble.both(x[s:s + batch_size])
+                raw.append(a.float())
+                cal.append(b.float())
+        return torch.cat(raw).numpy(), torch.cat(cal).numpy()
 
     def tta_views(self, batch: torch.Tensor) -> list[torch.Tensor]:
         """Identity, horizontal and vertical flip, and ± the run's own rotation when it trained with one."""
@@ -162,8 +199,19 @@ class Predictor:
         return df
 
 
-def _check_export_matches(run_dir: Path, meta: dict) -> None:
-    """An export written before the checkpoint changed would silently answer for another model."""
+def _export_members(run_dir: Path) -> list[dict] | None:
+    """The members (fold, temperature) the export holds; None for an export written before they were listed."""
+    info = run_dir / "export" / "model.json"
+    if not info.is_file():
+        return None
+    members = json.loads(info.read_text()).get("members")
+    return None if members is None else [{"fold": int(m["fold"]), "temperature": m.get("temperature")}
+                                         for m in members]
+
+
+def _check_export_matches(run_dir: Path, meta: dict, members: list[dict] | None = None) -> None:
+    """An export written before the checkpoint changed (or of other fold models, or temperatures) would
+    silently answer for another model."""
     info = run_dir / "export" / "model.json"
     if info.is_file():
         exported = json.loads(info.read_text())
@@ -171,6 +219,11 @@ def _check_export_matches(run_dir: Path, meta: dict) -> None:
                 None, _checkpoint_digest(run_dir)):
             raise CheckpointError(f"{run_dir}/export is stale (classes or weights differ from the checkpoint); "
                                   f"run `oncotransfer export {run_dir}` again or use --engine torch")
+        held = _export_members(run_dir)
+        if members is not None and held is not None and held != members:
+            raise CheckpointError(f"{run_dir}/export holds fold model(s) {[m['fold'] for m in held]} but "
+                                  f"{[m['fold'] for m in members]} were asked for; export again with the same "
+                                  "--fold or use --engine torch")
 
 
 def _checkpoint_digest(run_dir: Path) -> str:
@@ -178,11 +231,14 @@ def _checkpoint_digest(run_dir: Path) -> str:
     return sha256_file(Path(run_dir) / "checkpoint" / "model.safetensors")
 
 
-def predictions_on(run_dir: str | Path, data_path: str, engine: Engine = "auto") -> pd.DataFrame:
-    """Score a labelled data set (class folders, manifest, demo:NAME) in the format of RUN/predictions.csv."""
+def predictions_on(run_dir: str | Path, data_path: str, engine: Engine = "auto", fold: int | None = None,
+                   predictor: "Predictor | None" = None) -> pd.DataFrame:
+    """Score a labelled data set (class folders, manifest, demo:NAME) in the format of RUN/predictions.csv:
+    ``prob_<class>`` uncalibrated and, when temperatures exist, ``cal_prob_<class>`` (both averaged over the
+    fold models of an ensemble). With temperatures the scores come from PyTorch (one pass gives both)."""
     from oncotransfer.data.images import decode_many
     from oncotransfer.data.manifest import load_manifest
-    pred = Predictor.from_run(run_dir, engine)
+    pred = predictor or Predictor.from_run(run_dir, engine, fold)
     regex = ((pred.meta.get("config") or {}).get("data") or {}).get("patient_regex")
     m = load_manifest(data_path, regex, min_classes=1)
     unknown = sorted(set(m.classes) - set(pred.classes))
@@ -192,19 +248,36 @@ def predictions_on(run_dir: str | Path, data_path: str, engine: Engine = "auto")
     images, ok, failed, _ = decode_many(m.paths, pred.size)
     if not ok:
         raise DataError(f"{data_path}: none of the {len(m)} images could be read, e.g. {next(iter(failed.values()))}")
-    probs = pred.predict_uint8(images)
+    if pred.ensemble.calibrated:
+        probs, cal = pred.probability_pair(pred.normalised(images))
+    else:
+        probs, cal = pred.predict_uint8(images), None
     df = pd.DataFrame({"fold": 0, "path": [m.relpath(i) for i in ok],
                        "label": [m.classes[m.labels[i]] for i in ok],
                        "pred": [pred.classes[k] for k in probs.argmax(1)]})
     for c, name in enumerate(pred.classes):
         df[f"prob_{name}"] = probs[:, c]
+    if cal is not None:
+        for c, name in enumerate(pred.classes):
+            df[f"cal_prob_{name}"] = cal[:, c]
     return df
 
 
+def evaluate_on(run_dir: str | Path, data_path: str, engine: Engine = "auto", fold: int | None = None) -> dict:
+    """``evaluate RUN --data OTHER``: score the run's model (the ensemble of its fold models by default) on
+    other labelled data; writes metrics_report_external.json and report_external.html/md."""
+    from oncotransfer.evaluate.report import evaluate_run
+    pred = Predictor.from_run(run_dir, engine, fold)
+    df = predictions_on(run_dir, data_path, predictor=pred)
+    return evaluate_run(run_dir, predictions=df, out_name="report_external",
+                        scored_by=f"{pred.describe()} on {data_path}")
+
+
 def run_predict(run_dir: str | Path, paths: list[str], out: str | Path, tta: bool = False, explain: bool = False,
-                engine: Engine = "auto") -> tuple[pd.DataFrame, dict[str, str]]:
-    """The ``predict`` command: CSV at ``out``; with ``explain`` overlays in ``<out stem>_explain/``."""
-    pred = Predictor.from_run(run_dir, engine)
+                engine: Engine = "auto", fold: int | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The ``predict`` command: CSV at ``out``; with ``explain`` overlays in ``<out stem>_explain/``
+    (Grad-CAM of the first member, fold 0, for an ensemble)."""
+    pred = Predictor.from_run(run_dir, engine, fold)
     df, errors = pred.predict_paths(paths, tta=tta)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,8 +31,11 @@ class Head(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.net(features)
 
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits -> (N, num_classes) probabilities, also for the one-logit sigmoid head."""
+    def probabilities(self, logits: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+        """Logits -> (N, num_classes) probabilities, also for the one-logit sigmoid head. A ``temperature``
+        (temperature scaling, fitted on validation data) divides the logits first; None leaves them as they are."""
+        if temperature is not None:
+            logits = logits.float() / float(temperature)
         if self.sigmoid:
             p = torch.sigmoid(logits.float()).reshape(-1, 1)
             return torch.cat([1 - p, p], dim=1)

@@ -30,11 +30,13 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": message, "detail": message})
 
 
-def create_app(run_dir: str | Path, engine: str = "auto", max_upload_mb: float = 20) -> FastAPI:
-    """Build the app around one loaded model (``Predictor.from_run``)."""
+def create_app(run_dir: str | Path, engine: str = "auto", max_upload_mb: float = 20,
+               fold: int | None = None) -> FastAPI:
+    """Build the app around one loaded model (``Predictor.from_run``): the ensemble of a multi-fold run's fold
+    models by default, or fold ``fold`` alone."""
     from oncotransfer.data.images import decode_for_model
     from oncotransfer.infer.predict import Predictor
-    predictor = Predictor.from_run(run_dir, engine)
+    predictor = Predictor.from_run(run_dir, engine, fold)
     limit = int(max_upload_mb * 1024 * 1024)
     lock = threading.Lock()  # torch inference and Grad-CAM one at a time: torch uses every core, Grad-CAM hooks
     engines = _engine_pool(predictor)
@@ -71,7 +73,9 @@ def create_app(run_dir: str | Path, engine: str = "auto", max_upload_mb: float =
     def health() -> dict:
         return {"status": "ok", "model": predictor.name, "version": __version__, "engine": predictor.engine,
                 "backbone": predictor.meta["backbone"]["name"], "classes": predictor.classes,
-                "input_size": predictor.size, "max_upload_mb": max_upload_mb}
+                "input_size": predictor.size, "max_upload_mb": max_upload_mb,
+                "ensemble": predictor.describe(), "members": predictor.members,
+                "temperature": predictor.temperature, "calibrated": predictor.ensemble.calibrated}
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:

@@ -29,6 +29,8 @@ from oncotransfer.train.data import LoadedData, load_data
 from oncotransfer.train.device import pick_device, precision_label, prepare
 from oncotransfer.train.features import FeatureCache, resolve_engine
 from oncotransfer.train.activations import ActivationCache
+from oncotransfer.train.fold_outputs import (FITTED_ON, NO_VAL_NOTE, batch_outputs, fit_fold_temperature, fold_file,
+                                             save_fold_tensors, state_snapshot)
 from oncotransfer.train.inputs import cached_inputs, image_inputs
 from oncotransfer.train.tail_inputs import tail_inputs
 from oncotransfer.train.loop import FitState, evaluate, fit, make_loss, make_optimizer
@@ -88,7 +90,7 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
         f"{'grouped by ' + split.grouped_by if split.grouped_by else 'IMAGE-LEVEL'}")
     device = D.local_device(pick_device(cfg.train.device))
     aug = Augmenter(cfg.augment)
-    histories, preds, best_epochs, modes, fold0 = [], [], {}, set(), None
+    histories, preds, best_epochs, modes, fold0, fold0_state, temps = [], [], {}, set(), None, None, {}
     warnings = list(data.warnings) + list(split.warnings)
     try:
         for fold in split.folds:
@@ -96,10 +98,13 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
             modes.add(mode)
             best_epochs[str(fold.index)] = st.best_epoch
             histories.append(pd.DataFrame(st.history).assign(fold=fold.index))
-            preds.append(_fold_predictions(model, data, fold, cfg, device))
+            temps[str(fold.index)] = _fold_temperature(model, fold, cfg, device)
+            preds.append(_fold_predictions(model, data, fold, cfg, device, temps[str(fold.index)]))
             if fold.index == 0:
-                fold0 = model
+                fold0, fold0_state = model, state_snapshot(model)
                 warnings += list(model.weights.warnings if model.weights else [])
+            elif main:  # every fold's model is kept: only the tensors that differ from fold 0's
+                save_fold_tensors(run_dir, fold.index, model, fold0_state)
     except KeyboardInterrupt as e:
         e.run_dir = run_dir  # so the CLI can name the directory that --resume continues
         raise
@@ -108,8 +113,12 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
     history = pd.concat(histories)[["fold", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]]
     history.to_csv(run_dir / "history.csv", index=False)
     pd.concat(preds).to_csv(run_dir / "predictions.csv", index=False)
+    if cfg.evaluate.calibrate and all(t is None for t in temps.values()):
+        warnings.append(NO_VAL_NOTE)
     meta = checkpoint_meta(fold0, m.classes, cfg.model.head.model_dump(), to_dict(cfg),
-                           {"fold": 0, "n_folds": len(split.folds)})
+                           {"fold": 0, "n_folds": len(split.folds), "temperature": temps.get("0"),
+                            "folds": [{"fold": f.index, "file": fold_file(f.index), "temperature": temps[str(f.index)]}
+                                      for f in split.folds]})
     write_checkpoint(run_dir, fold0, meta)
     protocol = {"split": cfg.split.kind, "folds": len(split.folds), "grouped_by": split.grouped_by,
                 "image_level": split.image_level, "selection_on_test": split.selection_on_test,
@@ -120,7 +129,10 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
         "best_epochs": best_epochs, "seconds": time.perf_counter() - t0, "device": str(device),
         "precision": precision_label(device, cfg.train.fast_cpu), "weights": cfg.model.weights,
         "backbone": cfg.model.backbone, "warnings": warnings, "skipped": m.skipped,
-        "checkpoint": f"fold 0 of {len(split.folds)}", "processes": D.world_size()})
+        "checkpoint": f"fold 0 of {len(split.folds)}" + (" (folds 1.. in checkpoint/folds/)" if len(split.folds) > 1
+                                                           else ""),
+        "temperatures": temps, "calibration": {"fitted_on": FITTED_ON, "enabled": cfg.evaluate.calibrate},
+        "processes": D.world_size()})
     metrics = {}
     if report:
         from oncotransfer.evaluate.report import evaluate_run
@@ -252,17 +264,33 @@ def _finished(st: FitState, cfg: ExperimentConfig) -> bool:
     return st.epoch >= cfg.train.epochs or (p is not None and st.bad_epochs >= p)
 
 
-def _fold_predictions(model, data: LoadedData, fold: Fold, cfg: ExperimentConfig, device) -> pd.DataFrame:
+def _fold_module(model, cfg: ExperimentConfig):
+    """What the fold's inputs feed (``train_fold`` records it): the head on cached features, the tail and head
+    on cached prefix activations, or the whole classifier on images."""
+    module = model._aux["trained"]
+    return module, module is not model.head and cfg.train.fast_cpu
+
+
+def _fold_temperature(model, fold: Fold, cfg: ExperimentConfig, device) -> float | None:
+    module, fast = _fold_module(model, cfg)
+    return fit_fold_temperature(module, model.head, model._inputs, fold, cfg, device, fast)
+
+
+def _fold_predictions(model, data: LoadedData, fold: Fold, cfg: ExperimentConfig, device,
+                      temperature: float | None = None) -> pd.DataFrame:
+    """Test rows of the fold: ``prob_<class>`` as trained, plus ``cal_prob_<class>`` when a temperature exists."""
     m = data.manifest
-    inputs, module = model._inputs, model._aux["trained"]
-    fast = module is not model.head and cfg.train.fast_cpu
-    loss = make_loss(cfg.model.head.sigmoid)
-    _, _, probs = evaluate(module, inputs.test(), loss, device, fast, cfg.model.head.sigmoid)
+    module, fast = _fold_module(model, cfg)
+    _, _, probs, cal = batch_outputs(module, model.head, model._inputs.test(), device, fast, temperature)
+    probs = probs.numpy()
     df = pd.DataFrame({"fold": fold.index, "path": [m.relpath(i) for i in fold.test],
                        "label": [m.classes[m.labels[i]] for i in fold.test],
                        "pred": [m.classes[k] for k in probs.argmax(1)]})
     for c, name in enumerate(m.classes):
         df[f"prob_{name}"] = probs[:, c]
+    if cal is not None:
+        for c, name in enumerate(m.classes):
+            df[f"cal_prob_{name}"] = cal.numpy()[:, c]
     return df
 
 
