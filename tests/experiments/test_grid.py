@@ -94,3 +94,32 @@ def test_changed_grid_does_not_reuse_finished_runs(tmp_path: Path) -> None:
     changed = load_grid(write_grid(tmp_path, {"train.lr": [0.02]}, trials=1))
     with pytest.raises(ConfigError, match="different config"):
         run_grid(changed)
+
+
+def test_recipe_sets_several_keys_per_cell_and_labels_the_tables(tmp_path: Path) -> None:
+    make_images(tmp_path / "img")
+    recipes = [{"name": "a", "train.lr": 0.01}, {"name": "b", "train.lr": 0.001, "train.epochs": 1}]
+    spec = load_grid(write_grid(tmp_path, {"recipe": recipes}, trials=1))
+    runs = expand(spec)
+    assert [r.cell for r in runs] == ["c000", "c001"]
+    assert [(r.cfg.train.lr, r.cfg.train.epochs) for r in runs] == [(0.01, 2), (0.001, 1)]  # a keeps base epochs
+    summary = run_grid(spec, grid_dir=tmp_path / "g", workers=1)
+    results = pd.read_csv(tmp_path / "g" / "results.csv")
+    assert sorted(results["recipe"]) == ["a", "b"] and "name" not in results.columns
+    assert sorted(summary["recipe"]) == ["a", "b"]
+    by_name = dict(zip(results["recipe"], results["run_dir"]))
+    assert len(pd.read_csv(Path(by_name["b"]) / "history.csv")) == 1  # the recipe's epochs were used
+    assert len(pd.read_csv(Path(by_name["a"]) / "history.csv")) == 2
+
+
+@pytest.mark.parametrize("item", [{"train.lr": 0.01}, {"name": "only a name"}, "a", {"name": 3, "train.lr": 0.1}])
+def test_recipe_item_without_name_and_keys_is_a_one_line_error(tmp_path: Path, item) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_grid(write_grid(tmp_path, {"recipe": [{"name": "ok", "train.lr": 0.1}, item]}))
+    assert "'recipe'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_recipe_with_a_bad_key_names_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_grid(write_grid(tmp_path, {"recipe": [{"name": "x", "train.lrr": 0.1}]}))
+    assert "train.lrr" in str(e.value) and "\n" not in str(e.value)
