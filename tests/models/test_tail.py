@@ -234,3 +234,15 @@ def test_pool_stages_above_one_needs_a_frozen_base():
         validate({"model": {"freeze": "last:1", "pool_stages": 2}})
     assert "pool_stages" in str(e.value) and "\n" not in str(e.value)
     assert validate({"model": {"freeze": "frozen", "pool_stages": 2}}).model.pool_stages == 2
+
+
+def test_pooled_stages_on_resnet_uses_its_top_level_layers():
+    import timm
+
+    from oncotransfer.models.tail import PooledStages, pooled_width, stage_chain
+    net = timm.create_model("resnet50", pretrained=False, num_classes=0).eval()
+    chain = stage_chain(net)
+    assert pooled_width(chain, 3) == 2048 + 2048 + 1024  # final features, layer4, layer3
+    with torch.no_grad():
+        out = PooledStages(chain, 2).eval()(torch.randn(1, 3, 64, 64))
+    assert out.shape == (1, 4096)

@@ -65,8 +65,6 @@ def test_second_get_computes_nothing_and_rows_follow_the_requested_order(tmp_pat
     np.testing.assert_array_equal(np.asarray(arr2)[rows2], src.data[perm].astype(np.float16))
 
 
-@pytest.mark.xfail(raises=ValueError, strict=True, reason="src bug: ActivationCache._write copies old rows with "
-                   "out[s:s + 4096] = old_arr[s:s + 4096], which overruns n_old whenever new rows are appended")
 def test_new_shas_are_appended_without_recomputing_old_ones(tmp_path):
     src = Source(8)
     cache = ActivationCache(tmp_path, KEY)

@@ -9,6 +9,7 @@ rather than silently wrong activations.
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Iterator
 
 import torch
@@ -110,6 +111,11 @@ class TailModel(nn.Module):
         return self
 
 
+def _is_stage(name: str) -> bool:
+    """Block stages: ``blocks.N`` / ``stages.N`` / ``layers.N``, and ResNet's top-level ``layer1`` .. ``layer4``."""
+    return name.split(".")[0] in _STAGE_CONTAINERS or re.fullmatch(r"layer\d+", name) is not None
+
+
 class PooledStages(nn.Module):
     """Images -> the global-average-pooled outputs of the last ``k`` stages, concatenated (last stage first).
 
@@ -118,10 +124,11 @@ class PooledStages(nn.Module):
 
     def __init__(self, chain: list[tuple[str, nn.Module]], k: int):
         super().__init__()
-        blocks = [i for i, (name, _) in enumerate(chain) if name.split(".")[0] in _STAGE_CONTAINERS]
+        blocks = [i for i, (name, _) in enumerate(chain) if _is_stage(name)]
         if k - 1 > len(blocks):
             raise ConfigError(f"model.pool_stages: {k} asks for more stages than the backbone has "
-                              f"({len(blocks) + 1}); use 1 .. {len(blocks) + 1}")
+                              f"({len(blocks) + 1} poolable: its block stages and its final features); "
+                              f"use 1 .. {len(blocks) + 1}")
         self.chain = Chain(chain)
         self.taps = sorted(blocks[len(blocks) - (k - 1):]) if k > 1 else []
 

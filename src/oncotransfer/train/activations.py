@@ -122,7 +122,7 @@ class ActivationCache:
         try:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
             for s in range(0, n_old, 4096):
-                out[s:s + 4096] = old_arr[s:s + 4096]
+                out[s:min(s + 4096, n_old)] = old_arr[s:s + 4096]
             at = n_old
             for part in (first, *chunks):
                 out[at:at + len(part)] = part
