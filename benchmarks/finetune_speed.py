@@ -43,13 +43,12 @@ def tail_share(freeze: str, size: int = 224) -> float:
     from oncotransfer.models.classifier import create_classifier
     model = create_classifier("efficientnet_lite0", "none", HeadConfig(), 2, freeze, size).eval()
     prefix, tail, _ = model.tail_split()
-    x = torch.randn(1, 3, size, size)
     counts = []
-    for part, inp in ((prefix, x), (tail.backbone, None)):
+    x = torch.randn(1, 3, size, size)
+    for part in (prefix, tail.backbone):
         counter = FlopCounterMode(display=False)
         with counter, torch.inference_mode():
-            out = part(inp if inp is not None else a)
-        a = out
+            x = part(x)
         counts.append(counter.get_total_flops())
     return counts[1] / sum(counts)
 

@@ -68,3 +68,12 @@ def kfold_run(tmp_path_factory):
     finally:
         calibration.fit_temperature = real
     return run_dir, calls
+
+
+@pytest.fixture
+def run_copy(kfold_run, tmp_path):
+    """A private copy of the k-fold run, for tests that write into it (exports, stale files)."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(kfold_run[0], run)
+    return run

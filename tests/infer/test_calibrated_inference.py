@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -13,13 +12,6 @@ from PIL import Image
 from oncotransfer.data.demo import demo_path
 
 IMAGES = sorted(demo_path("osteosarcoma").rglob("*.jpg"))[:4]
-
-
-@pytest.fixture
-def run_copy(kfold_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(kfold_run[0], run)
-    return run
 
 
 def test_predictor_is_softmax_of_logits_over_t(kfold_run):

@@ -18,13 +18,6 @@ from oncotransfer.data.manifest import resolve_data_path
 IMAGES = sorted(demo_path("osteosarcoma").rglob("*.jpg"))[:5]
 
 
-@pytest.fixture
-def run_copy(kfold_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(kfold_run[0], run)
-    return run
-
-
 def test_fold_files_hold_only_the_head_of_a_frozen_run(kfold_run):
     run, _ = kfold_run
     fold0 = load_file(str(run / "checkpoint" / "model.safetensors"))

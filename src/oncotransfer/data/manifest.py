@@ -120,6 +120,9 @@ def resolve_data_path(path: str | None) -> Path:
 
 def load_manifest(path: str | Path, patient_regex: str | None = None, min_classes: int = 2) -> Manifest:
     """Read a class-per-folder tree, a manifest CSV, or a folder holding ``manifest.csv``."""
+    if path is None:
+        raise DataError("data.path is not set; pass the data with --set data.path=PATH (a folder of class "
+                        "sub-folders, a manifest CSV or demo:NAME)")
     p = resolve_data_path(str(path))
     patients = None
     if p.is_file():

@@ -39,6 +39,10 @@ def collect(grid_dir: Path, runs: list) -> pd.DataFrame:
         info = json.loads((d / "run.json").read_text())
         row = {"cell": run.cell, **{k: _label(k, v, run.cfg) for k, v in run.values.items()}, "trial": run.trial}
         row.update({k: m["pooled"].get(k) for k in _METRICS})
+        ci = m["pooled"].get("accuracy_ci95") or [None, None]
+        cal = m.get("calibration") or {}
+        row.update({"accuracy_ci95_low": ci[0], "accuracy_ci95_high": ci[1],
+                    "ece_before": cal.get("ece_before", m["pooled"].get("ece")), "ece_after": cal.get("ece_after")})
         row["best_epochs"] = ";".join(str(v) for v in (info.get("best_epochs") or {}).values())
         row.update({"seconds": info.get("seconds"), "run_dir": str(d)})
         rows.append(row)
@@ -85,6 +89,27 @@ def summarise_cells(results: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
             row.update(cell_ensemble(part.sort_values("trial")["run_dir"].astype(str).tolist()) or {})
         out.append(row)
     return pd.DataFrame(out)
+
+
+def comparison(results: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """One row per cell, the columns a recipe comparison needs: accuracy with its 95% CI (the pooled bootstrap
+    interval of one trial, or the t-interval over several), balanced accuracy, ROC-AUC, ECE before and after
+    temperature scaling, and minutes of training and evaluation (summed over trials)."""
+    rows = []
+    for cell, part in results.groupby("cell", sort=True):
+        acc = part["accuracy"].astype(float)
+        if len(part) == 1:
+            low, high = part["accuracy_ci95_low"].iloc[0], part["accuracy_ci95_high"].iloc[0]
+        else:
+            low, high = summarise(acc)["ci95"]
+        ci = "" if low is None or pd.isna(low) else f" ({max(0.0, low):.3f}-{min(1.0, high):.3f})"
+        mean = {k: pd.to_numeric(part[k], errors="coerce").mean() for k in
+                ("balanced_accuracy", "roc_auc", "ece_before", "ece_after")}
+        rows.append({"cell": cell, **{k: part[k].iloc[0] for k in keys}, "trials": len(part),
+                     "accuracy (95% CI)": f"{acc.mean():.3f}{ci}",
+                     **{k.replace("_", " "): "-" if pd.isna(v) else f"{v:.3f}" for k, v in mean.items()},
+                     "minutes": f"{pd.to_numeric(part['seconds'], errors='coerce').sum() / 60:.1f}"})
+    return pd.DataFrame(rows)
 
 
 def markdown_table(df: pd.DataFrame) -> str:
@@ -135,6 +160,10 @@ _HTML = """<!doctype html><html><head><meta charset="utf-8"><title>Grid {{ name 
 <h1>Grid {{ name }}</h1>
 <p>{{ n_runs }} runs ({{ n_cells }} cells × {{ trials }} trials; trials vary {{ trial_keys }}). Total training time
 {{ seconds }}.</p>
+<h2>Comparison</h2>{{ comparison_html | safe }}
+<p>Accuracy, balanced accuracy and ROC-AUC pool each run's test predictions (every image once in k-fold runs);
+ECE is the expected calibration error before and after temperature scaling fitted on each fold's validation
+subset; minutes are the runs' own time, feature or activation extraction included.</p>
 <h2>Summary per cell (accuracy over trials)</h2>{{ summary_html | safe }}
 {% if table1_html %}<h2>Augmentation settings (Table 1 style)</h2>{{ table1_html | safe }}{% endif %}
 {% if figure %}<h2>Accuracy against learning rate (Figure 3 style)</h2><img alt="figure 3" src="{{ figure }}">{% endif %}
@@ -153,6 +182,8 @@ def write_results(spec, grid_dir: Path, runs: list) -> pd.DataFrame:
     summary = summarise_cells(results, keys)
     summary.to_csv(grid_dir / "summary.csv", index=False)
     (grid_dir / "summary.md").write_text(f"# Grid {spec.name}\n\n" + markdown_table(summary))
+    table = comparison(results, keys)
+    (grid_dir / "comparison.md").write_text(f"# Grid {spec.name}: comparison\n\n" + markdown_table(table))
     fig = figure3(summary, spec.base)
     png = save_figure(fig, grid_dir / "figure3.png") if fig is not None else None
     t1 = table1(summary, keys)
@@ -162,6 +193,7 @@ def write_results(spec, grid_dir: Path, runs: list) -> pd.DataFrame:
     html = render(_HTML, html=True, name=spec.name, n_runs=len(results), n_cells=results["cell"].nunique(),
                   trials=spec.trials, trial_keys=", ".join(spec.trial_keys),
                   seconds=f"{float(results['seconds'].sum()):.1f} s",
+                  comparison_html=table.to_html(index=False),
                   summary_html=summary.to_html(index=False, float_format=lambda x: f"{x:.4f}"),
                   table1_html=t1.to_html(index=False) if t1 is not None else "",
                   figure=data_uri(png) if png else "",

@@ -33,7 +33,7 @@ from oncotransfer.train.fold_outputs import (FITTED_ON, NO_VAL_NOTE, batch_outpu
                                              save_fold_tensors, state_snapshot)
 from oncotransfer.train.inputs import cached_inputs, image_inputs
 from oncotransfer.train.tail_inputs import tail_inputs
-from oncotransfer.train.loop import FitState, evaluate, fit, make_loss, make_optimizer
+from oncotransfer.train.loop import FitState, fit, make_loss, make_optimizer
 from oncotransfer.train.schedule import Schedule, make_schedule
 
 
