@@ -33,11 +33,12 @@ class Classifier(nn.Module):
         self._aux: dict[str, nn.Module] = {}
         if pool_stages > 1:
             self._aux["pooled"] = PooledStages(stage_chain(backbone), pool_stages)
+        self._num_features = feature_width(backbone, pool_stages)  # a probe pass when stages are pooled: once
         apply_freeze(self, freeze)
 
     @property
     def num_features(self) -> int:
-        return feature_width(self.backbone, self.pool_stages)
+        return self._num_features
 
     def feature_module(self) -> nn.Module:
         """Images -> the features the head reads: the backbone's pooled output, or several stages pooled."""
