@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from oncotransfer.data.images import normalise
-from oncotransfer.train.features import _digest, default_cache_dir
+from oncotransfer.train.features import _digest, default_cache_dir, onnx_session
 
 
 @torch.inference_mode()
@@ -64,12 +64,8 @@ class ActivationCache:
         if self.engine != "onnx":
             return extract_activations(prefix, images, mean, std, device, fast)
         if self._session is None:
-            from oncotransfer.infer.onnx import export_onnx, ort_session
-            path = self.root / self.key / f"prefix_{images.shape[-1]}.onnx"
-            if not path.is_file():
-                export_onnx(prefix.cpu().eval(), path, int(images.shape[-1]))
-                prefix.to(device)
-            self._session = ort_session(path)
+            self._session = onnx_session(self.root / self.key / f"prefix_{images.shape[-1]}.onnx", prefix,
+                                         int(images.shape[-1]), device)
         return extract_activations_onnx(self._session, images, mean, std)
 
     def _index_file(self, view_key: dict) -> Path:

@@ -59,6 +59,15 @@ def extract_features_onnx(session, images: torch.Tensor, mean: tuple, std: tuple
     return torch.cat(out) if out else torch.zeros((0, 0))
 
 
+def onnx_session(path: Path, module: torch.nn.Module, size: int, device: torch.device, threads: int | None = None):
+    """An ONNX Runtime session of ``module`` at ``size`` px, exported to ``path`` once and reused after."""
+    from oncotransfer.infer.onnx import export_onnx, ort_session
+    if not path.is_file():
+        export_onnx(module.cpu().eval(), path, size)
+        module.to(device)
+    return ort_session(path, threads=threads)
+
+
 class FeatureCache:
     """Features per (model key, view key) file, rows addressed by image content hash.
 
@@ -80,14 +89,10 @@ class FeatureCache:
         if self.engine != "onnx":
             return extract_features(backbone, images, mean, std, device, fast)
         if self._session is None:
-            from oncotransfer.infer.onnx import export_onnx, ort_session
-            path = self.root / self.model_key / f"backbone_{images.shape[-1]}.onnx"
-            if not path.is_file():
-                export_onnx(backbone.cpu().eval(), path, int(images.shape[-1]))
-                backbone.to(device)
             # Under torchrun the ranks of one machine share its cores (torchrun sets OMP_NUM_THREADS=1 likewise).
             per_rank = max(1, (os.cpu_count() or 1) // D.world_size()) if D.world_size() > 1 else None
-            self._session = ort_session(path, threads=per_rank)
+            self._session = onnx_session(self.root / self.model_key / f"backbone_{images.shape[-1]}.onnx",
+                                         backbone, int(images.shape[-1]), device, per_rank)
         return extract_features_onnx(self._session, images, mean, std)
 
     def _file(self, view_key: dict) -> Path:
