@@ -25,6 +25,7 @@ demo: install
 	$(BIN)/oncotransfer train configs/demo.yaml
 
 test: install-test
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
 clean:

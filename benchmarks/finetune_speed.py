@@ -40,7 +40,7 @@ def tail_share(freeze: str, size: int = 224) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from oncotransfer.config import HeadConfig
-    from oncotransfer.models.classifier import create_classifier
+    from oncotransfer.models.factory import create_classifier
     model = create_classifier("efficientnet_lite0", "none", HeadConfig(), 2, freeze, size).eval()
     prefix, tail, _ = model.tail_split()
     counts = []
@@ -69,7 +69,7 @@ def config(data: Path, freeze: str, tail_cache: bool, epochs: int, cache: Path) 
 
 def measure(data: Path, freeze: str, tail_cache: bool, epochs: int, cache: Path) -> dict:
     from oncotransfer.config import validate
-    from oncotransfer.train.experiment import run_experiment
+    from oncotransfer.experiments.run import run_experiment
     cfg = validate(config(data, freeze, tail_cache, epochs, cache), "benchmark")
     t0 = time.perf_counter()
     res = run_experiment(cfg)

@@ -55,7 +55,7 @@ def cached_grid(work: Path, lrs: list[float], epochs: list[int], trials: int) ->
 def uncached_estimate(work: Path, n_runs: int, total_epochs: int) -> tuple[float, float, float]:
     """(extrapolated grid seconds, seconds per uncached epoch, per-run overhead seconds) from a 1-epoch run."""
     from oncotransfer.config import validate
-    from oncotransfer.train.experiment import run_experiment
+    from oncotransfer.experiments.run import run_experiment
     cfg = validate(base_config(work / "cache_uncached", feature_cache=False, epochs=1, lr=0.001))
     t0 = time.perf_counter()
     res = run_experiment(cfg, work / "uncached_run", report=False)
@@ -81,8 +81,8 @@ def throughput(n: int = 64) -> list[tuple[str, str, float]]:
     """Images/s at 224 px (random weights) for torch eager fp32, torch channels_last and ONNX Runtime, batch 32,
     each the median of 3 passes over ``n`` images."""
     from oncotransfer.config import HeadConfig
-    from oncotransfer.infer.onnx import export_onnx, ort_session, run_session
-    from oncotransfer.models.classifier import create_classifier
+    from oncotransfer.runtime import export_onnx, ort_session, run_session
+    from oncotransfer.models.factory import create_classifier
     rows = []
     x = torch.randn(n, 3, 224, 224)
     for name in ("efficientnet_lite0", "mobilenet_v2"):

@@ -40,8 +40,8 @@ def _time(fn, repeats: int) -> float:
 def bench_model(name: str, repeats: int, tmp: Path) -> list[tuple]:
     from oncotransfer.config import HeadConfig
     from oncotransfer.infer.export import ProbabilityModel
-    from oncotransfer.infer.onnx import export_onnx, ort_session
-    from oncotransfer.models.classifier import create_classifier
+    from oncotransfer.runtime import export_onnx, ort_session
+    from oncotransfer.models.factory import create_classifier
     model = ProbabilityModel(create_classifier(name, "none", HeadConfig(), 3, image_size=224)).eval()
     x1, x32 = torch.randn(1, 3, 224, 224), torch.randn(32, 3, 224, 224)
     rows = []

@@ -56,7 +56,7 @@ def backbone_gflop(name: str, size: int = 224) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from oncotransfer.config import HeadConfig
-    from oncotransfer.models.classifier import create_classifier
+    from oncotransfer.models.factory import create_classifier
     net = create_classifier(name, "none", HeadConfig(), 2, "frozen", size).backbone.eval()
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():

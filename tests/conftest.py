@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # test helpers (synthetic) impor
 def tiny_run(tmp_path_factory):
     """A real but tiny run: frozen offline EfficientNet-Lite0 on the demo osteosarcoma tiles, 128 px, 3 epochs."""
     from oncotransfer.config import validate
-    from oncotransfer.train.experiment import run_experiment
+    from oncotransfer.experiments.run import run_experiment
     tmp = tmp_path_factory.mktemp("tiny_run")
     cfg = validate({
         "name": "tiny", "output_dir": str(tmp / "runs"),
@@ -44,8 +44,8 @@ def kfold_run(tmp_path_factory):
     offline Lite0 on the demo tiles at 64 px, 3 epochs, fp32 PyTorch features. Returns (run_dir, calls),
     ``calls`` being the (logits, labels) that ``fit_temperature`` received, one per fold."""
     from oncotransfer.config import validate
-    from oncotransfer.evaluate import calibration
-    from oncotransfer.train.experiment import run_experiment
+    from oncotransfer.train import temperature as calibration
+    from oncotransfer.experiments.run import run_experiment
     tmp = tmp_path_factory.mktemp("kfold_run")
     cfg = validate({
         "name": "kfold", "output_dir": str(tmp / "runs"),

@@ -150,3 +150,16 @@ def test_ctrl_c_names_how_to_continue_the_interrupted_command(args, run_dir, nee
     assert code == 130
     assert needle in err and "Traceback" not in err
     assert ("--resume" in err) == (args[0] == "train")
+
+
+def test_help_imports_no_training_code():
+    """`oncotransfer --help` must stay instant: no torch, models or training modules behind it."""
+    code = ("import sys; sys.argv = ['oncotransfer', '--help']\n"
+            "import oncotransfer.cli as cli\n"
+            "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'sklearn')\n"
+            "               or m.startswith(('oncotransfer.train', 'oncotransfer.models', 'oncotransfer.experiments')))\n"
+            "print('HEAVY', heavy, file=sys.stderr)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "Usage" in out.stdout
+    assert "HEAVY []" in out.stderr, out.stderr

@@ -63,7 +63,7 @@ def train(config: Path = typer.Argument(..., help="YAML config"),
     """Train and evaluate; writes a run directory with checkpoint, metrics and report."""
     from oncotransfer.config import load_config
     from oncotransfer.train import distributed
-    from oncotransfer.train.stages import run_config
+    from oncotransfer.experiments.stages import run_config
     cfg = None if resume else load_config(config, set_)
     _check_track(track, tracking_uri)
     # Under torchrun (WORLD_SIZE > 1) every process runs this; only rank 0 logs, writes and prints.

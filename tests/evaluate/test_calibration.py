@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from oncotransfer.evaluate.calibration import (T_MAX, T_MIN, expected_calibration_error, fit_temperature,
-                                               scale_probabilities)
+from oncotransfer.evaluate.calibration import expected_calibration_error
+from oncotransfer.train.temperature import T_MAX, T_MIN, fit_temperature, scale_probabilities
 
 
 def _binary(conf: float, n: int, n_correct: int) -> tuple[np.ndarray, np.ndarray]:
@@ -66,7 +66,7 @@ def test_fit_temperature_recovers_a_known_temperature_sigmoid(t_true):
 
 
 def test_fit_temperature_is_bounded_and_lowers_nll():
-    from oncotransfer.evaluate.calibration import _nll
+    from oncotransfer.train.temperature import _nll
     z = np.array([[1.0, -1.0], [-0.8, 0.8]])
     t = fit_temperature(z, np.array([0, 1]), sigmoid=False)  # separable: sharper is always better
     assert T_MIN <= t < 0.2 and _nll(z, np.array([0, 1]), False, t) < _nll(z, np.array([0, 1]), False, 1.0)

@@ -12,7 +12,7 @@ from oncotransfer.errors import ConfigError
 from oncotransfer.experiments import expand, load_grid, run_grid
 from oncotransfer.experiments.local_executor import default_workers
 from oncotransfer.experiments.schedule import LeadersFirst
-from oncotransfer.train.device import usable_cores
+from oncotransfer.runtime import usable_cores
 
 METRICS = ["cell", "trial", "accuracy", "balanced_accuracy", "roc_auc", "best_epochs"]
 

@@ -188,7 +188,7 @@ def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
 
 
 def test_train_track_bogus_fails_before_training(tmp_path: Path, monkeypatch, capsys) -> None:
-    import oncotransfer.train.stages as stages
+    import oncotransfer.experiments.stages as stages
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(stages, "run_config", lambda *a, **k: pytest.fail("trained despite a bad --track"))
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"name": "x", "data": {"path": "demo:osteosarcoma"}}))
@@ -198,8 +198,8 @@ def test_train_track_bogus_fails_before_training(tmp_path: Path, monkeypatch, ca
 
 
 def test_train_command_tracks_its_run(tmp_path: Path, monkeypatch, capsys, store: str) -> None:
-    import oncotransfer.train.stages as stages
-    from oncotransfer.train.experiment import RunResult
+    import oncotransfer.experiments.stages as stages
+    from oncotransfer.experiments.run import RunResult
     run = fake_run(tmp_path / "runs" / "r", folds=1, name="cli-train")
     monkeypatch.setattr(stages, "run_config", lambda *a, **k: RunResult(run, json.loads(
         (run / "metrics.json").read_text()), ["a", "b"]))

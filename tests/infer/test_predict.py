@@ -144,7 +144,7 @@ def test_onnx_engine_without_export_is_a_clear_error(tmp_path, tiny_run):
 
 
 def test_export_fails_when_parity_breaks(tiny_run, monkeypatch):
-    import oncotransfer.infer.onnx as onnx_mod
+    import oncotransfer.runtime as onnx_mod
     from oncotransfer.infer.export import ExportParityError, export_run
     real = onnx_mod.run_session
     monkeypatch.setattr(onnx_mod, "run_session", lambda s, x, batch_size=32: real(s, x, batch_size) + 1e-3)

@@ -44,7 +44,7 @@ def test_temperatures_cal_columns_and_ece_keys(kfold_run):
 def test_temperature_is_fitted_on_exactly_the_validation_rows(kfold_run):
     from oncotransfer.data.images import decode_many, normalise
     from oncotransfer.data.manifest import resolve_data_path
-    from oncotransfer.train.checkpoint import load_classifier
+    from oncotransfer.models.factory import load_classifier
     run, calls = kfold_run
     assert len(calls) == 3
     split = pd.read_csv(run / "split.csv")
@@ -81,7 +81,7 @@ def test_no_validation_split_means_no_temperature(tiny_run, tmp_path):
 def test_calibrate_false_keeps_probabilities_and_fits_nothing(tmp_path):
     """With calibration off the run is the same as with it on, minus the cal_prob columns."""
     from oncotransfer.config import validate
-    from oncotransfer.train.experiment import run_experiment
+    from oncotransfer.experiments.run import run_experiment
     base = {"name": "c", "output_dir": str(tmp_path / "runs"),
             "data": {"path": "demo:osteosarcoma", "image_size": 32},
             "split": {"kind": "kfold", "folds": 2, "val_size": 0.25, "allow_image_level_split": True,

@@ -10,9 +10,9 @@ import torch
 
 from oncotransfer.config import validate
 from oncotransfer.data.images import normalise
-from oncotransfer.train.checkpoint import load_classifier
+from oncotransfer.models.factory import load_classifier
 from oncotransfer.train.data import load_data
-from oncotransfer.train.experiment import run_experiment
+from oncotransfer.experiments.run import run_experiment
 from oncotransfer.train.schedule import lr_factor
 
 

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.slow,
 
 
 def test_demo_config_kfold_and_lopo(tmp_path):
-    from oncotransfer.train.experiment import run_experiment
+    from oncotransfer.experiments.run import run_experiment
     common = [f"data.path={DATA}", f"train.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'runs'}",
               "evaluate.bootstrap=200"]
     kfold_cfg = load_config(ROOT / "configs" / "demo.yaml", common + [

@@ -22,7 +22,7 @@ import yaml
 
 from synthetic import THREE, colour_images
 from oncotransfer.config import validate
-from oncotransfer.train.experiment import run_experiment
+from oncotransfer.experiments.run import run_experiment
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),

@@ -10,9 +10,9 @@ import torch
 
 from synthetic import THREE, colour_images
 from oncotransfer.config import validate
-from oncotransfer.models.classifier import create_classifier
+from oncotransfer.models.factory import create_classifier
 from oncotransfer.config import HeadConfig
-from oncotransfer.train.experiment import run_experiment
+from oncotransfer.experiments.run import run_experiment
 from oncotransfer.train.features import FeatureCache, extract_features
 
 

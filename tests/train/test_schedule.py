@@ -10,7 +10,7 @@ from torch import nn
 
 from oncotransfer.config import HeadConfig, TrainConfig, validate
 from oncotransfer.errors import CheckpointError, ConfigError
-from oncotransfer.models.classifier import create_classifier
+from oncotransfer.models.factory import create_classifier
 from oncotransfer.train.loop import make_loss, make_optimizer, train_one_epoch
 from oncotransfer.train.schedule import lr_factor, make_schedule
 

@@ -164,7 +164,7 @@ def test_in_memory_bank_keeps_only_the_rows_it_was_given(tmp_path):
     ({"freeze": "last:1"}, {"tail_cache": False}, False), ({"freeze": "last:1"}, {"feature_cache": False}, False),
     ({"freeze": "frozen"}, {}, False), ({"freeze": "finetune"}, {}, False)])
 def test_uses_tail_cache(model, train, uses):
-    from oncotransfer.train.experiment import uses_tail_cache
+    from oncotransfer.train.fold import uses_tail_cache
     assert uses_tail_cache(validate({"model": model, "train": train})) is uses
 
 
@@ -204,8 +204,8 @@ def outputs(run_dir: Path):
 def test_tail_cache_matches_recomputing_the_prefix_and_reuses_its_cache(tmp_path, demo_data):
     from oncotransfer.models.backbones import get_backbone
     from oncotransfer.models.weights import build_backbone
-    from oncotransfer.train.checkpoint import load_classifier
-    from oncotransfer.train.experiment import run_experiment
+    from oncotransfer.models.factory import load_classifier
+    from oncotransfer.experiments.run import run_experiment
     cache = tmp_path / "cache"
     run = lambda name, **train: run_experiment(  # noqa: E731
         demo_config(tmp_path, name, {"freeze": "last:1"}, **train), data=demo_data, report=False).run_dir
@@ -250,8 +250,8 @@ def test_tail_cache_matches_recomputing_the_prefix_and_reuses_its_cache(tmp_path
 def test_pooled_stages_run_reloads_and_reproduces_its_predictions(tmp_path, demo_data):
     from oncotransfer.data.images import decode_many, normalise
     from oncotransfer.data.manifest import resolve_data_path
-    from oncotransfer.train.checkpoint import load_classifier
-    from oncotransfer.train.experiment import run_experiment
+    from oncotransfer.models.factory import load_classifier
+    from oncotransfer.experiments.run import run_experiment
     common = dict(epochs=2)
     # a pool_stages 1 run first, in the same cache folder: the pooled features must not be served its entries
     one = run_experiment(demo_config(tmp_path, "one", {"freeze": "frozen"}, **common), data=demo_data,

@@ -1,7 +1,6 @@
 """Folders or CSV -> Manifest (path, label, patient, sha256); duplicate detection by bytes and perceptual hash."""
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from oncotransfer.errors import DataError
+from oncotransfer.io import sha256_file
 from oncotransfer.data.images import IMAGE_SUFFIXES
 
 
@@ -46,14 +46,6 @@ class Manifest:
                              "label": [self.classes[k] for k in self.labels],
                              "patient": self.patients if self.patients is not None else None,
                              "sha256": self.sha256})
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _patients_from_regex(paths: list[str], regex: str) -> np.ndarray:

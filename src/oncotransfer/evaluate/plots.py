@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from oncotransfer.errors import DataError
+from oncotransfer.evaluate.calibration import expected_calibration_error, reliability_bins
 
 _HISTORY_COLUMNS = ("fold", "epoch", "train_loss", "train_acc", "val_loss", "val_acc")
 _COLOURS = {"train": "tab:blue", "val": "tab:orange"}
@@ -130,7 +131,6 @@ def plot_reliability(y_true: Sequence[Any] | np.ndarray, before: np.ndarray, aft
                      classes: list[str], n_bins: int = 15) -> Figure:
     """Reliability diagram: accuracy against top-label confidence per equal-width bin, before and (when
     given) after temperature scaling, in one figure; the legend carries each curve's ECE."""
-    from oncotransfer.evaluate.calibration import expected_calibration_error, reliability_bins
     truth = as_indices(y_true, classes)
     fig = Figure(figsize=(5.5, 5), layout="constrained")
     ax = fig.subplots()

@@ -29,6 +29,7 @@ from oncotransfer.config import (ExperimentConfig, apply_overrides, read_yaml, r
 from oncotransfer.errors import ConfigError
 from oncotransfer.experiments.local_executor import run_local
 from oncotransfer.experiments.ray_executor import run_ray
+from oncotransfer.rundir import run_finished
 
 _GRID_KEYS = {"name", "base", "base_config", "grid", "trials", "trial_keys", "output_dir", "run_reports",
               "resources"}
@@ -187,7 +188,7 @@ def run_one(cfg: ExperimentConfig, run_dir: Path, run_reports: bool = False,
     from oncotransfer.evaluate.report import evaluate_run
     from oncotransfer.models.backbones import get_backbone
     from oncotransfer.train.data import load_data
-    from oncotransfer.train.experiment import run_experiment
+    from oncotransfer.experiments.run import run_experiment
     memo = {} if memo is None else memo
     key = _data_key(cfg)
     if key not in memo:
@@ -198,11 +199,11 @@ def run_one(cfg: ExperimentConfig, run_dir: Path, run_reports: bool = False,
 
 
 def pending_runs(grid_dir: Path, runs: list[GridRun]) -> list[GridRun]:
-    """The runs still to do: a run with a metrics.json is finished (and must come from the same config)."""
+    """The runs still to do: a finished run (``rundir.run_finished``) must come from the same config."""
     todo = []
     for run in runs:
         run_dir = grid_dir / "runs" / run.run_id
-        if (run_dir / "metrics.json").is_file():
+        if run_finished(run_dir):
             _check_same(run, run_dir)
         else:
             todo.append(run)

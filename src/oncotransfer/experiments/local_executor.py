@@ -31,7 +31,7 @@ _MEMO: dict[str, Any] = {}  # per worker process: loaded data sets, keyed by gri
 
 def default_workers(runs: list[GridRun]) -> int:
     """One worker per core when every run trains a head on cached features; otherwise one."""
-    from oncotransfer.train.device import usable_cores
+    from oncotransfer.runtime import usable_cores
     if runs and all(cache_group(r.cfg) is not None for r in runs):
         return max(1, min(usable_cores(), len(runs)))
     return 1
@@ -78,7 +78,7 @@ def _work(cfg: ExperimentConfig, work_dir: str, run_reports: bool, threads: int,
 
 def _run_pool(spec: GridSpec, grid_dir: Path, runs: list[GridRun], todo: list[GridRun], workers: int,
               on_run_end: Callable[[GridRun, Path], None] | None, say: Callable[[str], None]) -> None:
-    from oncotransfer.train.device import usable_cores
+    from oncotransfer.runtime import usable_cores
     cores = usable_cores()
     partial = grid_dir / "runs" / ".partial"
     shutil.rmtree(partial, ignore_errors=True)  # left by a grid that was killed
@@ -90,7 +90,7 @@ def _run_pool(spec: GridSpec, grid_dir: Path, runs: list[GridRun], todo: list[Gr
     # forkserver, not fork: forking a process whose torch thread pools run can hang the child. The server
     # imports the training code once and lives as long as this process, so later pools start at once.
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["oncotransfer.experiments.grid", "oncotransfer.train.experiment"])
+    ctx.set_forkserver_preload(["oncotransfer.experiments.grid", "oncotransfer.experiments.run"])
     pool = ctx.Pool(workers)
     try:
         while order.ready or inflight:

@@ -67,7 +67,7 @@ def export_run(run_dir: str | Path, fmt: Literal["onnx", "torchscript"] = "onnx"
     from oncotransfer.data.images import normalise
     from oncotransfer.infer.predict import _checkpoint_digest
     from oncotransfer.infer.predict import Predictor
-    from oncotransfer.train.checkpoint import write_json
+    from oncotransfer.io import write_json
     say = log or (lambda s: None)
     if fmt not in ("onnx", "torchscript"):
         raise ConfigError(f"--format {fmt!r}: expected onnx or torchscript")
@@ -82,7 +82,7 @@ def export_run(run_dir: str | Path, fmt: Literal["onnx", "torchscript"] = "onnx"
     with torch.inference_mode():
         ref = wrapped(x).numpy()
     if fmt == "onnx":
-        from oncotransfer.infer.onnx import export_onnx, ort_session, run_session
+        from oncotransfer.runtime import export_onnx, ort_session, run_session
         path = export_onnx(wrapped, out_dir / "model.onnx", size)
         got = run_session(ort_session(path), x.numpy())
     else:

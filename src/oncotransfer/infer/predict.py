@@ -72,7 +72,7 @@ class Predictor:
         run) or fold ``fold`` alone. ``auto`` uses RUN/export/model.onnx with ONNX Runtime when it exists and
         holds the same members."""
         from oncotransfer.models.ensemble import Ensemble
-        from oncotransfer.train.checkpoint import load_members
+        from oncotransfer.models.factory import load_members
         run_dir = Path(run_dir)
         if engine not in ("auto", "torch", "onnx"):
             raise ConfigError(f"--engine {engine!r}: expected auto, torch or onnx")
@@ -89,7 +89,7 @@ class Predictor:
                 raise CheckpointError(f"{run_dir}: no {onnx_path.relative_to(run_dir)}; run "
                                       f"`oncotransfer export {run_dir} --format onnx` first or use --engine torch")
             _check_export_matches(run_dir, meta, info)
-            from oncotransfer.infer.onnx import ort_session
+            from oncotransfer.runtime import ort_session
             session = ort_session(onnx_path)
         return cls(members[0], meta, "onnx" if use_onnx else "torch", session, run_dir, ensemble, info)
 
@@ -132,7 +132,7 @@ class Predictor:
         if len(x) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
         if self.session is not None:
-            from oncotransfer.infer.onnx import run_session
+            from oncotransfer.runtime import run_session
             return run_session(self.session, x.numpy(), batch_size)
         with torch.inference_mode():
             return torch.cat([self.ensemble.probabilities(x[s:s + batch_size])
@@ -227,7 +227,7 @@ def _check_export_matches(run_dir: Path, meta: dict, members: list[dict] | None 
 
 
 def _checkpoint_digest(run_dir: Path) -> str:
-    from oncotransfer.data.manifest import sha256_file
+    from oncotransfer.io import sha256_file
     return sha256_file(Path(run_dir) / "checkpoint" / "model.safetensors")
 
 

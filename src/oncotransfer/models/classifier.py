@@ -1,18 +1,16 @@
 """Backbone + head, freezing policies and the preprocessing that travels with the weights."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from timm.models import group_parameters
 from torch import nn
 
-from oncotransfer.config import HeadConfig
 from oncotransfer.errors import ConfigError
-from oncotransfer.models.backbones import BackboneSpec, get_backbone, with_normalisation
-from oncotransfer.models.heads import Head, create_head
-from oncotransfer.models.tail import Chain, PooledStages, TailModel, check_prefix_frozen, cut_index, stage_chain
-from oncotransfer.models.weights import WeightsInfo, build_backbone
+from oncotransfer.models.backbones import BackboneSpec
+from oncotransfer.models.heads import Head
+from oncotransfer.models.tail import (Chain, PooledStages, TailModel, check_prefix_frozen, cut_index, pooled_width,
+                                      stage_chain)
+from oncotransfer.models.weights import WeightsInfo
 
 
 class Classifier(nn.Module):
@@ -77,7 +75,6 @@ class Classifier(nn.Module):
 def feature_width(backbone: nn.Module, pool_stages: int = 1) -> int:
     if pool_stages <= 1:
         return int(backbone.num_features)
-    from oncotransfer.models.tail import pooled_width
     return pooled_width(stage_chain(backbone), pool_stages)
 
 
@@ -131,23 +128,3 @@ def apply_freeze(model: Classifier, policy: str) -> None:
     else:
         raise ConfigError(f"model.freeze: unknown policy {policy!r}; expected frozen, finetune, last:N or from:STAGE")
     model.train(model.training)
-
-
-@dataclass
-class ClassifierSpec:
-    backbone: str
-    weights: str
-    head: HeadConfig
-    num_classes: int
-    freeze: str = "frozen"
-    image_size: int | None = None
-
-
-def create_classifier(backbone: str, weights: str, head: HeadConfig, num_classes: int,
-                      freeze: str = "frozen", image_size: int | None = None, pool_stages: int = 1) -> Classifier:
-    """Build a classifier; the normalisation comes from the weights, not from a hard-coded ImageNet mean."""
-    spec = get_backbone(backbone)
-    net, info = build_backbone(spec, weights)
-    spec = with_normalisation(spec, info.mean, info.std)
-    head_module = create_head(head, feature_width(net, pool_stages), num_classes)
-    return Classifier(net, head_module, spec, image_size or spec.input_size, info, freeze, pool_stages)

@@ -14,6 +14,7 @@ from torch import nn
 
 from oncotransfer.errors import WeightsError
 from oncotransfer.models.backbones import BACKBONES, BackboneSpec
+from oncotransfer.models.checkpoint import read_checkpoint
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,6 @@ def _imagenet(spec: BackboneSpec, kwargs: dict) -> tuple[nn.Module, WeightsInfo]
 
 
 def _from_run(spec: BackboneSpec, model: nn.Module, run_dir: Path) -> tuple[nn.Module, WeightsInfo]:
-    from oncotransfer.train.checkpoint import read_checkpoint
     state, meta = read_checkpoint(run_dir)
     if meta["backbone"]["timm_name"] != spec.timm_name:
         raise WeightsError(f"model.weights: run:{run_dir} holds a {meta['backbone']['name']} backbone, but "

@@ -125,9 +125,9 @@ def _engine_pool(predictor) -> "queue.Queue | None":
     queueing for one two-threaded session (2 cores, EfficientNet-Lite0, 4 clients: 34 -> 41-45 requests/s)."""
     if predictor.session is None:
         return None
-    from oncotransfer.infer.onnx import ort_session
+    from oncotransfer.runtime import ort_session
     from oncotransfer.infer.predict import ONNX_NAME
-    from oncotransfer.train.device import usable_cores
+    from oncotransfer.runtime import usable_cores
     cores = usable_cores()
     pool: queue.Queue = queue.Queue(maxsize=max(1, cores))
     for _ in range(max(1, cores)):

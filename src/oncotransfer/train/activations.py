@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from oncotransfer.data.images import normalise
-from oncotransfer.train.features import _digest, default_cache_dir, onnx_session
+from oncotransfer.runtime import run_session
+from oncotransfer.train.features import cache_digest, default_cache_dir, onnx_session
 
 
 @torch.inference_mode()
@@ -36,7 +37,6 @@ def extract_activations(prefix: torch.nn.Module, images: torch.Tensor, mean: tup
 
 def extract_activations_onnx(session, images: torch.Tensor, mean: tuple, std: tuple,
                              batch_size: int = 32) -> np.ndarray:
-    from oncotransfer.infer.onnx import run_session
     out = []
     for start in range(0, len(images), batch_size):
         x = normalise(images[start:start + batch_size], mean, std).numpy()
@@ -53,7 +53,7 @@ class ActivationCache:
 
     def __init__(self, root: str | Path | None, model_key: dict, engine: str = "torch"):
         self.root = Path(root) if root else default_cache_dir()
-        self.key = _digest({**model_key, "kind": "activations-fp16"})
+        self.key = cache_digest({**model_key, "kind": "activations-fp16"})
         self.engine = engine
         self.hits = 0
         self.misses = 0
@@ -69,7 +69,7 @@ class ActivationCache:
         return extract_activations_onnx(self._session, images, mean, std)
 
     def _index_file(self, view_key: dict) -> Path:
-        return self.root / self.key / f"{_digest(view_key)}.json"
+        return self.root / self.key / f"{cache_digest(view_key)}.json"
 
     def _read(self, view_key: dict) -> tuple[list[str], np.ndarray | None]:
         index = self._index_file(view_key)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from oncotransfer.errors import ConfigError
+from oncotransfer.train.device import pick_device
 
 
 def world_size() -> int:
@@ -59,7 +60,6 @@ def session(device_name: str = "auto") -> Iterator[None]:
     if missing:
         raise ConfigError(f"WORLD_SIZE > 1 but {', '.join(missing)} not set; launch with torchrun "
                           "--nproc_per_node N oncotransfer train CONFIG (or set the torch.distributed variables)")
-    from oncotransfer.train.device import pick_device
     backend = backend_for(pick_device(device_name))
     dist.init_process_group(backend, timeout=timedelta(minutes=30))
     try:

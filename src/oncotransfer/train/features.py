@@ -11,8 +11,9 @@ import torch
 from safetensors import safe_open
 
 from oncotransfer.data.images import normalise
+from oncotransfer.io import atomic_save_tensors
+from oncotransfer.runtime import export_onnx, ort_session, run_session
 from oncotransfer.train import distributed as D
-from oncotransfer.train.checkpoint import atomic_save_tensors
 from oncotransfer.train.device import autocast
 
 
@@ -51,7 +52,6 @@ def resolve_engine(engine: str, device: torch.device) -> str:
 def extract_features_onnx(session, images: torch.Tensor, mean: tuple, std: tuple,
                           batch_size: int = 32) -> torch.Tensor:
     """Like ``extract_features`` through an ONNX Runtime session of the backbone; normalised per batch."""
-    from oncotransfer.infer.onnx import run_session
     out = []
     for start in range(0, len(images), batch_size):
         x = normalise(images[start:start + batch_size], mean, std)
@@ -61,7 +61,6 @@ def extract_features_onnx(session, images: torch.Tensor, mean: tuple, std: tuple
 
 def onnx_session(path: Path, module: torch.nn.Module, size: int, device: torch.device, threads: int | None = None):
     """An ONNX Runtime session of ``module`` at ``size`` px, exported to ``path`` once and reused after."""
-    from oncotransfer.infer.onnx import export_onnx, ort_session
     if not path.is_file():
         export_onnx(module.cpu().eval(), path, size)
         module.to(device)
@@ -77,7 +76,7 @@ class FeatureCache:
 
     def __init__(self, root: str | Path | None, model_key: dict, engine: str = "torch"):
         self.root = Path(root) if root else default_cache_dir()
-        self.model_key = _digest(model_key)
+        self.model_key = cache_digest(model_key)
         self.engine = engine
         self.hits = 0
         self.misses = 0
@@ -96,7 +95,7 @@ class FeatureCache:
         return extract_features_onnx(self._session, images, mean, std)
 
     def _file(self, view_key: dict) -> Path:
-        return self.root / self.model_key / f"{_digest(view_key)}.safetensors"
+        return self.root / self.model_key / f"{cache_digest(view_key)}.safetensors"
 
     def get(self, view_key: dict, shas: list[str],
             compute: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
@@ -127,5 +126,5 @@ class FeatureCache:
         return D.broadcast(torch.stack([have[s] for s in shas]))
 
 
-def _digest(obj: dict) -> str:
+def cache_digest(obj: dict) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]

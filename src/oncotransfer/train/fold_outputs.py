@@ -10,7 +10,9 @@ from torch import nn
 
 from oncotransfer.config import ExperimentConfig
 from oncotransfer.data.splits import Fold
+from oncotransfer.io import atomic_save_tensors
 from oncotransfer.train import distributed as D
+from oncotransfer.train import temperature
 from oncotransfer.train.device import autocast
 
 NO_VAL_NOTE = "not calibrated: no validation split (split.val_size 0 or a holdout split), and the test fold is never used"
@@ -50,9 +52,8 @@ def fit_fold_temperature(module: nn.Module, head, inputs, fold: Fold, cfg: Exper
     calibration is off or the fold has no validation subset of its own (its "val" would be the test fold)."""
     if not cfg.evaluate.calibrate or fold.selection_on_test or len(fold.val) == 0:
         return None
-    from oncotransfer.evaluate.calibration import fit_temperature
     logits, y, _, _ = batch_outputs(module, head, inputs.val(), device, fast)
-    return fit_temperature(logits.numpy(), y.numpy(), bool(cfg.model.head.sigmoid))
+    return temperature.fit_temperature(logits.numpy(), y.numpy(), bool(cfg.model.head.sigmoid))
 
 
 def state_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -72,7 +73,6 @@ def differing_tensors(model: nn.Module, reference: dict[str, torch.Tensor]) -> d
 
 
 def save_fold_tensors(run_dir: Path, k: int, model: nn.Module, reference: dict[str, torch.Tensor]) -> Path:
-    from oncotransfer.train.checkpoint import atomic_save_tensors
     path = Path(run_dir) / "checkpoint" / fold_file(k)
     atomic_save_tensors(differing_tensors(model, reference), path,
                         {"format": "oncotransfer-fold/1", "base": "model.safetensors", "fold": str(k)})

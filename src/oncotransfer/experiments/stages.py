@@ -8,8 +8,9 @@ from pydantic import BaseModel
 
 from oncotransfer.config import ExperimentConfig, StageConfig, save_config, to_dict, validate
 from oncotransfer.errors import ConfigError
+from oncotransfer.evaluate.multistage import write_multistage_report
+from oncotransfer.experiments.run import RunResult, new_run_dir, run_experiment
 from oncotransfer.train import distributed as D
-from oncotransfer.train.experiment import RunResult, new_run_dir, run_experiment
 
 
 def _over(base: BaseModel, stage: BaseModel | None) -> BaseModel:
@@ -72,6 +73,5 @@ def run_stages(cfg: ExperimentConfig, log: Callable[[str], None] | None = None) 
                 update={"weights": f"run:{cfg.stages[0].init_from}"})})
         direct = run_experiment(direct_cfg, parent / "direct", log=log)
     if main:
-        from oncotransfer.evaluate.multistage import write_multistage_report
         write_multistage_report(parent, results, direct if cfg.compare_direct else None)
     return RunResult(parent, final.metrics, final.classes)

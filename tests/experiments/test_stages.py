@@ -10,8 +10,8 @@ from oncotransfer.config import validate
 from oncotransfer.errors import WeightsError
 from oncotransfer.models import create_classifier
 from oncotransfer.config import HeadConfig
-from oncotransfer.train.checkpoint import read_checkpoint
-from oncotransfer.train.stages import run_config
+from oncotransfer.models.checkpoint import read_checkpoint
+from oncotransfer.experiments.stages import run_config
 
 
 def _images(root: Path, classes: list[str], per_class: int, seed: int) -> Path:

@@ -1,0 +1,127 @@
+"""``run_experiment(config) -> RunResult``: data, split, one model per fold (``train.fold``), run directory, report."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from oncotransfer.config import ExperimentConfig, load_config, save_config, to_dict
+from oncotransfer.data.augment import Augmenter, describe
+from oncotransfer.data.splits import make_split
+from oncotransfer.errors import CheckpointError
+from oncotransfer.evaluate.report import evaluate_run
+from oncotransfer.io import write_json
+from oncotransfer.models.backbones import get_backbone
+from oncotransfer.models.checkpoint import checkpoint_meta, write_checkpoint
+from oncotransfer.train import distributed as D
+from oncotransfer.train.data import LoadedData, load_data
+from oncotransfer.train.device import pick_device, precision_label
+from oncotransfer.train.fold import fold_predictions, fold_temperature, train_fold
+from oncotransfer.train.fold_outputs import FITTED_ON, NO_VAL_NOTE, fold_file, save_fold_tensors, state_snapshot
+from oncotransfer.train.loop import FitState
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict
+    classes: list[str]
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.metrics["pooled"]["accuracy"])
+
+
+def new_run_dir(cfg: ExperimentConfig) -> Path:
+    stamp = datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    base = Path(cfg.output_dir) / f"{stamp}_{cfg.name}"
+    run_dir, k = base, 1
+    while run_dir.exists():
+        run_dir, k = Path(f"{base}-{k}"), k + 1
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | None = None, *, resume: bool = False,
+                   data: LoadedData | None = None, on_epoch_end: Callable[[int, FitState], None] | None = None,
+                   log: Callable[[str], None] | None = None, report: bool = True) -> RunResult:
+    """Train and evaluate one config; ``resume=True`` continues the run in ``run_dir`` from its saved state.
+
+    Under torchrun every rank calls this; rank 0 alone writes the run directory (see ``train.distributed``)."""
+    main = D.is_main()
+    say = (log if main else None) or (lambda s: None)
+    if resume:
+        run_dir = Path(run_dir)
+        if main and not (run_dir / "config.yaml").is_file():
+            raise CheckpointError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+        cfg = D.broadcast(load_config(run_dir / "config.yaml") if main else None)
+    t0 = time.perf_counter()
+    # Everything that can fail on bad input runs before a run directory exists, so none is left half-made.
+    spec = get_backbone(cfg.model.backbone)
+    size = cfg.data.image_size or spec.input_size
+    data = data or load_data(cfg.data, size, cfg.train.num_workers, phash=cfg.split.group_duplicates)
+    if not resume:
+        if main:
+            run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+        run_dir = Path(D.broadcast(str(run_dir) if main else None))
+    m = data.manifest
+    split = make_split(m, cfg.split, data.dup_groups)
+    if main:
+        split.to_frame(m).to_csv(run_dir / "split.csv", index=False)
+    say(f"{len(m)} images, {len(m.classes)} classes, split {cfg.split.kind}: {len(split.folds)} fold(s), "
+        f"{'grouped by ' + split.grouped_by if split.grouped_by else 'IMAGE-LEVEL'}")
+    device = D.local_device(pick_device(cfg.train.device))
+    aug = Augmenter(cfg.augment)
+    histories, preds, best_epochs, modes, fold0, fold0_state, temps = [], [], {}, set(), None, None, {}
+    warnings = list(data.warnings) + list(split.warnings)
+    try:
+        for fold in split.folds:
+            model, st, mode = train_fold(cfg, data, fold, run_dir, device, aug, on_epoch_end, say)
+            modes.add(mode)
+            best_epochs[str(fold.index)] = st.best_epoch
+            histories.append(pd.DataFrame(st.history).assign(fold=fold.index))
+            temps[str(fold.index)] = fold_temperature(model, fold, cfg, device)
+            preds.append(fold_predictions(model, data, fold, cfg, device, temps[str(fold.index)]))
+            if fold.index == 0:
+                fold0, fold0_state = model, state_snapshot(model)
+                warnings += list(model.weights.warnings if model.weights else [])
+            elif main:  # every fold's model is kept: only the tensors that differ from fold 0's
+                save_fold_tensors(run_dir, fold.index, model, fold0_state)
+    except KeyboardInterrupt as e:
+        e.run_dir = run_dir  # so the CLI can name the directory that --resume continues
+        raise
+    if not main:
+        return RunResult(run_dir, {}, m.classes)
+    history = pd.concat(histories)[["fold", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]]
+    history.to_csv(run_dir / "history.csv", index=False)
+    pd.concat(preds).to_csv(run_dir / "predictions.csv", index=False)
+    if cfg.evaluate.calibrate and all(t is None for t in temps.values()):
+        warnings.append(NO_VAL_NOTE)
+    meta = checkpoint_meta(fold0, m.classes, cfg.model.head.model_dump(), to_dict(cfg),
+                           {"fold": 0, "n_folds": len(split.folds), "temperature": temps.get("0"),
+                            "folds": [{"fold": f.index, "file": fold_file(f.index), "temperature": temps[str(f.index)]}
+                                      for f in split.folds]})
+    write_checkpoint(run_dir, fold0, meta)
+    protocol = {"split": cfg.split.kind, "folds": len(split.folds), "grouped_by": split.grouped_by,
+                "image_level": split.image_level, "selection_on_test": split.selection_on_test,
+                "augment": describe(cfg.augment), "zoom_mode": cfg.augment.zoom_mode if cfg.augment.zoom else None,
+                "feature_cache": "; ".join(sorted(modes))}
+    write_json(run_dir / "run.json", {
+        "name": cfg.name, "classes": m.classes, "n_images": len(m), "protocol": protocol,
+        "best_epochs": best_epochs, "seconds": time.perf_counter() - t0, "device": str(device),
+        "precision": precision_label(device, cfg.train.fast_cpu), "weights": cfg.model.weights,
+        "backbone": cfg.model.backbone, "warnings": warnings, "skipped": m.skipped,
+        "checkpoint": f"fold 0 of {len(split.folds)}" + (" (folds 1.. in checkpoint/folds/)" if len(split.folds) > 1
+                                                           else ""),
+        "temperatures": temps, "calibration": {"fitted_on": FITTED_ON, "enabled": cfg.evaluate.calibrate},
+        "processes": D.world_size()})
+    metrics = {}
+    if report:
+        metrics = evaluate_run(run_dir)
+    return RunResult(run_dir, metrics, m.classes)

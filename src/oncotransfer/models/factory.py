@@ -1,0 +1,106 @@
+"""The one way to get a classifier: build one from names (``create_classifier``, ``classifier_for``) or rebuild
+the one a run saved (``load_classifier``, ``load_members``)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from oncotransfer.config import HeadConfig, ModelConfig
+from oncotransfer.models.backbones import get_backbone, with_normalisation
+from oncotransfer.models.checkpoint import fold_entry, fold_entries, fold_tensors, read_checkpoint
+from oncotransfer.models.classifier import Classifier, feature_width
+from oncotransfer.models.heads import create_head
+from oncotransfer.models.weights import WeightsInfo, build_backbone
+
+
+def create_classifier(backbone: str, weights: str, head: HeadConfig, num_classes: int,
+                      freeze: str = "frozen", image_size: int | None = None, pool_stages: int = 1) -> Classifier:
+    """Build a classifier; the normalisation comes from the weights, not from a hard-coded ImageNet mean."""
+    spec = get_backbone(backbone)
+    net, info = build_backbone(spec, weights)
+    spec = with_normalisation(spec, info.mean, info.std)
+    head_module = create_head(head, feature_width(net, pool_stages), num_classes)
+    return Classifier(net, head_module, spec, image_size or spec.input_size, info, freeze, pool_stages)
+
+
+_FROZEN: dict[tuple, tuple] = {}
+"""(backbone, weights, seed) -> (backbone module, weights info, RNG state after building it), for frozen bases."""
+
+
+def classifier_for(mc: ModelConfig, num_classes: int, image_size: int | None, seed: int) -> Classifier:
+    """``create_classifier`` from a config, but a frozen backbone is built once per process and seed (grids run
+    hundreds of runs; loading weights cost ~1.3 s a run). It never trains, so sharing it is safe, and restoring
+    the RNG state that building it left gives the head exactly the initialisation a fresh build would. The
+    caller seeds torch with ``seed`` first."""
+    if mc.freeze != "frozen":
+        return create_classifier(mc.backbone, mc.weights, mc.head, num_classes, mc.freeze, image_size,
+                                 mc.pool_stages)
+    key = (mc.backbone, mc.weights, seed, _stamp(mc.weights))
+    if key in _FROZEN:
+        net, info, rng = _FROZEN[key]
+        torch.set_rng_state(rng)
+    else:
+        net, info = build_backbone(get_backbone(mc.backbone), mc.weights)
+        if len(_FROZEN) >= 8:  # bounded: a ResNet50 is ~100 MB
+            _FROZEN.pop(next(iter(_FROZEN)))
+        _FROZEN[key] = (net, info, torch.get_rng_state())
+    spec = with_normalisation(get_backbone(mc.backbone), info.mean, info.std)
+    head = create_head(mc.head, feature_width(net, mc.pool_stages), num_classes)
+    return Classifier(net, head, spec, image_size or spec.input_size, info, mc.freeze, mc.pool_stages)
+
+
+def _stamp(weights: str) -> int | None:
+    """Modification time of a file:/run: weights source, so a rewritten file is never served from the memo."""
+    kind, _, where = weights.partition(":")
+    path = Path(where) / "checkpoint" / "model.safetensors" if kind == "run" else Path(where)
+    return path.stat().st_mtime_ns if kind in ("file", "run") and path.exists() else None
+
+
+def _build(meta: dict, backbone=None):
+    """An untrained classifier of the checkpoint's shape; ``backbone`` (a module) is used as it is if given."""
+    pre = meta["preprocessing"]
+    spec = with_normalisation(get_backbone(meta["backbone"]["name"]), pre["mean"], pre["std"])
+    if backbone is None:
+        backbone, _ = build_backbone(spec, "none")
+    pool = int(((meta.get("config") or {}).get("model") or {}).get("pool_stages") or 1)
+    head = create_head(HeadConfig(**meta["head"]), feature_width(backbone, pool), len(meta["classes"]))
+    w = meta.get("weights") or {}
+    info = WeightsInfo(w.get("source", "checkpoint"), w.get("digest", ""), tuple(pre["mean"]), tuple(pre["std"]))
+    return Classifier(backbone, head, spec, int(pre["size"]), info, freeze=meta.get("freeze", "frozen"),
+                      pool_stages=pool)
+
+
+def load_classifier(run_dir: str | Path, fold: int = 0):
+    """Rebuild the classifier a run saved, from its own description; no pretrained download needed.
+    ``fold`` k > 0 is fold 0's state overlaid with the tensors of checkpoint/folds/fold{k}.safetensors.
+    The returned meta's ``temperature`` is that fold's (None: uncalibrated)."""
+    state, meta = read_checkpoint(run_dir)
+    entry = fold_entry(Path(run_dir), meta, fold)
+    model = _build(meta)
+    model.load_state_dict({**state, **fold_tensors(Path(run_dir), entry)}, strict=True)
+    return model.eval(), {**meta, "fold": int(entry["fold"]), "temperature": entry.get("temperature")}
+
+
+def load_members(run_dir: str | Path, fold: int | None = None):
+    """``(members, entries, meta)``: every fold model of the run (``fold=None``) or fold ``fold`` alone.
+    Members whose fold file holds no backbone tensors (frozen runs) share fold 0's backbone module object,
+    so an ensemble computes the backbone once."""
+    run_dir = Path(run_dir)
+    state, meta = read_checkpoint(run_dir)
+    entries = [fold_entry(run_dir, meta, fold)] if fold is not None else fold_entries(meta)
+    shared = None
+    members = []
+    for e in entries:
+        extra = fold_tensors(run_dir, e)
+        if shared is not None and not any(k.startswith("backbone.") for k in extra):
+            model = _build(meta, backbone=shared)
+            full = {**state, **extra}
+            model.head.load_state_dict({k[5:]: v for k, v in full.items() if k.startswith("head.")}, strict=True)
+        else:
+            model = _build(meta)
+            model.load_state_dict({**state, **extra}, strict=True)
+            if shared is None and not any(k.startswith("backbone.") for k in extra):
+                shared = model.backbone  # fold 0's own backbone, or one no fold file overrides
+        members.append(model.eval())
+    return members, entries, meta

@@ -1,0 +1,148 @@
+"""One fold: build its model (seeded), choose cached or image inputs, fit, keep the best epoch; its test
+predictions and temperature."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from oncotransfer.config import ExperimentConfig
+from oncotransfer.data.augment import Augmenter
+from oncotransfer.data.splits import Fold
+from oncotransfer.models.classifier import Classifier
+from oncotransfer.models.factory import classifier_for
+from oncotransfer.train import distributed as D
+from oncotransfer.train.activations import ActivationCache
+from oncotransfer.train.checkpoint import load_fit_state, save_fit_state
+from oncotransfer.train.data import LoadedData
+from oncotransfer.train.device import precision_label, prepare
+from oncotransfer.train.features import FeatureCache, resolve_engine
+from oncotransfer.train.fold_outputs import batch_outputs, fit_fold_temperature
+from oncotransfer.train.inputs import cached_inputs, image_inputs
+from oncotransfer.train.loop import FitState, fit, make_loss, make_optimizer
+from oncotransfer.train.schedule import make_schedule
+from oncotransfer.train.tail_inputs import tail_inputs
+
+
+def _class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float32)
+    return torch.as_tensor(len(labels) / (n_classes * np.maximum(counts, 1)))
+
+
+def train_fold(cfg: ExperimentConfig, data: LoadedData, fold: Fold, run_dir: Path, device: torch.device,
+               aug: Augmenter, on_epoch_end=None, say=lambda s: None):
+    """Build the fold's model (seeded), choose cached or image inputs, fit, keep the best epoch."""
+    m = data.manifest
+    torch.manual_seed(cfg.train.seed)
+    model = classifier_for(cfg.model, len(m.classes), cfg.data.image_size, cfg.train.seed)
+    model = prepare(model, device, cfg.train.fast_cpu)
+    cached = cfg.model.freeze == "frozen" and cfg.train.feature_cache
+    if cached:
+        engine = resolve_engine(cfg.train.feature_engine, device)
+        inputs = cached_inputs(model, data.images, m.labels, m.sha256, fold, cfg,
+                               FeatureCache(cfg.train.cache_dir, _cache_key(model, cfg, engine, device), engine),
+                               device, aug)
+        module, fast = model.head, False
+    elif uses_tail_cache(cfg):
+        prefix, module, cut = model.tail_split()
+        engine = resolve_engine(cfg.train.feature_engine, device)
+        cache = ActivationCache(cfg.train.cache_dir, {**_cache_key(model, cfg, engine, device), "cut": cut}, engine)
+        inputs = tail_inputs(prefix, model.spec.mean, model.spec.std, data.images, m.labels, m.sha256, fold, cfg,
+                             cache, device, aug, cut)
+        fast = cfg.train.fast_cpu
+    else:
+        inputs = image_inputs(model, data.images, m.labels, m.sha256, fold, cfg, device, aug)
+        module, fast = model, cfg.train.fast_cpu
+    sigmoid = cfg.model.head.sigmoid
+    weights = _class_weights(m.labels[fold.train], len(m.classes)).to(device) if cfg.train.class_weights else None
+    loss = make_loss(sigmoid, weights, cfg.train.label_smoothing)
+    opt = make_optimizer(cfg.train.optimizer, module, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_mult)
+    sched = make_schedule(opt, cfg.train, -(-inputs.n_train // cfg.train.batch_size))  # batches per epoch
+    state_file = run_dir / "state" / f"fold{fold.index}"
+    st = load_fit_state(state_file, module, opt, sched)
+    train_module = D.wrap(module, device)
+
+    def save(s: FitState) -> None:
+        # Grids skip per-epoch state (a few ms each, comparable to a head epoch); the final state is still saved.
+        if D.is_main() and (cfg.train.save_every_epoch or _finished(s, cfg)):
+            save_fit_state(state_file, module, opt, s, sched)
+        if on_epoch_end:
+            on_epoch_end(fold.index, s)
+
+    if not _finished(st, cfg):
+        with _threads(1 if cached else torch.get_num_threads()):
+            st = fit(module, opt, loss, inputs.train, inputs.val, cfg.train.epochs, device, fast=fast,
+                     sigmoid=sigmoid, patience=cfg.train.early_stop_patience, seed=cfg.train.seed, state=st,
+                     on_epoch_end=save, train_module=train_module, scheduler=sched, progress=lambda r: say(
+                         f"fold {fold.index} epoch {r['epoch']}/{cfg.train.epochs} loss {r['train_loss']:.4f} "
+                         f"acc {r['train_acc']:.3f} val_acc {r['val_acc']:.3f}"))
+    elif st.best_state is not None:
+        module.load_state_dict(st.best_state, strict=False)
+    model._inputs = inputs
+    model._aux["trained"] = module  # a plain dict entry: registering the model as its own child would loop
+    return model, st, inputs.mode
+
+
+def uses_tail_cache(cfg: ExperimentConfig) -> bool:
+    """A prefix-frozen base trains its tail on cached activations (one process: under torchrun every rank
+    recomputes the prefix, since the activation files are not shared between machines)."""
+    return (cfg.model.freeze.startswith(("last:", "from:")) and cfg.train.tail_cache and cfg.train.feature_cache
+            and D.world_size() == 1)
+
+
+def _cache_key(model: Classifier, cfg: ExperimentConfig, engine: str, device: torch.device) -> dict:
+    key = {"timm": model.spec.timm_name, "weights": model.weights.digest, "pre": model.preprocessing(),
+           "precision": "fp32 onnxruntime" if engine == "onnx" else precision_label(device, cfg.train.fast_cpu)}
+    if model.pool_stages > 1:  # only then, so existing caches keep their keys
+        key["pool_stages"] = model.pool_stages
+    return key
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    """A head on cached features is a few small matrix products per batch: more threads only add
+    synchronisation, which on a busy 2-core machine made each Adam step ~50 ms instead of well under 1 ms."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _finished(st: FitState, cfg: ExperimentConfig) -> bool:
+    p = cfg.train.early_stop_patience
+    return st.epoch >= cfg.train.epochs or (p is not None and st.bad_epochs >= p)
+
+
+def _fold_module(model, cfg: ExperimentConfig):
+    """What the fold's inputs feed (``train_fold`` records it): the head on cached features, the tail and head
+    on cached prefix activations, or the whole classifier on images."""
+    module = model._aux["trained"]
+    return module, module is not model.head and cfg.train.fast_cpu
+
+
+def fold_temperature(model, fold: Fold, cfg: ExperimentConfig, device) -> float | None:
+    module, fast = _fold_module(model, cfg)
+    return fit_fold_temperature(module, model.head, model._inputs, fold, cfg, device, fast)
+
+
+def fold_predictions(model, data: LoadedData, fold: Fold, cfg: ExperimentConfig, device,
+                      temperature: float | None = None) -> pd.DataFrame:
+    """Test rows of the fold: ``prob_<class>`` as trained, plus ``cal_prob_<class>`` when a temperature exists."""
+    m = data.manifest
+    module, fast = _fold_module(model, cfg)
+    _, _, probs, cal = batch_outputs(module, model.head, model._inputs.test(), device, fast, temperature)
+    probs = probs.numpy()
+    df = pd.DataFrame({"fold": fold.index, "path": [m.relpath(i) for i in fold.test],
+                       "label": [m.classes[m.labels[i]] for i in fold.test],
+                       "pred": [m.classes[k] for k in probs.argmax(1)]})
+    for c, name in enumerate(m.classes):
+        df[f"prob_{name}"] = probs[:, c]
+    if cal is not None:
+        for c, name in enumerate(m.classes):
+            df[f"cal_prob_{name}"] = cal.numpy()[:, c]
+    return df
