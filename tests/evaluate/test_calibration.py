@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.special import expit, softmax
 
 from oncotransfer.evaluate.calibration import expected_calibration_error
-from oncotransfer.train.temperature import T_MAX, T_MIN, fit_temperature, scale_probabilities
+from oncotransfer.train.temperature import T_MAX, T_MIN, fit_temperature
 
 
 def _binary(conf: float, n: int, n_correct: int) -> tuple[np.ndarray, np.ndarray]:
@@ -44,7 +45,7 @@ def _synthetic(n: int, c: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Logits whose softmax is the true label distribution (calibrated at T = 1)."""
     rng = np.random.default_rng(seed)
     z = rng.normal(0, 2.0, (n, c))
-    p = scale_probabilities(z, sigmoid=False)
+    p = softmax(z, axis=1)
     y = (rng.random((n, 1)) > p.cumsum(1)).sum(1)
     return z, y
 
@@ -73,16 +74,16 @@ def test_fit_temperature_is_bounded_and_lowers_nll():
     assert T_MAX * 0.99 <= fit_temperature(z, np.array([1, 0]), sigmoid=False) <= T_MAX  # all wrong: flattest
 
 
-def test_scaled_probabilities_match_head_probabilities():
+def test_head_probabilities_divide_logits_by_the_temperature():
     import torch
     from oncotransfer.config import HeadConfig
     from oncotransfer.models.heads import create_head
     z = torch.randn(6, 3)
     head = create_head(HeadConfig(), 4, 3)
-    np.testing.assert_allclose(head.probabilities(z, 1.7).numpy(), scale_probabilities(z.numpy(), False, 1.7),
+    np.testing.assert_allclose(head.probabilities(z, 1.7).numpy(), softmax(z.numpy() / 1.7, axis=1),
                                atol=1e-6)
     sig = create_head(HeadConfig(sigmoid=True), 4, 2)
     z1 = torch.randn(6, 1)
-    np.testing.assert_allclose(sig.probabilities(z1, 0.6).numpy(), scale_probabilities(z1.numpy(), True, 0.6),
-                               atol=1e-6)
+    p1 = expit(z1.numpy() / 0.6)
+    np.testing.assert_allclose(sig.probabilities(z1, 0.6).numpy(), np.hstack([1 - p1, p1]), atol=1e-6)
     assert torch.equal(head.probabilities(z), torch.softmax(z, 1))  # no temperature: unchanged

@@ -188,9 +188,9 @@ def test_packaged_lite0_classifies_chelsea_as_a_cat():
     import skimage.data
     from PIL import Image
     from oncotransfer.data.images import normalise, resize_uint8
-    from oncotransfer.models.weights import map_lukemelas_lite0, packaged_lite0_path, read_state_file
+    from oncotransfer.models.weights import map_lukemelas, packaged_path, read_state_file
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    model.load_state_dict(map_lukemelas_lite0(read_state_file(packaged_lite0_path())), strict=True)
+    model.load_state_dict(map_lukemelas(read_state_file(packaged_path("efficientnet_lite0")), model), strict=True)
     model.eval()
     x = normalise(resize_uint8(Image.fromarray(skimage.data.chelsea()), 224)[None], (0.5,) * 3, (0.5,) * 3)
     with torch.inference_mode():

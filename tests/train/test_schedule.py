@@ -11,7 +11,8 @@ from torch import nn
 from oncotransfer.config import HeadConfig, TrainConfig, validate
 from oncotransfer.errors import CheckpointError, ConfigError
 from oncotransfer.models.factory import create_classifier
-from oncotransfer.train.loop import make_loss, make_optimizer, train_one_epoch
+from oncotransfer.models.heads import loss_for
+from oncotransfer.train.loop import make_optimizer, train_one_epoch
 from oncotransfer.train.schedule import lr_factor, make_schedule
 
 
@@ -143,7 +144,7 @@ def test_backbone_multiplier_changes_only_the_backbone_step():
     def moved(mult: float) -> dict[str, float]:
         model.load_state_dict(start)
         opt = make_optimizer("sgd", model, 0.1, backbone_lr_mult=mult)
-        train_one_epoch(model, [(x, y)], opt, make_loss(False), torch.device("cpu"))
+        train_one_epoch(model, [(x, y)], opt, loss_for(False), torch.device("cpu"))
         return {n: float((p.detach() - start[n]).abs().sum()) for n, p in model.named_parameters() if p.requires_grad}
     full, tenth = moved(1.0), moved(0.1)
     assert any(n.startswith("backbone.") for n in full) and any(n.startswith("head.") for n in full)
@@ -166,10 +167,10 @@ def test_label_smoothing_softmax_is_torchs_definition():
     logits, y, eps = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2]), 0.2
     logp = torch.log_softmax(logits, 1)
     want = ((1 - eps) * -logp.gather(1, y[:, None]).squeeze(1) + eps * -logp.mean(1)).mean()
-    got = make_loss(False, label_smoothing=eps)(logits, y)
+    got = loss_for(False, label_smoothing=eps)(logits, y)
     assert got == pytest.approx(float(want), rel=1e-6)
-    assert float(make_loss(False)(logits, y)) == pytest.approx(float(nn.functional.cross_entropy(logits, y)))
-    assert float(got) != pytest.approx(float(make_loss(False)(logits, y)))
+    assert float(loss_for(False)(logits, y)) == pytest.approx(float(nn.functional.cross_entropy(logits, y)))
+    assert float(got) != pytest.approx(float(loss_for(False)(logits, y)))
 
 
 def test_label_smoothing_sigmoid_smooths_the_binary_targets():
@@ -178,11 +179,11 @@ def test_label_smoothing_sigmoid_smooths_the_binary_targets():
     t = y.float() * (1 - eps) + eps / 2                               # 0 -> 0.05, 1 -> 0.95
     p = torch.sigmoid(logits.reshape(-1))
     want = -(t * torch.log(p) + (1 - t) * torch.log(1 - p)).mean()
-    assert float(make_loss(True, label_smoothing=eps)(logits, y)) == pytest.approx(float(want), rel=1e-5)
+    assert float(loss_for(True, label_smoothing=eps)(logits, y)) == pytest.approx(float(want), rel=1e-5)
     # the same smoothing as a two-class softmax with logits (0, z): the one-logit head is that softmax
     two = torch.cat([torch.zeros_like(logits), logits], 1)
-    assert float(make_loss(True, label_smoothing=eps)(logits, y)) == pytest.approx(
-        float(make_loss(False, label_smoothing=eps)(two, y)), rel=1e-5)
+    assert float(loss_for(True, label_smoothing=eps)(logits, y)) == pytest.approx(
+        float(loss_for(False, label_smoothing=eps)(two, y)), rel=1e-5)
 
 
 def _bad(train: dict, stages=None) -> str:

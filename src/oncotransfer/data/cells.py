@@ -26,10 +26,10 @@ from PIL import Image
 from scipy import ndimage as ndi
 from skimage.morphology import remove_small_objects
 
+from oncotransfer.data.images import IMAGE_SUFFIXES
 from oncotransfer.errors import DataError
 
 Box = tuple[int, int, int, int]
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 POLARITIES = ("auto", "dark", "bright")
 PAD_MODES = ("constant", "reflect", "edge")
 MANIFEST_NAME = "manifest.csv"
@@ -290,19 +290,19 @@ def _montage(tiles: list[np.ndarray]) -> np.ndarray:
 # ---------------------------------------------------------------- driver
 
 def _collect(raw: Path) -> dict[str, list[Path]]:
-    layout = f"expected {raw}/<class>/<image> with images in {', '.join(IMAGE_EXTS)}"
+    layout = f"expected {raw}/<class>/<image> with images in {', '.join(sorted(IMAGE_SUFFIXES))}"
     if not raw.is_dir():
         raise DataError(f"raw folder {raw} does not exist or is not a folder: {layout}")
     entries = [p for p in raw.iterdir() if not p.name.startswith(".")]
     classes = sorted(p for p in entries if p.is_dir())
     if not classes:
-        loose = [p.name for p in entries if p.suffix.lower() in IMAGE_EXTS]
+        loose = [p.name for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
         if loose:
             raise DataError(f"{len(loose)} image(s) sit directly in {raw} (e.g. {loose[0]}) with no class folder: "
                             f"{layout}, e.g. move them into {raw}/<class-name>/")
         raise DataError(f"no class folders in {raw}" + (" (it is empty)" if not entries else "") + f": {layout}")
     found = {c.name: sorted(p for p in c.iterdir() if p.is_file() and not p.name.startswith(".")) for c in classes}
-    images = {c: [p for p in ps if p.suffix.lower() in IMAGE_EXTS] for c, ps in found.items()}
+    images = {c: [p for p in ps if p.suffix.lower() in IMAGE_SUFFIXES] for c, ps in found.items()}
     if not any(images.values()):
         others = [f"{c}/{p.name}" for c, ps in found.items() for p in ps][:3]
         what = f"only non-image files such as {', '.join(others)}" if others else "only empty class folders"
@@ -340,7 +340,7 @@ def extract_cells(raw_dir: str | Path, out_dir: str | Path, params: CellParams =
         raise DataError(f"montage_fields={montage_fields!r} is invalid: use an integer >= 0 (0 = no montage)")
     by_class = _collect(raw)
     _prepare_out(out, raw, overwrite)
-    loose = sorted(p.name for p in raw.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    loose = sorted(p.name for p in raw.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     skipped = [(p, "not in a class folder") for p in loose]
 
     # Interleave classes so the montage shows every class, not just the first.

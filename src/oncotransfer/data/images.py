@@ -69,10 +69,6 @@ def decode_for_model(source: str | Path | bytes, size: int) -> tuple[Image.Image
     return img, resize_uint8(img, size)
 
 
-def load_resized(source: str | Path | bytes, size: int) -> torch.Tensor:
-    return decode_for_model(source, size)[1]
-
-
 def phash64(img: Image.Image) -> int:
     """64-bit perceptual hash (imagehash.phash) as an int."""
     import imagehash

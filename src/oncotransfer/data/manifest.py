@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from oncotransfer.data.groups import UnionFind
+from oncotransfer.data.images import IMAGE_SUFFIXES
 from oncotransfer.errors import DataError
 from oncotransfer.io import sha256_file
-from oncotransfer.data.images import IMAGE_SUFFIXES
 
 
 @dataclass
@@ -151,28 +152,18 @@ def drop(manifest: Manifest, failed: dict[int, str]) -> Manifest:
 def duplicate_groups(sha256: list[str], phash: np.ndarray | None = None, max_distance: int = 4) -> np.ndarray:
     """Group id per image: identical bytes, or pHash within ``max_distance`` bits, share a group."""
     n = len(sha256)
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    def union(a: int, b: int) -> None:
-        parent[find(a)] = find(b)
-
+    sets = UnionFind(range(n))
     first: dict[str, int] = {}
     for i, h in enumerate(sha256):
         if h in first:
-            union(i, first[h])
+            sets.union(i, first[h])
         first.setdefault(h, i)
     if phash is not None and n > 1:
         bits = np.unpackbits(phash.view(np.uint8).reshape(n, 8), axis=1).astype(np.uint8)
         for i in range(n - 1):
             dist = np.count_nonzero(bits[i + 1:] != bits[i], axis=1)
             for j in np.nonzero(dist <= max_distance)[0]:
-                union(i, i + 1 + int(j))
-    roots = [find(i) for i in range(n)]
+                sets.union(i, i + 1 + int(j))
+    roots = [sets.find(i) for i in range(n)]
     _, ids = np.unique(roots, return_inverse=True)
     return ids

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -9,6 +10,7 @@ from sklearn.model_selection import (GroupShuffleSplit, LeaveOneGroupOut, Strati
                                      train_test_split)
 
 from oncotransfer.config import SplitConfig
+from oncotransfer.data.groups import UnionFind
 from oncotransfer.data.manifest import Manifest
 from oncotransfer.errors import DataError, LeakageError
 
@@ -62,17 +64,12 @@ def _groups(manifest: Manifest, cfg: SplitConfig, dup_groups: np.ndarray | None)
             return dup_groups, "duplicates"
         # A near-duplicate pair filed under two patients joins those patients into one group.
         pairs = pd.DataFrame({"p": base, "d": dup_groups})
-        parent = {p: p for p in np.unique(base)}
-
-        def find(x):
-            while parent[x] != x:
-                x = parent[x]
-            return x
+        sets = UnionFind(np.unique(base))
         for _, g in pairs.groupby("d"):
             ps = g["p"].unique()
             for q in ps[1:]:
-                parent[find(q)] = find(ps[0])
-        base = np.array([find(p) for p in base])
+                sets.union(q, ps[0])
+        base = np.array([sets.find(p) for p in base])
     return base, kind
 
 
@@ -104,6 +101,77 @@ def _inner_val(train: np.ndarray, y, groups, size: float, seed: int) -> tuple[np
     return train[a], train[b]
 
 
+@dataclass(frozen=True)
+class SplitInputs:
+    """What a splitter sees: labels ``y`` and per-image ``groups`` (None: split images) come ready-made."""
+    manifest: Manifest
+    cfg: SplitConfig
+    y: np.ndarray
+    groups: np.ndarray | None
+    grouped_by: str | None
+
+
+Splitter = Callable[[SplitInputs], list[Fold]]
+SPLITTERS: dict[str, Splitter] = {}
+"""split.kind -> function returning the folds; a new kind is one registered function (and its name in
+``config.SplitConfig.kind``)."""
+
+
+def register_splitter(kind: str) -> Callable[[Splitter], Splitter]:
+    def add(fn: Splitter) -> Splitter:
+        SPLITTERS[kind] = fn
+        return fn
+    return add
+
+
+@register_splitter("holdout")
+def _holdout_split(s: SplitInputs) -> list[Fold]:
+    tr, te = _holdout(s.y, s.groups, s.cfg.test_size, s.cfg.seed)
+    return [Fold(0, np.sort(tr), np.sort(te), np.sort(te))]
+
+
+@register_splitter("train-val-test")
+def _train_val_test(s: SplitInputs) -> list[Fold]:
+    cfg = s.cfg
+    rest, te = _holdout(s.y, s.groups, cfg.test_size, cfg.seed)
+    rel = cfg.val_size / (1 - cfg.test_size)
+    tr, va = _inner_val(np.asarray(rest), s.y, s.groups, rel, cfg.seed + 1)
+    if va is None:
+        raise DataError("split: too few groups to carve a validation set; lower split.val_size or use kfold")
+    return [Fold(0, np.sort(tr), np.sort(va), np.sort(te))]
+
+
+def _with_inner_val(s: SplitInputs, splitter) -> list[Fold]:
+    """Outer (train, test) pairs -> folds whose validation subset is carved from train (grouped like the
+    split) when split.val_size > 0; without one, the test fold doubles as validation (and the report says so)."""
+    folds = []
+    for k, (tr, te) in enumerate(splitter):
+        tr2, va = _inner_val(np.asarray(tr), s.y, s.groups, s.cfg.val_size, s.cfg.seed + k)
+        folds.append(Fold(k, np.sort(tr2), np.sort(te if va is None else va), np.sort(te)))
+    return folds
+
+
+@register_splitter("kfold")
+def _kfold(s: SplitInputs) -> list[Fold]:
+    cfg, idx = s.cfg, np.arange(len(s.y))
+    if s.groups is None:
+        return _with_inner_val(s, StratifiedKFold(cfg.folds, shuffle=True, random_state=cfg.seed).split(idx, s.y))
+    if len(np.unique(s.groups)) < cfg.folds:
+        raise DataError(f"split.folds={cfg.folds} but only {len(np.unique(s.groups))} {s.grouped_by} groups "
+                        f"exist; lower split.folds or use split.kind: lopo")
+    splitter = StratifiedGroupKFold(cfg.folds, shuffle=True, random_state=cfg.seed).split(idx, s.y, s.groups)
+    return _with_inner_val(s, splitter)
+
+
+@register_splitter("lopo")
+def _leave_one_patient_out(s: SplitInputs) -> list[Fold]:
+    if s.manifest.patients is None:
+        raise DataError("split.kind lopo (leave-one-patient-out) needs patient ids; give a patient column "
+                        "or --patient-regex")
+    idx = np.arange(len(s.y))
+    return _with_inner_val(s, LeaveOneGroupOut().split(idx, s.y, s.manifest.patients.astype(str)))
+
+
 def make_split(manifest: Manifest, cfg: SplitConfig, dup_groups: np.ndarray | None = None) -> Split:
     """Build the split the config asks for; refuse image-level splits unless explicitly allowed."""
     y = manifest.labels
@@ -122,36 +190,10 @@ def make_split(manifest: Manifest, cfg: SplitConfig, dup_groups: np.ndarray | No
         warnings.append("split.group_by_patient is false: the split is IMAGE-LEVEL and patients may sit on both "
                         "sides, so accuracy is inflated")
     image_level = grouped_by != "patient"
-    idx = np.arange(len(y))
-    folds: list[Fold] = []
+    if cfg.kind not in SPLITTERS:
+        raise DataError(f"split.kind: unknown split {cfg.kind!r}; expected one of {', '.join(SPLITTERS)}")
     try:
-        if cfg.kind == "holdout":
-            tr, te = _holdout(y, groups, cfg.test_size, cfg.seed)
-            folds.append(Fold(0, np.sort(tr), np.sort(te), np.sort(te)))
-        elif cfg.kind == "train-val-test":
-            rest, te = _holdout(y, groups, cfg.test_size, cfg.seed)
-            rel = cfg.val_size / (1 - cfg.test_size)
-            tr, va = _inner_val(np.asarray(rest), y, groups, rel, cfg.seed + 1)
-            if va is None:
-                raise DataError("split: too few groups to carve a validation set; lower split.val_size or use kfold")
-            folds.append(Fold(0, np.sort(tr), np.sort(va), np.sort(te)))
-        else:
-            if cfg.kind == "lopo":
-                if manifest.patients is None:
-                    raise DataError("split.kind lopo (leave-one-patient-out) needs patient ids; give a patient column "
-                                    "or --patient-regex")
-                splitter = LeaveOneGroupOut().split(idx, y, manifest.patients.astype(str))
-            elif groups is None:
-                splitter = StratifiedKFold(cfg.folds, shuffle=True, random_state=cfg.seed).split(idx, y)
-            else:
-                if len(np.unique(groups)) < cfg.folds:
-                    raise DataError(f"split.folds={cfg.folds} but only {len(np.unique(groups))} {grouped_by} groups "
-                                    f"exist; lower split.folds or use split.kind: lopo")
-                splitter = StratifiedGroupKFold(cfg.folds, shuffle=True, random_state=cfg.seed).split(idx, y, groups)
-            for k, (tr, te) in enumerate(splitter):
-                tr2, va = _inner_val(np.asarray(tr), y, groups, cfg.val_size if cfg.kind in ("kfold", "lopo") else 0,
-                                     cfg.seed + k)
-                folds.append(Fold(k, np.sort(tr2), np.sort(te if va is None else va), np.sort(te)))
+        folds = SPLITTERS[cfg.kind](SplitInputs(manifest, cfg, y, groups, grouped_by))
     except ValueError as e:
         raise DataError(f"split {cfg.kind!r} is impossible on this data ({str(e)[:120]}); "
                         "use fewer folds or another split.kind") from None

@@ -65,7 +65,7 @@ def export_run(run_dir: str | Path, fmt: Literal["onnx", "torchscript"] = "onnx"
     A multi-fold run exports the ensemble of its fold models in one file (``fold``: that fold's model alone);
     temperatures are part of the exported graph, so its outputs are the calibrated probabilities."""
     from oncotransfer.data.images import normalise
-    from oncotransfer.infer.predict import _checkpoint_digest
+    from oncotransfer.infer.predict import checkpoint_digest
     from oncotransfer.infer.predict import Predictor
     from oncotransfer.io import write_json
     say = log or (lambda s: None)
@@ -105,7 +105,7 @@ def export_run(run_dir: str | Path, fmt: Literal["onnx", "torchscript"] = "onnx"
         "format": fmt, "file": path.name, "oncotransfer_version": __version__, "classes": meta["classes"],
         "preprocessing": {**pre, "resize": pre.get("resize", "squash-bilinear-antialias"),
                           "note": "RGB, squash-resize to size x size, scale to [0, 1], (x - mean) / std"},
-        "backbone": meta["backbone"], "checkpoint_digest": _checkpoint_digest(run_dir),
+        "backbone": meta["backbone"], "checkpoint_digest": checkpoint_digest(run_dir),
         "model": pred.describe(), "members": pred.members, "temperature": pred.temperature,
         "calibration": "logits / temperature before softmax (sigmoid), fitted on each fold's validation subset"
                        if pred.ensemble.calibrated else "none (no temperature fitted)",

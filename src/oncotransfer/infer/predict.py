@@ -216,7 +216,7 @@ def _check_export_matches(run_dir: Path, meta: dict, members: list[dict] | None 
     if info.is_file():
         exported = json.loads(info.read_text())
         if exported.get("classes") != meta["classes"] or exported.get("checkpoint_digest") not in (
-                None, _checkpoint_digest(run_dir)):
+                None, checkpoint_digest(run_dir)):
             raise CheckpointError(f"{run_dir}/export is stale (classes or weights differ from the checkpoint); "
                                   f"run `oncotransfer export {run_dir}` again or use --engine torch")
         held = _export_members(run_dir)
@@ -226,7 +226,7 @@ def _check_export_matches(run_dir: Path, meta: dict, members: list[dict] | None 
                                   "--fold or use --engine torch")
 
 
-def _checkpoint_digest(run_dir: Path) -> str:
+def checkpoint_digest(run_dir: Path) -> str:
     from oncotransfer.io import sha256_file
     return sha256_file(Path(run_dir) / "checkpoint" / "model.safetensors")
 

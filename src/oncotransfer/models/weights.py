@@ -70,11 +70,6 @@ def packaged_path(backbone: str) -> Path:
     return Path(holder.get_model_file_path())
 
 
-def packaged_lite0_path() -> Path:
-    """Lite0's packaged weights file (kept for existing callers)."""
-    return packaged_path("efficientnet_lite0")
-
-
 def map_lukemelas(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Rename lukemelas-style EfficientNet(-Lite) keys (``_blocks.N._expand_conv``) to the timm ``model``'s.
 
@@ -105,11 +100,6 @@ def map_lukemelas(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str,
             mod, rest = key.split(".", 1)
             out[f"{top.get(mod, mod)}.{rest}"] = value
     return out
-
-
-def map_lukemelas_lite0(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """:func:`map_lukemelas` onto tf_efficientnet_lite0 (kept for existing callers)."""
-    return map_lukemelas(state, timm.create_model("tf_efficientnet_lite0", pretrained=False))
 
 
 def read_state_file(path: Path) -> dict[str, torch.Tensor]:

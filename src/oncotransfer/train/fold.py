@@ -22,7 +22,7 @@ from oncotransfer.train.device import precision_label, prepare
 from oncotransfer.train.features import FeatureCache, resolve_engine
 from oncotransfer.train.fold_outputs import batch_outputs, fit_fold_temperature
 from oncotransfer.train.inputs import cached_inputs, image_inputs
-from oncotransfer.train.loop import FitState, fit, make_loss, make_optimizer
+from oncotransfer.train.loop import FitState, fit, make_optimizer
 from oncotransfer.train.schedule import make_schedule
 from oncotransfer.train.tail_inputs import tail_inputs
 
@@ -58,7 +58,7 @@ def train_fold(cfg: ExperimentConfig, data: LoadedData, fold: Fold, run_dir: Pat
         module, fast = model, cfg.train.fast_cpu
     sigmoid = cfg.model.head.sigmoid
     weights = _class_weights(m.labels[fold.train], len(m.classes)).to(device) if cfg.train.class_weights else None
-    loss = make_loss(sigmoid, weights, cfg.train.label_smoothing)
+    loss = model.head.loss(weights, cfg.train.label_smoothing)
     opt = make_optimizer(cfg.train.optimizer, module, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_mult)
     sched = make_schedule(opt, cfg.train, -(-inputs.n_train // cfg.train.batch_size))  # batches per epoch
     state_file = run_dir / "state" / f"fold{fold.index}"

@@ -7,13 +7,14 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Literal, get_args
 
 import numpy as np
 import torch
 from torch import nn
 
 from oncotransfer.errors import ConfigError
+from oncotransfer.models.heads import probabilities
 from oncotransfer.train import distributed as D
 from oncotransfer.train.device import autocast
 
@@ -23,23 +24,8 @@ if TYPE_CHECKING:
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
-def make_loss(sigmoid: bool, class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0) -> Callable:
-    """Softmax + cross-entropy, or (one-logit heads) sigmoid + binary cross-entropy.
-
-    ``label_smoothing`` eps: softmax uses torch's ``CrossEntropyLoss(label_smoothing=eps)``; the one-logit head
-    trains on the binary targets ``y (1 - eps) + eps / 2``, the same smoothing over its two classes."""
-    eps = float(label_smoothing)
-    if sigmoid:
-        pos_weight = None if class_weights is None else class_weights[1:2] / class_weights[0]
-        bce = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-        if eps:
-            return lambda logits, y: bce(logits.float().reshape(-1), y.float() * (1 - eps) + eps / 2)
-        return lambda logits, y: bce(logits.float().reshape(-1), y.float())
-    ce = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=eps)
-    return lambda logits, y: ce(logits.float(), y)
-
-
-OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
+OptimizerName = Literal["adam", "adamw", "adagrad", "sgd"]
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 
 
 def param_groups(module: nn.Module, lr: float, backbone_lr_mult: float = 1.0) -> list[dict]:
@@ -55,7 +41,7 @@ def param_groups(module: nn.Module, lr: float, backbone_lr_mult: float = 1.0) ->
     return groups + [{"params": backbone, "lr": lr * backbone_lr_mult}]
 
 
-def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0,
+def make_optimizer(name: OptimizerName, params, lr: float, weight_decay: float = 0.0,
                    backbone_lr_mult: float = 1.0) -> torch.optim.Optimizer:
     """``params``: a module (its trainable parameters, grouped by ``param_groups``) or an iterable of parameters
     (one group). Group 0 is the head's, so ``param_groups[0]["lr"]`` is the head's lr."""
@@ -72,13 +58,6 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0,
     if name == "adagrad":
         return torch.optim.Adagrad(params, lr=lr, weight_decay=weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-
-
-def _probs(logits: torch.Tensor, sigmoid: bool) -> torch.Tensor:
-    if sigmoid:
-        p = torch.sigmoid(logits.float()).reshape(-1, 1)
-        return torch.cat([1 - p, p], 1)
-    return torch.softmax(logits.float(), 1)
 
 
 def train_one_epoch(module: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, loss_fn: Callable,
@@ -104,7 +83,7 @@ def train_one_epoch(module: nn.Module, batches: Batches, optimizer: torch.optim.
             scheduler.step_batch()
         total += n
         loss_sum += float(loss.detach()) * n
-        correct += int((_probs(logits.detach(), sigmoid).argmax(1) == y).sum())
+        correct += int((probabilities(logits.detach(), sigmoid).argmax(1) == y).sum())
     loss_sum, correct, total = D.all_sum(loss_sum, correct, total)
     return loss_sum / max(total, 1), correct / max(total, 1)
 
@@ -119,7 +98,7 @@ def evaluate(module: nn.Module, batches: Batches, loss_fn: Callable, device: tor
         x, y = D.shard(x).to(device), D.shard(y).to(device)
         with autocast(device, fast):
             logits = module(x)
-        p = _probs(logits, sigmoid)
+        p = probabilities(logits, sigmoid)
         n = len(y)
         total += n
         loss_sum += float(loss_fn(logits, y)) * n if n else 0.0

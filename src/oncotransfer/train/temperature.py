@@ -39,14 +39,3 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, sigmoid: bool) -> float:
     res = minimize_scalar(lambda log_t: _nll(z, y, sigmoid, float(np.exp(log_t))),
                           bounds=(np.log(T_MIN), np.log(T_MAX)), method="bounded", options={"xatol": 1e-6})
     return float(np.exp(res.x))
-
-
-def scale_probabilities(logits: np.ndarray, sigmoid: bool, temperature: float = 1.0) -> np.ndarray:
-    """(N, C) probabilities of ``logits / temperature``; a sigmoid head's one logit gives two columns."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    if sigmoid:
-        p = 1.0 / (1.0 + np.exp(-z.reshape(-1)))
-        return np.stack([1 - p, p], axis=1)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
