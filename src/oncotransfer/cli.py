@@ -263,7 +263,7 @@ def serve(run_dir: Path = typer.Argument(..., help="run directory"),
     """Serve the model: POST /predict, GET /health, and an upload page at /."""
     from oncotransfer.serve.app import create_app
     from oncotransfer.serve.limits import ServeLimits
-    from oncotransfer.serve.server import read_token, uvicorn_config
+    from oncotransfer.serve.server import read_token, run_server
     token = read_token(token_file) if token_file else None
     limits = ServeLimits(max_concurrent=max_concurrent, max_queue=max_queue, timeout_s=timeout,
                          max_pixels=max_pixels, max_decode_mb=max_decode_mb, header_timeout_s=header_timeout,
@@ -274,7 +274,7 @@ def serve(run_dir: Path = typer.Argument(..., help="run directory"),
     err.print(f"serving {run_dir} on http://{host}:{port}/ ({p.describe()}, engine {p.engine}; "
               f"{g.max_concurrent} at once + {g.max_queue} waiting, {timeout:g} s limit"
               f"{', bearer token required' if token else ''})", highlight=False, soft_wrap=True)
-    uvicorn.Server(uvicorn_config(application, host, port, limits)).run()
+    run_server(application, host, port, limits)
 
 
 def main() -> None:
