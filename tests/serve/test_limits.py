@@ -191,3 +191,16 @@ def test_slow_clients_are_closed(tiny_run, live):
         with socket.create_connection(("127.0.0.1", port)) as s:  # a proper client still gets its answer
             s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert _closed_within(s, 10).startswith(b"HTTP/1.1 200")  # then closed when idle (keep-alive)
+
+
+def test_a_crash_inside_inference_is_one_json_500_and_the_service_stays_up(tiny_run):
+    app = _app(tiny_run)
+    client = TestClient(app, raise_server_exceptions=False)
+    pred = app.state.predictor
+    real = pred.predict_uint8
+    pred.predict_uint8 = lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("engine fell over"))
+    r = _post(client, headers={"X-Request-ID": "crash-1"})
+    assert r.status_code == 500 and r.json()["error"] == "internal error: RuntimeError (request id crash-1)"
+    assert r.headers["x-request-id"] == "crash-1"
+    pred.predict_uint8 = real
+    assert _post(client).status_code == 200 and app.state.gate.admitted == 0

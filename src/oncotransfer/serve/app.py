@@ -22,6 +22,7 @@ from pathlib import Path
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from oncotransfer import __version__
 from oncotransfer.data.images import ImageReadError, ImageTooLargeError
@@ -130,8 +131,9 @@ def create_app(run_dir: str | Path, engine: str = "auto", max_upload_mb: float =
             raise HTTPException(413, f"upload exceeds the limit of {max_upload_mb:g} MB")
         if not data:
             raise HTTPException(400, "the uploaded file is empty")
-        try:  # the header alone: a 9000 x 9000 PNG is refused here, before a pixel is decoded
-            _, _, need = probe_image(data, draft_size_for(predictor.size), limits.max_pixels)
+        try:  # the header alone (in a thread: some formats parse a while): a 9000 x 9000 PNG stops here
+            _, _, need = await run_in_threadpool(probe_image, data, draft_size_for(predictor.size),
+                                                 limits.max_pixels)
         except ImageReadError as e:
             raise _image_error(e, file.filename) from None
         if need > gate.budget:
