@@ -73,9 +73,12 @@ def connection_cap(capacity: int) -> int:
     """Open connections uvicorn allows (beyond: its own plain 503, without Retry-After and outside our log).
     Only a guard against connection floods: far above the /predict queue (measured: a cap of 72 was reached
     at 100 req/s of one-connection-per-request clients), and within half the process's file descriptors."""
-    import resource
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     cap = max(512, 16 * capacity)
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return cap
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return cap if soft == resource.RLIM_INFINITY else max(64, min(cap, soft // 2))
 
 
