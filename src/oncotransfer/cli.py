@@ -202,10 +202,13 @@ def predict(run_dir: Path = typer.Argument(..., help="run directory"),
             explain: bool = typer.Option(False, "--explain", help="Grad-CAM overlay PNG per image"),
             out: Path = typer.Option(Path("predictions.csv"), "--out", help="CSV to write"),
             engine: str = typer.Option("auto", help="auto | torch | onnx (auto: onnx when exported)"),
-            fold: Optional[int] = typer.Option(None, "--fold", help=_FOLD_HELP)) -> None:
+            fold: Optional[int] = typer.Option(None, "--fold", help=_FOLD_HELP),
+            max_pixels: int = typer.Option(40_000_000, "--max-pixels", min=1, help="images declaring more "
+                                           "pixels are refused before decoding")) -> None:
     """Class probabilities for new images; exit 1 if any image could not be read."""
     from oncotransfer.infer.predict import run_predict
-    df, errors = run_predict(run_dir, paths, out, tta=tta, explain=explain, engine=engine, fold=fold)
+    df, errors = run_predict(run_dir, paths, out, tta=tta, explain=explain, engine=engine, fold=fold,
+                             max_pixels=max_pixels)
     from rich.table import Table
     t = Table("path", "pred", *[c for c in df.columns if c.startswith("prob_")])
     for row in df.head(50).itertuples(index=False):
@@ -238,14 +241,40 @@ def serve(run_dir: Path = typer.Argument(..., help="run directory"),
           port: int = typer.Option(8000, help="TCP port"),
           engine: str = typer.Option("auto", help="auto | torch | onnx"),
           max_upload_mb: float = typer.Option(20.0, help="largest accepted upload"),
-          fold: Optional[int] = typer.Option(None, "--fold", help=_FOLD_HELP)) -> None:
+          fold: Optional[int] = typer.Option(None, "--fold", help=_FOLD_HELP),
+          token_file: Optional[Path] = typer.Option(None, "--token-file", help="require 'Authorization: Bearer "
+                                                    "TOKEN' with the token in this file (chmod 600)"),
+          max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", min=1,
+                                                       help="inferences at once (default: one per core)"),
+          max_queue: int = typer.Option(16, "--max-queue", min=0, help="requests waiting beyond those; more "
+                                        "get 503 with Retry-After"),
+          timeout: float = typer.Option(30.0, "--timeout", min=0.1, help="seconds from upload to answer; 504 "
+                                        "beyond"),
+          max_pixels: int = typer.Option(40_000_000, "--max-pixels", min=1, help="images declaring more pixels "
+                                         "are refused (413) before decoding"),
+          max_decode_mb: float = typer.Option(1024.0, "--max-decode-mb", min=1, help="decoded image memory "
+                                              "of all requests in flight; 503 beyond"),
+          header_timeout: float = typer.Option(10.0, "--header-timeout", min=0.1, help="close a connection "
+                                               "whose request headers take longer"),
+          body_timeout: float = typer.Option(60.0, "--body-timeout", min=0.1, help="408 and close when an "
+                                             "upload takes longer"),
+          log_file: str = typer.Option("-", "--log-file", help="JSON access log (one line a request): a file "
+                                       "to append to, or - for stdout")) -> None:
     """Serve the model: POST /predict, GET /health, and an upload page at /."""
-    import uvicorn
     from oncotransfer.serve.app import create_app
-    application = create_app(run_dir, engine=engine, max_upload_mb=max_upload_mb, fold=fold)
-    p = application.state.predictor
-    err.print(f"serving {run_dir} on http://{host}:{port}/ ({p.describe()}, engine {p.engine})")
-    uvicorn.run(application, host=host, port=port, log_level="warning")
+    from oncotransfer.serve.limits import ServeLimits
+    from oncotransfer.serve.server import read_token, run_server
+    token = read_token(token_file) if token_file else None
+    limits = ServeLimits(max_concurrent=max_concurrent, max_queue=max_queue, timeout_s=timeout,
+                         max_pixels=max_pixels, max_decode_mb=max_decode_mb, header_timeout_s=header_timeout,
+                         body_timeout_s=body_timeout)
+    application = create_app(run_dir, engine=engine, max_upload_mb=max_upload_mb, fold=fold, limits=limits,
+                             token=token, access_log=log_file)
+    p, g = application.state.predictor, application.state.gate
+    err.print(f"serving {run_dir} on http://{host}:{port}/ ({p.describe()}, engine {p.engine}; "
+              f"{g.max_concurrent} at once + {g.max_queue} waiting, {timeout:g} s limit"
+              f"{', bearer token required' if token else ''})", highlight=False, soft_wrap=True)
+    run_server(application, host, port, limits)
 
 
 def main() -> None:

@@ -56,7 +56,7 @@ def _bomb() -> bytes:
     ("text", {"file": ("a.jpg", b"not an image at all", "image/jpeg")}, 415, "not an image"),
     ("truncated", {"file": ("t.jpg", IMG.read_bytes()[:3000], "image/jpeg")}, 400, "truncated"),
     ("empty", {"file": ("e.jpg", b"", "image/jpeg")}, 400, "empty"),
-    ("bomb", {"file": ("b.png", _bomb(), "image/png")}, 400, "too large"),
+    ("bomb", {"file": ("b.png", _bomb(), "image/png")}, 413, "too large"),
     ("too big", {"file": ("big.bin", b"\0" * (2 * 2**20), "application/octet-stream")}, 413, "limit"),
     ("wrong field", {"image": (IMG.name, IMG.read_bytes(), "image/jpeg")}, 422, "'file'"),
 ])

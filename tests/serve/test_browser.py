@@ -72,3 +72,29 @@ def test_upload_shows_bars_and_heatmap(server, tmp_path):
             print(f"screenshot: {shot}")
         finally:
             browser.close()
+
+
+def test_page_asks_for_the_token_when_auth_is_on(tiny_run, live):
+    """serve --token-file: the page shows a token field (from /health's auth_required), then works with it."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (test extra)")
+    from oncotransfer.serve.app import create_app
+    from oncotransfer.serve.limits import ServeLimits
+    token = "page-token-0123456789abcdef"
+    limits = ServeLimits()
+    image = sorted(demo_path("osteosarcoma").rglob("*.jpg"))[0]
+    with live(create_app(tiny_run, engine="torch", token=token), limits) as port, \
+            sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_selector("#auth:not([hidden])")
+            assert "token required" in page.locator("#model").text_content()
+            page.fill("#token", token)
+            page.click("#auth button")
+            page.wait_for_function("document.getElementById('model').textContent.includes('tiny')")
+            page.set_input_files("#file", str(image))
+            page.wait_for_selector("#bars .bar", timeout=120_000)
+            assert "predicted:" in page.locator("#status").text_content()
+        finally:
+            browser.close()

@@ -13,14 +13,76 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from oncotransfer.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+# The refusal threshold of `predict` and `serve`: 40 megapixels (e.g. 7300 x 5500) holds every camera and
+# microscope tile we know of, and the decode of a 40 MP PNG or TIFF peaks near 6 bytes a pixel (native
+# decode + RGB copy) = 240 MB. Pillow's own bomb limit (89 MP warning, 179 MP error) lets a 79 KB PNG of
+# 9000 x 9000 px through at about 0.45 GB a request.
+MAX_PIXELS = 40_000_000
 
 
 class ImageReadError(DataError):
     """One image could not be decoded (unreadable, truncated, a decompression bomb)."""
 
 
+class ImageTooLargeError(ImageReadError):
+    """The header declares more pixels than allowed: refused before any pixel is decoded."""
+
+
+def _bpp(mode: str) -> int:
+    """Bytes a decoded pixel takes in Pillow ``mode`` (16-bit and float modes count their float32 stretch)."""
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return 4 + 4 + 1  # native, float32 stretch, 8-bit result
+    try:
+        bands = Image.getmodebands(mode)
+    except (KeyError, ValueError):
+        bands = 4
+    return bands + (8 if mode in ("RGBA", "LA", "PA", "La", "RGBa") else 0)  # alpha: RGBA copy + composite
+
+
+def probe_image(source: str | Path | bytes, draft_size: int | None = None,
+                max_pixels: int | None = MAX_PIXELS) -> tuple[int, int, int]:
+    """(width, height, estimated peak decoded bytes) from the header alone (Pillow opens lazily).
+
+    Raises ImageTooLargeError when width x height exceeds ``max_pixels`` and ImageReadError for data Pillow
+    cannot identify. With ``draft_size`` a JPEG counts at the 1/2..1/8 scale libjpeg will decode it at.
+    """
+    img = _open_checked(source, max_pixels)
+    with img:
+        w, h = img.size
+        if draft_size and img.format == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))
+        dw, dh = img.size
+        return w, h, dw * dh * (_bpp(img.mode) + 3)  # the native decode plus its RGB conversion
+
+
+def _name(source) -> str:
+    return "upload" if isinstance(source, bytes) else str(source)
+
+
+def _open_checked(source: str | Path | bytes, max_pixels: int | None) -> Image.Image:
+    """Image.open (header only, no decoding) with the pixel limit applied; errors as ImageReadError."""
+    name = _name(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageTooLargeError(f"{name}: image too large ({e})") from None
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{name}: not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(f"{name}: unreadable or truncated image ({str(e)[:80]})") from None
+    w, h = img.size
+    if max_pixels is not None and w * h > max_pixels:
+        img.close()
+        raise ImageTooLargeError(f"{name}: image too large ({w} x {h} = {w * h / 1e6:.1f} megapixels; the "
+                                 f"limit is {max_pixels / 1e6:g}), refused before decoding")
+    return img
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
-    img = ImageOps.exif_transpose(img)
+    # In place: the freshly decoded image is ours, and a copy would add a full-size frame to the peak.
+    ImageOps.exif_transpose(img, in_place=True)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit and float images: stretch the used range to 8 bits instead of clipping at 255.
         arr = np.asarray(img, dtype=np.float32)
@@ -34,22 +96,25 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_rgb(source: str | Path | bytes, draft_size: int | None = None) -> Image.Image:
-    """Decode fully to RGB; raise ImageReadError (one line) for unreadable or truncated data."""
-    name = "upload" if isinstance(source, bytes) else str(source)
+def open_rgb(source: str | Path | bytes, draft_size: int | None = None,
+             max_pixels: int | None = None) -> Image.Image:
+    """Decode fully to RGB; raise ImageReadError (one line) for unreadable or truncated data.
+
+    A header declaring more than ``max_pixels`` (None: Pillow's bomb limit only, 89 MP) raises
+    ImageTooLargeError before decoding; so does Pillow's decompression-bomb warning.
+    """
+    name = _name(source)
+    img = _open_checked(source, max_pixels)
     try:
         with warnings.catch_warnings():
             # A decompression-bomb warning is an error for us: a 20000x20000 PNG must not be decoded.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
             if draft_size and img.format == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))  # libjpeg decodes at 1/2..1/8 scale: much faster
             img.load()
             return _to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageReadError(f"{name}: image too large ({e})") from None
-    except UnidentifiedImageError:
-        raise ImageReadError(f"{name}: not an image Pillow can read") from None
+        raise ImageTooLargeError(f"{name}: image too large ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageReadError(f"{name}: unreadable or truncated image ({str(e)[:80]})") from None
 
@@ -60,12 +125,16 @@ def resize_uint8(img: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def decode_for_model(source: str | Path | bytes, size: int) -> tuple[Image.Image, torch.Tensor]:
-    """(RGB image, uint8 (3, size, size)): the one decoding rule for training, predict and serve.
+def draft_size_for(size: int) -> int:
+    """JPEGs are draft-decoded at no less than 256 px: a coarser draft moved probabilities by up to 0.04."""
+    return max(size, 256)
 
-    JPEGs are draft-decoded at no less than 256 px: a coarser draft moved probabilities by up to 0.04.
-    """
-    img = open_rgb(source, draft_size=max(size, 256))
+
+def decode_for_model(source: str | Path | bytes, size: int, max_pixels: int | None = None
+                     ) -> tuple[Image.Image, torch.Tensor]:
+    """(RGB image, uint8 (3, size, size)): the one decoding rule for training, predict and serve
+    (``max_pixels`` as in ``open_rgb``)."""
+    img = open_rgb(source, draft_size=draft_size_for(size), max_pixels=max_pixels)
     return img, resize_uint8(img, size)
 
 

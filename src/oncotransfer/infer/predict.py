@@ -10,7 +10,8 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from oncotransfer.data.images import IMAGE_SUFFIXES, ImageReadError, decode_for_model, normalise, resize_uint8
+from oncotransfer.data.images import (IMAGE_SUFFIXES, MAX_PIXELS, ImageReadError, decode_for_model, normalise,
+                                     resize_uint8)
 from oncotransfer.errors import CheckpointError, ConfigError, DataError
 
 Engine = Literal["auto", "torch", "onnx"]
@@ -177,14 +178,15 @@ class Predictor:
         """Images -> (N, C) class probabilities."""
         return self.predict_uint8(self.to_uint8(images), tta)
 
-    def predict_paths(self, paths: Iterable[str | Path], tta: bool = False
+    def predict_paths(self, paths: Iterable[str | Path], tta: bool = False, max_pixels: int | None = None
                       ) -> tuple[pd.DataFrame, dict[str, str]]:
-        """Files and folders -> (rows: path, pred, prob_<class>...; {path: error} for the unreadable ones)."""
+        """Files and folders -> (rows: path, pred, prob_<class>...; {path: error} for the unreadable ones and
+        those declaring more than ``max_pixels``)."""
         files, errors = expand_paths(paths)
         ok, tensors = [], []
         for f in files:
             try:
-                tensors.append(decode_for_model(f, self.size)[1])
+                tensors.append(decode_for_model(f, self.size, max_pixels)[1])
                 ok.append(str(f))
             except ImageReadError as e:
                 errors[str(f)] = str(e)
@@ -274,11 +276,13 @@ def evaluate_on(run_dir: str | Path, data_path: str, engine: Engine = "auto", fo
 
 
 def run_predict(run_dir: str | Path, paths: list[str], out: str | Path, tta: bool = False, explain: bool = False,
-                engine: Engine = "auto", fold: int | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
+                engine: Engine = "auto", fold: int | None = None, max_pixels: int | None = MAX_PIXELS
+                ) -> tuple[pd.DataFrame, dict[str, str]]:
     """The ``predict`` command: CSV at ``out``; with ``explain`` overlays in ``<out stem>_explain/``
-    (Grad-CAM of the first member, fold 0, for an ensemble)."""
+    (Grad-CAM of the first member, fold 0, for an ensemble). Images declaring more than ``max_pixels`` are
+    refused (listed in the errors) before decoding."""
     pred = Predictor.from_run(run_dir, engine, fold)
-    df, errors = pred.predict_paths(paths, tta=tta)
+    df, errors = pred.predict_paths(paths, tta=tta, max_pixels=max_pixels)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False)

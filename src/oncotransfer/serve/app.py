@@ -1,63 +1,70 @@
 """FastAPI service: ``POST /predict`` (multipart image), ``GET /health``, ``GET /`` (upload page).
 
-Hostile input never kills it: uploads are size-limited before and while reading, images are decoded with
-Pillow's bomb check as an error, and every error is a JSON body with a 4xx/5xx status. Requests run in
-FastAPI's thread pool: with an ONNX export each takes one of a pool of single-threaded sessions; PyTorch
-inference and Grad-CAM run one at a time under a lock.
+Hostile input never kills it: uploads are size-limited before and while reading, images are refused by their
+declared pixel count before decoding, and every error is a JSON body with a 4xx/5xx status. The front door
+(``middleware.py``) checks the bearer token, admits at most ``max_concurrent`` + ``max_queue`` /predict
+requests (503 + Retry-After beyond), cuts off slow uploads and writes the access log; ``limits.Gate`` runs the
+work in ``max_concurrent`` threads under a decoded-bytes budget and a time limit (504). With an ONNX export
+each request takes one of a pool of single-threaded sessions; PyTorch inference and Grad-CAM run one at a time
+under a lock.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import logging
 import queue
 import threading
+import time
 from pathlib import Path
 
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from oncotransfer import __version__
-from oncotransfer.data.images import ImageReadError
+from oncotransfer.data.images import ImageReadError, ImageTooLargeError
+from oncotransfer.serve.limits import Gate, ServeLimits
+from oncotransfer.serve.middleware import AccessLog, ServiceMiddleware
 
 STATIC = Path(__file__).parent / "static"
-MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file in a multipart body
 log = logging.getLogger("oncotransfer.serve")
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message, "detail": message})
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message, "detail": message}, headers=headers)
+
+
+def _image_error(e: ImageReadError, filename: str | None) -> HTTPException:
+    msg = str(e)
+    status = 413 if isinstance(e, ImageTooLargeError) else 415 if "not an image" in msg else 400
+    return HTTPException(status, f"{filename or 'upload'}: {msg.split(': ', 1)[-1]}")
 
 
 def create_app(run_dir: str | Path, engine: str = "auto", max_upload_mb: float = 20,
-               fold: int | None = None) -> FastAPI:
+               fold: int | None = None, limits: ServeLimits | None = None, token: str | None = None,
+               access_log: str | Path | None = None) -> FastAPI:
     """Build the app around one loaded model (``Predictor.from_run``): the ensemble of a multi-fold run's fold
-    models by default, or fold ``fold`` alone."""
-    from oncotransfer.data.images import decode_for_model
+    models by default, or fold ``fold`` alone. ``token``: require ``Authorization: Bearer <token>``;
+    ``access_log``: a file to append JSON lines to, ``"-"`` for stdout, None for none."""
+    from oncotransfer.data.images import decode_for_model, draft_size_for, probe_image
     from oncotransfer.infer.predict import Predictor
+    limits = limits or ServeLimits()
     predictor = Predictor.from_run(run_dir, engine, fold)
     limit = int(max_upload_mb * 1024 * 1024)
     lock = threading.Lock()  # torch inference and Grad-CAM one at a time: torch uses every core, Grad-CAM hooks
     engines = _engine_pool(predictor)
+    gate = Gate(limits.concurrency(), limits.max_queue, int(limits.max_decode_mb * 2**20))
     app = FastAPI(title="oncotransfer", version=__version__,
                   description=f"{predictor.name}: {', '.join(predictor.classes)}")
     app.state.predictor = predictor
     app.state.engines = engines
-
-    @app.middleware("http")
-    async def _reject_large(request: Request, call_next):
-        # Refuse before the body is read (and spooled to disk) when the client declares it too large.
-        if request.url.path == "/predict":
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > limit + MULTIPART_OVERHEAD:
-                return _error(413, f"upload of {int(length) / 2**20:.1f} MB exceeds the limit of "
-                                   f"{max_upload_mb:g} MB")
-        try:
-            return await call_next(request)
-        except Exception as e:  # the service stays up and answers JSON whatever happens
-            log.exception("unhandled error")
-            return _error(500, f"internal error: {type(e).__name__}")
+    app.state.gate = gate
+    app.state.limits = limits
+    app.add_middleware(ServiceMiddleware, gate=gate, token=token, upload_limit=limit, max_upload_mb=max_upload_mb,
+                       body_timeout_s=limits.body_timeout_s, access_log=AccessLog(access_log))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -70,31 +77,28 @@ def create_app(run_dir: str | Path, engine: str = "auto", max_upload_mb: float =
         return _error(exc.status_code, str(exc.detail))
 
     @app.get("/health")
-    def health() -> dict:
-        return {"status": "ok", "model": predictor.name, "version": __version__, "engine": predictor.engine,
+    def health(request: Request) -> dict:
+        ready = gate.ready()
+        if not request.state.authorized:
+            # Auth on and no valid token: enough for a load balancer's readiness probe, nothing about the model
+            # (its name and classes say what a hospital works on).
+            return {"status": "ok", "ready": ready, "auth_required": True}
+        return {"status": "ok", "ready": ready, "auth_required": request.state.auth_required,
+                "model": predictor.name, "version": __version__, "engine": predictor.engine,
                 "backbone": predictor.meta["backbone"]["name"], "classes": predictor.classes,
-                "input_size": predictor.size, "max_upload_mb": max_upload_mb,
+                "input_size": predictor.size, "max_upload_mb": max_upload_mb, "max_pixels": limits.max_pixels,
+                "timeout_s": limits.timeout_s, "fold": fold,
                 "ensemble": predictor.describe(), "members": predictor.members,
-                "temperature": predictor.temperature, "calibrated": predictor.ensemble.calibrated}
+                "temperature": predictor.temperature, "calibrated": predictor.ensemble.calibrated,
+                "load": gate.load()}
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    @app.post("/predict")
-    def predict(file: UploadFile = File(..., description="the image (PNG, JPEG, TIFF, ...)"),
-                explain: bool = Query(False, description="also return a Grad-CAM overlay PNG (base64)")) -> dict:
-        data = file.file.read(limit + 1)  # never more than limit + 1 bytes in memory
-        if len(data) > limit:
-            raise HTTPException(413, f"upload exceeds the limit of {max_upload_mb:g} MB")
-        if not data:
-            raise HTTPException(400, "the uploaded file is empty")
-        try:
-            img, t = decode_for_model(data, predictor.size)
-        except ImageReadError as e:
-            msg = str(e)
-            status = 415 if "not an image" in msg else 400
-            raise HTTPException(status, f"{file.filename or 'upload'}: {msg.split(': ', 1)[-1]}") from None
+    def infer(data: bytes, explain: bool) -> dict:
+        """Decode and classify (in a worker thread)."""
+        img, t = decode_for_model(data, predictor.size, max_pixels=limits.max_pixels)
         batch = t.unsqueeze(0)
         if engines is not None and not explain:
             worker = engines.get()  # a single-threaded ONNX session of its own; the others serve other requests
@@ -116,6 +120,36 @@ def create_app(run_dir: str | Path, engine: str = "auto", max_upload_mb: float =
                 "classes": predictor.classes,
                 "probabilities": {c: float(p) for c, p in zip(predictor.classes, probs)},
                 "predicted": predictor.classes[k], "overlay_png": overlay}
+
+    @app.post("/predict")
+    async def predict(request: Request,
+                      file: UploadFile = File(..., description="the image (PNG, JPEG, TIFF, ...)"),
+                      explain: bool = Query(False, description="also return a Grad-CAM overlay PNG (base64)")):
+        ticket = request.state.ticket  # admitted by the middleware
+        data = await file.read(limit + 1)  # never more than limit + 1 bytes in memory
+        if len(data) > limit:
+            raise HTTPException(413, f"upload exceeds the limit of {max_upload_mb:g} MB")
+        if not data:
+            raise HTTPException(400, "the uploaded file is empty")
+        try:  # the header alone (in a thread: some formats parse a while): a 9000 x 9000 PNG stops here
+            _, _, need = await run_in_threadpool(probe_image, data, draft_size_for(predictor.size),
+                                                 limits.max_pixels)
+        except ImageReadError as e:
+            raise _image_error(e, file.filename) from None
+        if need > gate.budget:
+            raise HTTPException(413, f"{file.filename or 'upload'}: decoding would take {need / 2**20:.0f} MB, "
+                                     f"more than the service's budget of {gate.budget / 2**20:.0f} MB")
+        if not gate.reserve(ticket, need):
+            wait = gate.retry_after()
+            return _error(503, f"service busy: decoding memory in use ({gate.budget / 2**20:.0f} MB); retry "
+                               f"in {wait} s", {"Retry-After": str(wait)})
+        try:
+            return await gate.run(ticket, lambda: infer(data, explain), time.monotonic() + limits.timeout_s)
+        except asyncio.TimeoutError:
+            return _error(504, f"no answer within the service's time limit of {limits.timeout_s:g} s; "
+                               "the service is overloaded or the image too slow to process")
+        except ImageReadError as e:  # found only while decoding (a truncated body, a bad stream)
+            raise _image_error(e, file.filename) from None
 
     return app
 
