@@ -23,7 +23,8 @@ class DataConfig(_Strict):
 
 
 class SplitConfig(_Strict):
-    kind: Literal["holdout", "train-val-test", "kfold", "lopo"] = "holdout"
+    kind: str = "holdout"
+    """holdout | train-val-test | kfold | lopo, or any kind registered in ``data.splits.SPLITTERS``."""
     test_size: float = Field(default=0.1, gt=0, lt=1)
     val_size: float = Field(default=0.2, ge=0, lt=1)
     """train-val-test: fraction for validation (7:2:1 gives 0.2); kfold/lopo: inner validation carved from train."""
@@ -35,7 +36,8 @@ class SplitConfig(_Strict):
 
 
 class HeadConfig(_Strict):
-    kind: Literal["paper_dense", "linear", "mlp"] = "paper_dense"
+    kind: str = "paper_dense"
+    """paper_dense | linear | mlp, or any head registered in ``models.heads.HEADS``."""
     hidden: list[int] = Field(default_factory=lambda: [100])
     dropout: float = Field(default=0.0, ge=0, lt=1)
     sigmoid: bool = False

@@ -164,3 +164,23 @@ def test_lopo_without_patients_is_a_data_error():
     m.patients = None
     with pytest.raises(DataError, match="lopo"):
         make_split(m, SplitConfig(kind="lopo", allow_image_level_split=True))
+
+
+def test_a_new_split_kind_is_one_registered_function(monkeypatch):
+    """CONTRIBUTING.md's example: a temporal hold-out (train on the earlier patients, test on the later ones)
+    is one function in data/splits.py; config, leakage check, run directory and report need nothing else."""
+    from oncotransfer.data import splits
+    from oncotransfer.errors import ConfigError
+
+    def later_patients(s: splits.SplitInputs) -> list[splits.Fold]:
+        order = np.argsort(s.groups, kind="stable")  # group ids follow patient order here
+        cut = int(len(order) * (1 - s.cfg.test_size))
+        tr, te = np.sort(order[:cut]), np.sort(order[cut:])
+        return [splits.Fold(0, tr, te, te)]
+    monkeypatch.setitem(splits.SPLITTERS, "later-patients", later_patients)
+    m = manifest([[0, 0], [1, 1], [0, 1], [1, 0], [0, 0]], 2)
+    split = make_split(m, SplitConfig(kind="later-patients", test_size=0.4))
+    assert split.kind == "later-patients" and split.grouped_by == "patient" and len(split.folds) == 1
+    check_fold_partition(m, split.folds[0], whole=True)
+    with pytest.raises(ConfigError, match="later-patients"):  # the error lists the registered kinds
+        make_split(m, SplitConfig(kind="nope"))

