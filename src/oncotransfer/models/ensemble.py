@@ -26,6 +26,11 @@ class Ensemble(nn.Module):
             raise ValueError("one temperature and one name per member")
 
     @property
+    def shares_backbone(self) -> bool:
+        """True when every member uses one backbone module (frozen folds): it then runs once per batch."""
+        return len({id(m.backbone) for m in self.members}) == 1
+
+    @property
     def calibrated(self) -> bool:
         return any(t is not None for t in self.temperatures)
 
