@@ -34,8 +34,19 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _is_dicom(source: str | Path | bytes) -> bool:
+    from oncotransfer.data.dicom import is_dicom_bytes, is_dicom_path
+    return is_dicom_bytes(source) if isinstance(source, bytes) else is_dicom_path(source)
+
+
 def open_rgb(source: str | Path | bytes, draft_size: int | None = None) -> Image.Image:
-    """Decode fully to RGB; raise ImageReadError (one line) for unreadable or truncated data."""
+    """Decode fully to RGB; raise ImageReadError (one line) for unreadable or truncated data.
+
+    DICOM (a DICOM suffix, ``file#frame=K``, or the DICM magic on a name without an image suffix, or in
+    uploaded bytes) is decoded by data/dicom.py; everything else by Pillow."""
+    if _is_dicom(source):
+        from oncotransfer.data.dicom import open_dicom
+        return open_dicom(source)
     name = "upload" if isinstance(source, bytes) else str(source)
     try:
         with warnings.catch_warnings():

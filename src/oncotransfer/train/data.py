@@ -22,9 +22,9 @@ class LoadedData:
 
 
 def load_data(cfg: DataConfig, size: int, workers: int = 2, phash: bool = True) -> LoadedData:
-    manifest = load_manifest(cfg.path, cfg.patient_regex)
+    manifest = load_manifest(cfg.path, cfg.patient_regex, dicom_frames=cfg.dicom_frames)
     images, ok, failed, hashes = decode_many(manifest.paths, size, workers, phash=phash)
-    warnings = [f"skipped unreadable image: {why}" for why in failed.values()]
+    warnings = [f"skipped unreadable image: {why}" for why in [*manifest.skipped.values(), *failed.values()]]
     if failed:
         manifest = drop(manifest, failed)
     if len(manifest) == 0:

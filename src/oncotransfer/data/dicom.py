@@ -1,0 +1,397 @@
+"""DICOM objects -> 8-bit RGB frames, header facts for ``data inspect``, and salted hashes of patient ids.
+
+Decoding goes through pydicom (a core dependency); compressed transfer syntaxes need its pixel-data plugins
+(``pip install 'oncotransfer[dicom]'``: pylibjpeg with libjpeg, openjpeg and rle). An object that cannot be used
+(not DICOM, truncated, no pixel data, a syntax without its plugin) raises ``ImageReadError`` with one line.
+
+Raw PatientID / PatientName / study and series UIDs never leave this module: the manifest holds
+``hash_id(value)``, a keyed hash (HMAC-SHA256, 10 hex digits) whose key is a secret kept outside run
+directories (``ONCOTRANSFER_ID_SALT``, else a random key created once in ``~/.config/oncotransfer/id_salt``).
+A key stored beside the hashes, or one derived from the data, would let anyone holding a report brute-force
+short hospital ids; a per-user key keeps the same patient on the same hash across data sets, runs and
+``data inspect`` on one machine (and across a team that shares ``ONCOTRANSFER_ID_SALT``).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import io
+import logging
+import os
+import secrets
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from oncotransfer.data.images import IMAGE_SUFFIXES, ImageReadError
+from oncotransfer.errors import MissingExtraError
+
+DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
+FRAME_TAG = "#frame="
+"""Manifest rows of a multi-frame object name their frame: ``path/to/object.dcm#frame=7`` (0-based)."""
+INSTALL_HINT = "pip install 'oncotransfer[dicom]'"
+
+
+# ---------------------------------------------------------------- recognising DICOM (no pydicom import)
+def split_frame(source: str | Path) -> tuple[str, int | None]:
+    """``file#frame=K`` -> (file, K); anything else -> (source, None)."""
+    s = str(source)
+    base, tag, k = s.rpartition(FRAME_TAG)
+    if tag and k.isdigit():
+        return base, int(k)
+    return s, None
+
+
+def has_preamble(path: str | Path) -> bool:
+    """The 128-byte preamble followed by ``DICM`` (DICOM Part 10)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def is_dicom_path(path: str | Path) -> bool:
+    """A DICOM suffix, a frame reference, or (for any name not ending in an image suffix) the DICM magic."""
+    base, frame = split_frame(path)
+    p = Path(base)
+    suffix = p.suffix.lower()
+    if frame is not None or suffix in DICOM_SUFFIXES:
+        return True
+    return suffix not in IMAGE_SUFFIXES and p.is_file() and has_preamble(p)
+
+
+def is_dicom_bytes(data: bytes) -> bool:
+    return data[128:132] == b"DICM"
+
+
+def parse_frames(spec: str) -> tuple[str, int | None]:
+    """``middle`` | ``all`` | ``index:N`` -> (kind, N); ValueError with the accepted forms otherwise."""
+    if spec in ("middle", "all"):
+        return spec, None
+    if spec.startswith("index:") and spec[6:].isdigit():
+        return "index", int(spec[6:])
+    raise ValueError("expected 'middle', 'all' or 'index:N' (0-based frame of multi-frame objects)")
+
+
+# ---------------------------------------------------------------- hashed identifiers
+def _salt() -> bytes:
+    env = os.environ.get("ONCOTRANSFER_ID_SALT")
+    if env:
+        return env.encode()
+    home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "oncotransfer"
+    f = home / "id_salt"
+    if not f.is_file():
+        home.mkdir(parents=True, exist_ok=True)
+        try:  # created once, readable by its owner only; a concurrent creator wins and we read its key
+            fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_hex(32))
+        except FileExistsError:
+            pass
+    return f.read_text().strip().encode()
+
+
+def hash_id(value: str, kind: str = "p") -> str:
+    """``p-1a2b3c4d5e``: a keyed hash of a patient (``p``), study (``st``) or series (``se``) id."""
+    return f"{kind}-{hmac.new(_salt(), value.encode(), hashlib.sha256).hexdigest()[:10]}"
+
+
+# ---------------------------------------------------------------- reading
+def _pydicom():
+    try:
+        import pydicom
+    except ImportError:
+        raise MissingExtraError(f"DICOM input needs pydicom: {INSTALL_HINT}") from None
+    log = logging.getLogger("pydicom")
+    if not log.handlers:  # its warnings would reach stderr through logging's last resort: reasons are one line
+        log.addHandler(logging.NullHandler())
+    return pydicom
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _quiet(fn):
+    """pydicom warns on odd values (an IS of '1A'): silenced, since what matters is reported as one line."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def _read(source, name: str, header_only: bool):
+    """dcmread (forced: objects without preamble or file meta are common); ImageReadError when unusable."""
+    pydicom = _pydicom()
+    try:
+        ds = pydicom.dcmread(source, force=True, defer_size="256 KB" if header_only else None)
+        if len(ds) == 0:
+            raise ImageReadError(f"{name}: no DICOM data elements could be read (corrupt or not DICOM)")
+        if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+            kind = ds.get("Modality") or ds.get("SOPClassUID", getattr(ds, "file_meta", {}).get(
+                "MediaStorageSOPClassUID", "unknown object"))
+            raise ImageReadError(f"{name}: DICOM object without pixel data ({getattr(kind, 'name', kind)})")
+        if "Rows" not in ds or "Columns" not in ds:
+            raise ImageReadError(f"{name}: not a DICOM image (no Rows/Columns)")
+        _fix_transfer_syntax(ds)
+        return ds
+    except ImageReadError:
+        raise
+    except Exception as e:  # pydicom raises many types on corrupt input: each becomes one line
+        raise ImageReadError(f"{name}: unreadable DICOM ({_one_line(e)})") from None
+
+
+def _fix_transfer_syntax(ds) -> None:
+    """Objects without file meta (read with force) state their encoding only implicitly."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        implicit = (ds.original_encoding[0] if getattr(ds, "original_encoding", None) else True)
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+
+
+def n_frames(ds) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+@dataclass(frozen=True)
+class DicomInfo:
+    """Header facts of one object; identifiers are hashed (``hash_id``), never raw."""
+    frames: int
+    modality: str
+    manufacturer: str
+    bits_stored: int
+    photometric: str
+    transfer_syntax: str
+    size: tuple[int, int]
+    patient: str | None
+    study: str | None
+    series: str | None
+
+
+@_quiet
+def read_info(path: str | Path) -> DicomInfo:
+    """Header of one object (pixel data not decoded); ImageReadError (one line) when it is unusable."""
+    ds = _read(str(path), str(path), header_only=True)
+
+    def hashed(key: str, kind: str) -> str | None:
+        v = str(ds.get(key, "") or "").strip()
+        return hash_id(v, kind) if v else None
+    ts = ds.file_meta.TransferSyntaxUID
+    try:
+        return DicomInfo(n_frames(ds), str(ds.get("Modality", "") or "?"), str(ds.get("Manufacturer", "") or "?"),
+                         int(ds.get("BitsStored", 0) or 0), str(ds.get("PhotometricInterpretation", "") or "?"),
+                         getattr(ts, "name", str(ts)), (int(ds.Columns), int(ds.Rows)), hashed("PatientID", "p"),
+                         hashed("StudyInstanceUID", "st"), hashed("SeriesInstanceUID", "se"))
+    except Exception as e:  # a malformed header value
+        raise ImageReadError(f"{path}: unreadable DICOM header ({_one_line(e)})") from None
+
+
+def frames_for(n: int, spec: str) -> list[int] | str:
+    """Frame indices a policy takes from an object of ``n`` frames, or a one-line reason when none fit."""
+    kind, k = parse_frames(spec)
+    if n == 1:
+        return [0]  # single-frame objects are their one frame under every policy
+    if kind == "middle":
+        return [n // 2]
+    if kind == "all":
+        return list(range(n))
+    return [k] if k < n else f"data.dicom_frames {spec} but the object has {n} frames (0-{n - 1})"
+
+
+def _decoder(uid):
+    from pydicom.pixels import get_decoder
+    return get_decoder(uid)
+
+
+def _check_decoder(ds, name: str) -> None:
+    uid = ds.file_meta.TransferSyntaxUID
+    if not uid.is_compressed:
+        return
+    try:
+        decoder = _decoder(uid)
+    except NotImplementedError:
+        raise ImageReadError(f"{name}: transfer syntax {uid.name} is not supported by any pydicom decoder") from None
+    if not decoder.is_available:
+        raise ImageReadError(f"{name}: transfer syntax {uid.name} needs a pixel-data plugin: {INSTALL_HINT}")
+
+
+def _window_range(ds) -> tuple[float, float]:
+    """Output range of pydicom's windowing (PS3.3 C.11.2.1.2): the stored range, after rescale if any."""
+    bits = int(ds.get("BitsStored", 8) or 8)
+    if ds.get("ModalityLUTSequence"):
+        lo, hi = 0.0, 2.0 ** ds.ModalityLUTSequence[0].LUTDescriptor[2] - 1
+    elif int(ds.get("PixelRepresentation", 0) or 0) == 0:
+        lo, hi = 0.0, 2.0 ** bits - 1
+    else:
+        lo, hi = -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is not None and intercept is not None:
+        lo, hi = sorted((lo * float(slope) + float(intercept), hi * float(slope) + float(intercept)))
+    return lo, hi
+
+
+def _stretch(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    arr = np.asarray(arr, dtype=np.float64)
+    if not hi > lo:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    return np.clip(np.rint((arr - lo) / (hi - lo) * 255), 0, 255).astype(np.uint8)
+
+
+def to_rgb8(arr: np.ndarray, ds) -> np.ndarray:
+    """One decoded frame -> uint8 (H, W) grey or (H, W, 3) RGB, as a viewer would display it."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+    pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if pi == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, ds)
+        return rgb if rgb.dtype == np.uint8 else _stretch(rgb, 0, 2 ** 16 - 1)
+    if arr.ndim == 3:  # colour: pydicom has already turned YBR_FULL / YBR_FULL_422 into RGB
+        if arr.dtype == np.uint8:
+            return arr
+        return _stretch(arr, 0, 2 ** int(ds.get("BitsStored", 16) or 16) - 1)
+    out = apply_modality_lut(arr, ds)  # rescale slope/intercept or a modality LUT
+    if "VOILUTSequence" in ds or "WindowCenter" in ds:
+        voi = apply_voi_lut(out, ds, index=0)
+        if "VOILUTSequence" in ds and ds.VOILUTSequence:
+            lo, hi = 0.0, 2.0 ** ds.VOILUTSequence[0].LUTDescriptor[2] - 1
+        else:
+            lo, hi = _window_range(ds)
+        grey = _stretch(voi, lo, hi)
+    elif out.dtype.kind == "u" and int(ds.get("BitsStored", 16) or 16) <= 8:
+        grey = out.astype(np.uint8)  # 8-bit grey (most ultrasound): shown as stored, like the same image as PNG
+    else:  # no display window stated: the used range stretched to 8 bits, as for 16-bit PNGs
+        grey = _stretch(out, float(np.min(out)), float(np.max(out)))
+    return 255 - grey if pi == "MONOCHROME1" else grey  # MONOCHROME1: low values are white
+
+
+@_quiet
+def open_dicom(source: str | Path | bytes, frame: int | None = None) -> Image.Image:
+    """One frame (``file#frame=K`` or ``frame``; default the middle one) -> RGB PIL image."""
+    if isinstance(source, bytes):
+        name, src = "upload", io.BytesIO(source)
+    else:
+        base, tagged = split_frame(source)
+        name, src, frame = str(source), base, (tagged if tagged is not None else frame)
+    ds = _read(src, name, header_only=False)
+    n = n_frames(ds)
+    k = n // 2 if frame is None else frame
+    if not 0 <= k < n:
+        raise ImageReadError(f"{name}: frame {k} does not exist (the object has {n} frames)")
+    from pydicom.pixels import pixel_array
+    try:
+        _check_decoder(ds, name)
+        pixels = to_rgb8(pixel_array(ds, index=k if n > 1 else None), ds)
+    except ImageReadError:
+        raise
+    except Exception as e:
+        raise ImageReadError(f"{name}: cannot decode pixel data ({_one_line(e)})") from None
+    if pixels.ndim == 3 and pixels.shape[-1] != 3:
+        raise ImageReadError(f"{name}: unsupported pixel layout {pixels.shape} "
+                             f"({ds.get('PhotometricInterpretation')})")
+    return Image.fromarray(np.ascontiguousarray(pixels)).convert("RGB")
+
+
+# ---------------------------------------------------------------- manifest rows
+@dataclass
+class DicomRows:
+    """Manifest rows after DICOM objects were expanded to their frames (non-DICOM rows kept as they were)."""
+    paths: list[str]
+    labels: list[str]
+    patients: list[str] | None
+    sha256: list[str]
+    skipped: dict[str, str]
+
+
+def expand_rows(paths: list[str], labels: list[str], patients: list[str] | None, frames: str,
+                sha256_file) -> DicomRows:
+    """One row per selected frame of each DICOM object; unusable objects go to ``skipped`` with one line.
+
+    Patients given by a manifest column or a regex are kept; otherwise every row takes its object's hashed
+    PatientID, and the data set has patient ids only if every row has one. A multi-frame object's rows get
+    ``sha256(file sha256 + '#frame=K')``: distinct images for the feature caches, kept together by patient."""
+    out = DicomRows([], [], [], [], {})
+    dicom_patients: list[str | None] = []
+    for i, path in enumerate(paths):
+        given = None if patients is None else patients[i]
+        if not is_dicom_path(path):
+            rows, pid, digest = [path], None, sha256_file(path)
+        else:
+            try:
+                info = read_info(path)
+            except ImageReadError as e:
+                out.skipped[path] = str(e)
+                continue
+            chosen = frames_for(info.frames, frames)
+            if isinstance(chosen, str):
+                out.skipped[path] = f"{path}: {chosen}"
+                continue
+            digest = sha256_file(path)
+            rows = [path] if info.frames == 1 else [f"{path}{FRAME_TAG}{k}" for k in chosen]
+            pid = info.patient
+        for r in rows:
+            out.paths.append(r)
+            out.labels.append(labels[i])
+            out.patients.append(given)
+            dicom_patients.append(pid)
+            out.sha256.append(digest if r == path else hashlib.sha256(f"{digest}{r[len(path):]}".encode()).hexdigest())
+    if patients is None:
+        out.patients = dicom_patients if dicom_patients and all(dicom_patients) else None
+    return out
+
+
+def summarise(paths: list[str]) -> dict:
+    """``data inspect``'s DICOM facts over the distinct objects among ``paths`` (hashed ids only)."""
+    from collections import Counter
+    objects = sorted({split_frame(p)[0] for p in paths if is_dicom_path(p)})
+    keys = ("modality", "manufacturer", "frames", "bits_stored", "photometric", "transfer_syntax")
+    out: dict = {k: Counter() for k in keys}
+    series: dict[tuple, int] = {}
+    for p in objects:
+        try:
+            info = read_info(p)
+        except ImageReadError:
+            continue  # already listed as unreadable
+        for k in keys:
+            out[k][getattr(info, k)] += 1
+        key = (info.patient or "-", info.study or "-", info.series or "-", info.modality)
+        series[key] = series.get(key, 0) + 1
+    out["objects"] = len(objects)
+    out["patients"] = len({k[0] for k in series if k[0] != "-"})
+    out["studies"] = len({k[1] for k in series if k[1] != "-"})
+    out["series"] = series
+    return out
+
+
+def frame_paths(files: list, frames: str, errors: dict[str, str]) -> list[str]:
+    """``predict``: each multi-frame DICOM file -> its ``file#frame=K`` entries under the run's policy (so a cine
+    loop gets one row per frame with ``all``); unusable objects go to ``errors``; other files are kept."""
+    out: list = []
+    for f in files:
+        if not is_dicom_path(f) or split_frame(f)[1] is not None:
+            out.append(f)
+            continue
+        try:
+            info = read_info(f)
+        except ImageReadError as e:
+            errors[str(f)] = str(e)
+            continue
+        chosen = frames_for(info.frames, frames)
+        if isinstance(chosen, str):
+            errors[str(f)] = f"{f}: {chosen}"
+        else:
+            out += [f] if info.frames == 1 else [f"{f}{FRAME_TAG}{k}" for k in chosen]
+    return out
