@@ -325,6 +325,16 @@ def test_synthetic_us_dicoms_train_grouped_by_patient(tmp_path, one_thread):
                              engine="torch")
     assert len(df) == 8 + 2 * 3 and (df["pred"] == "malignant").mean() >= 0.8
     assert [Path(p).name for p in errors] == ["garbage.dcm"] and "no DICOM data elements" in next(iter(errors.values()))
+    # serve: an uploaded DICOM (no suffix needed: the DICM magic) is decoded like the file (its middle frame)
+    from fastapi.testclient import TestClient
+    from oncotransfer.serve.app import create_app
+    client = TestClient(create_app(result.run_dir, engine="torch"))
+    cine = tmp_path / "ds" / "malignant" / "cine0.dcm"
+    r = client.post("/predict", files={"file": ("upload", cine.read_bytes(), "application/dicom")})
+    assert r.status_code == 200, r.text
+    assert abs(r.json()["probabilities"]["malignant"] - df.set_index("path").loc[f"{cine}#frame=1", "prob_malignant"]) < 1e-5
+    r = client.post("/predict", files={"file": ("x.dcm", (tmp_path / "ds" / "malignant" / "garbage.dcm").read_bytes())})
+    assert r.status_code == 400 and "no DICOM data elements" in r.json()["error"]
 
 
 @pytest.mark.skipif(not (SHARED / "busi-dev" / "manifest.csv").is_file() and
