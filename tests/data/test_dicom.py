@@ -349,3 +349,23 @@ def test_busi_images_as_ultrasound_dicoms_train_grouped_by_patient(tmp_path, one
     result = _train(tmp_path / "ds", tmp_path)
     _check_run(result.run_dir, ids)
     assert json.loads((result.run_dir / "run.json").read_text())["n_images"] == 24
+
+
+def test_frames_of_one_object_stay_together_without_patient_ids(tmp_path):
+    from oncotransfer.config import DataConfig, SplitConfig
+    from oncotransfer.data.splits import make_split
+    from oncotransfer.train.data import load_data
+    grey = synthetic_grey(6, size=16, seed=3)
+    for c, images in grey.items():
+        for k, img in enumerate(images):  # 3-frame cines with PatientID left empty
+            cine = np.stack([np.roll(img, 4 * j, axis=1) for j in range(3)])
+            write_us(tmp_path / c / f"c{k}.dcm", cine, "", "")
+    data = load_data(DataConfig(path=str(tmp_path), dicom_frames="all"), 32, workers=1)
+    m = data.manifest
+    assert m.patients is None and len(m) == 36
+    split = make_split(m, SplitConfig(kind="kfold", folds=3, val_size=0, group_by_patient=False,
+                                      allow_image_level_split=True), data.dup_groups)
+    objects = np.array([D.split_frame(p)[0] for p in m.paths])
+    for f in split.folds:
+        assert not set(objects[f.train]) & set(objects[f.test])
+    assert split.grouped_by == "duplicates" and split.image_level

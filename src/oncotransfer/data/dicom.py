@@ -395,3 +395,26 @@ def frame_paths(files: list, frames: str, errors: dict[str, str]) -> list[str]:
         else:
             out += [f] if info.frames == 1 else [f"{f}{FRAME_TAG}{k}" for k in chosen]
     return out
+
+
+def join_frames(paths: list[str], groups: np.ndarray) -> np.ndarray:
+    """Duplicate groups with the frames of each multi-frame object in one group, so that even without patient
+    ids the frames of one cine loop never sit on both sides of a split (``split.group_duplicates``)."""
+    parent: dict[int, int] = {}
+
+    def find(g: int) -> int:
+        while parent.get(g, g) != g:
+            g = parent[g]
+        return g
+    first: dict[str, int] = {}
+    for p, g in zip(paths, groups.tolist()):
+        obj, frame = split_frame(p)
+        if frame is None:
+            continue
+        if obj in first:
+            a, b = find(g), find(first[obj])
+            if a != b:
+                parent[a] = b
+        first.setdefault(obj, g)
+    roots = [find(g) for g in groups.tolist()]
+    return np.unique(roots, return_inverse=True)[1]
