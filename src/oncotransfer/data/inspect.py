@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from oncotransfer.data.dicom import is_dicom_path, summarise
+from oncotransfer.data.dicom import is_dicom_path
+from oncotransfer.data.dicom_rows import summarise
 from oncotransfer.data.images import ImageReadError, open_rgb, phash64
 from oncotransfer.data.manifest import Manifest, duplicate_groups, load_manifest
 

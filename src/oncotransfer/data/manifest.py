@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 
 from oncotransfer.errors import DataError
-from oncotransfer.data.dicom import expand_rows, is_dicom_path
+from oncotransfer.data.dicom import is_dicom_path
+from oncotransfer.data.dicom_rows import expand_rows
 from oncotransfer.data.images import IMAGE_SUFFIXES
 
 

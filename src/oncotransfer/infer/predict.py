@@ -187,7 +187,7 @@ class Predictor:
     def predict_paths(self, paths: Iterable[str | Path], tta: bool = False
                       ) -> tuple[pd.DataFrame, dict[str, str]]:
         """Files and folders -> (rows: path, pred, prob_<class>...; {path: error} for the unreadable ones)."""
-        from oncotransfer.data.dicom import frame_paths
+        from oncotransfer.data.dicom_rows import frame_paths
         files, errors = expand_paths(paths)
         files = frame_paths(files, self.dicom_frames, errors)
         ok, tensors = [], []

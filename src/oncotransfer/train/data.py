@@ -7,7 +7,8 @@ import numpy as np
 import torch
 
 from oncotransfer.config import DataConfig
-from oncotransfer.data.dicom import FRAME_TAG, join_frames
+from oncotransfer.data.dicom import FRAME_TAG
+from oncotransfer.data.dicom_rows import join_frames
 from oncotransfer.data.images import decode_many
 from oncotransfer.data.manifest import Manifest, drop, duplicate_groups, load_manifest
 from oncotransfer.errors import DataError
