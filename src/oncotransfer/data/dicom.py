@@ -20,6 +20,7 @@ import io
 import logging
 import os
 import secrets
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,21 +80,30 @@ def parse_frames(spec: str) -> tuple[str, int | None]:
 
 
 # ---------------------------------------------------------------- hashed identifiers
+_KEYS: dict[str, bytes] = {}
+
+
 def _salt() -> bytes:
     env = os.environ.get("ONCOTRANSFER_ID_SALT")
     if env:
         return env.encode()
     home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "oncotransfer"
     f = home / "id_salt"
+    if str(f) in _KEYS:
+        return _KEYS[str(f)]
     if not f.is_file():
         home.mkdir(parents=True, exist_ok=True)
-        try:  # created once, readable by its owner only; a concurrent creator wins and we read its key
-            fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as out:
-                out.write(secrets.token_hex(32))
+        fd, tmp = tempfile.mkstemp(dir=home, prefix=".id_salt.")  # mode 600
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32))
+        try:  # created once and whole: a concurrent creator's link wins and both read its key
+            os.link(tmp, f)
         except FileExistsError:
             pass
-    return f.read_text().strip().encode()
+        finally:
+            os.unlink(tmp)
+    _KEYS[str(f)] = f.read_text().strip().encode()
+    return _KEYS[str(f)]
 
 
 def hash_id(value: str, kind: str = "p") -> str:
