@@ -159,6 +159,14 @@ def test_monochrome1_is_inverted(tmp_path):
     ds.PhotometricInterpretation = "MONOCHROME1"
     ds.save_as(tmp_path / "m1.dcm")
     assert np.array_equal(arr(tmp_path / "m1.dcm"), 255 - arr("MR_small.dcm"))
+    # pydicom's real MONOCHROME1 radiographs (CR, 12 bits, rescale slope 0.684, a window): high values are dark
+    crs = [Path(f) for f in get_testdata_files() if "/CR" in f and Path(f).is_file()]
+    assert len(crs) == 3
+    for f in crs:
+        raw = pydicom.dcmread(f).pixel_array.astype(float).ravel()
+        out = arr(f)[..., 0].ravel()
+        assert pydicom.dcmread(f).PhotometricInterpretation == "MONOCHROME1"
+        assert np.corrcoef(raw, out)[0, 1] < -0.99
 
 
 def _ct(tmp_path: Path, **window) -> Path:
