@@ -4,8 +4,9 @@ Decoding goes through pydicom (a core dependency); compressed transfer syntaxes 
 (``pip install 'oncotransfer[dicom]'``: pylibjpeg with libjpeg, openjpeg and rle). An object that cannot be used
 (not DICOM, truncated, no pixel data, a syntax without its plugin) raises ``ImageReadError`` with one line.
 
-Raw PatientID / PatientName / study and series UIDs never leave this module: the manifest holds
-``hash_id(value)``, a keyed hash (HMAC-SHA256, 10 hex digits) whose key is a secret kept outside run
+Raw PatientID, study and series UIDs never leave this module (PatientName is never read): the manifest holds
+``hash_id(value)``, a keyed hash (HMAC-SHA256, 12 hex digits: a collision among 100,000 patients has odds of
+about 1 in 56,000, and would only merge two patients' split groups) whose key is a secret kept outside run
 directories (``ONCOTRANSFER_ID_SALT``, else a random key created once in ``~/.config/oncotransfer/id_salt``).
 A key stored beside the hashes, or one derived from the data, would let anyone holding a report brute-force
 short hospital ids; a per-user key keeps the same patient on the same hash across data sets, runs and
@@ -107,8 +108,8 @@ def _salt() -> bytes:
 
 
 def hash_id(value: str, kind: str = "p") -> str:
-    """``p-1a2b3c4d5e``: a keyed hash of a patient (``p``), study (``st``) or series (``se``) id."""
-    return f"{kind}-{hmac.new(_salt(), value.encode(), hashlib.sha256).hexdigest()[:10]}"
+    """``p-1a2b3c4d5e6f``: a keyed hash of a patient (``p``), study (``st``) or series (``se``) id."""
+    return f"{kind}-{hmac.new(_salt(), value.encode(), hashlib.sha256).hexdigest()[:12]}"
 
 
 # ---------------------------------------------------------------- reading
