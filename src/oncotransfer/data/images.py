@@ -39,14 +39,15 @@ def _is_dicom(source: str | Path | bytes) -> bool:
     return is_dicom_bytes(source) if isinstance(source, bytes) else is_dicom_path(source)
 
 
-def open_rgb(source: str | Path | bytes, draft_size: int | None = None) -> Image.Image:
+def open_rgb(source: str | Path | bytes, draft_size: int | None = None, dicom_frame: int | None = None
+             ) -> Image.Image:
     """Decode fully to RGB; raise ImageReadError (one line) for unreadable or truncated data.
 
     DICOM (a DICOM suffix, ``file#frame=K``, or the DICM magic on a name without an image suffix, or in
-    uploaded bytes) is decoded by data/dicom.py; everything else by Pillow."""
+    uploaded bytes) is decoded by data/dicom.py: frame K, else ``dicom_frame``, else the middle one."""
     if _is_dicom(source):
         from oncotransfer.data.dicom import open_dicom
-        return open_dicom(source)
+        return open_dicom(source, dicom_frame)
     name = "upload" if isinstance(source, bytes) else str(source)
     try:
         with warnings.catch_warnings():
@@ -71,12 +72,13 @@ def resize_uint8(img: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def decode_for_model(source: str | Path | bytes, size: int) -> tuple[Image.Image, torch.Tensor]:
+def decode_for_model(source: str | Path | bytes, size: int, dicom_frame: int | None = None
+                     ) -> tuple[Image.Image, torch.Tensor]:
     """(RGB image, uint8 (3, size, size)): the one decoding rule for training, predict and serve.
 
     JPEGs are draft-decoded at no less than 256 px: a coarser draft moved probabilities by up to 0.04.
     """
-    img = open_rgb(source, draft_size=max(size, 256))
+    img = open_rgb(source, draft_size=max(size, 256), dicom_frame=dicom_frame)
     return img, resize_uint8(img, size)
 
 

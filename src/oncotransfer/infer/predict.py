@@ -105,6 +105,12 @@ class Predictor:
         """The run's frame policy for multi-frame DICOM (``middle`` for runs saved before it existed)."""
         return ((self.meta.get("config") or {}).get("data") or {}).get("dicom_frames") or "middle"
 
+    @property
+    def dicom_frame(self) -> int | None:
+        """The frame an uploaded multi-frame object is scored on: N under ``index:N``, else the middle one."""
+        p = self.dicom_frames
+        return int(p[6:]) if p.startswith("index:") else None
+
     def describe(self) -> str:
         n = len(self.members)
         return (f"ensemble of {n} fold models (probabilities averaged)" if n > 1

@@ -90,7 +90,7 @@ def create_app(run_dir: str | Path, engine: str = "auto", max_upload_mb: float =
         if not data:
             raise HTTPException(400, "the uploaded file is empty")
         try:
-            img, t = decode_for_model(data, predictor.size)
+            img, t = decode_for_model(data, predictor.size, predictor.dicom_frame)
         except ImageReadError as e:
             msg = str(e)
             status = 415 if "not an image" in msg else 400
