@@ -32,10 +32,13 @@ def data_demo() -> None:
 
 @data_app.command("inspect")
 def data_inspect(path: str = typer.Argument(..., help="class-per-folder tree, manifest CSV, or demo:NAME"),
-                 patient_regex: Optional[str] = typer.Option(None, help="regex on file names giving the patient id")) -> None:
-    """Counts per class and patient, sizes, modes, unreadable files and duplicates."""
+                 patient_regex: Optional[str] = typer.Option(None, help="regex on file names giving the patient id"),
+                 dicom_frames: str = typer.Option("middle", help="multi-frame DICOM: middle | all | index:N")) -> None:
+    """Counts per class and patient, sizes, modes, unreadable files and duplicates; DICOM header facts."""
+    from oncotransfer.config import validate
     from oncotransfer.data.inspect import inspect_dataset, render
-    render(inspect_dataset(path, patient_regex), console)
+    validate({"data": {"dicom_frames": dicom_frames}}, "--dicom-frames")  # a bad value is one line
+    render(inspect_dataset(path, patient_regex, dicom_frames), console)
 
 
 @models_app.command("list")

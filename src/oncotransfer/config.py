@@ -20,6 +20,16 @@ class DataConfig(_Strict):
     patient_regex: str | None = None
     image_size: int | None = Field(default=None, ge=32, le=1024)
     """Input size; ``None`` takes the backbone's own."""
+    dicom_frames: str = "middle"
+    """Multi-frame DICOM objects: ``middle`` frame, ``all`` (one row per frame, kept together by patient in
+    splits) or ``index:N`` (0-based; objects with fewer frames are skipped with the reason)."""
+
+    @field_validator("dicom_frames")
+    @classmethod
+    def _frames(cls, v: str) -> str:
+        if v in ("middle", "all") or (v.startswith("index:") and v[6:].isdigit()):
+            return v  # the same forms as data/dicom.py's parse_frames (config stays free of data imports)
+        raise ValueError("expected 'middle', 'all' or 'index:N' (0-based frame of multi-frame objects)")
 
 
 class SplitConfig(_Strict):

@@ -46,6 +46,9 @@ def probe_image(source: str | Path | bytes, draft_size: int | None = None,
     Raises ImageTooLargeError when width x height exceeds ``max_pixels`` and ImageReadError for data Pillow
     cannot identify. With ``draft_size`` a JPEG counts at the 1/2..1/8 scale libjpeg will decode it at.
     """
+    if _is_dicom(source):
+        from oncotransfer.data.dicom import probe_dicom
+        return probe_dicom(source, max_pixels)
     img = _open_checked(source, max_pixels)
     with img:
         w, h = img.size
@@ -96,13 +99,23 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_rgb(source: str | Path | bytes, draft_size: int | None = None,
-             max_pixels: int | None = None) -> Image.Image:
+def _is_dicom(source: str | Path | bytes) -> bool:
+    # lazy: data/dicom.py imports this module (its errors and suffixes)
+    from oncotransfer.data.dicom import is_dicom_bytes, is_dicom_path
+    return is_dicom_bytes(source) if isinstance(source, bytes) else is_dicom_path(source)
+
+
+def open_rgb(source: str | Path | bytes, draft_size: int | None = None, max_pixels: int | None = None,
+             dicom_frame: int | None = None) -> Image.Image:
     """Decode fully to RGB; raise ImageReadError (one line) for unreadable or truncated data.
 
     A header declaring more than ``max_pixels`` (None: Pillow's bomb limit only, 89 MP) raises
-    ImageTooLargeError before decoding; so does Pillow's decompression-bomb warning.
-    """
+    ImageTooLargeError before decoding; so does Pillow's decompression-bomb warning. DICOM (a DICOM suffix,
+    ``file#frame=K``, or the DICM magic on a name without an image suffix, or in uploaded bytes) is decoded by
+    data/dicom.py: frame K, else ``dicom_frame``, else the middle one."""
+    if _is_dicom(source):
+        from oncotransfer.data.dicom import open_dicom
+        return open_dicom(source, dicom_frame, max_pixels)
     name = _name(source)
     img = _open_checked(source, max_pixels)
     try:
@@ -130,11 +143,11 @@ def draft_size_for(size: int) -> int:
     return max(size, 256)
 
 
-def decode_for_model(source: str | Path | bytes, size: int, max_pixels: int | None = None
-                     ) -> tuple[Image.Image, torch.Tensor]:
+def decode_for_model(source: str | Path | bytes, size: int, max_pixels: int | None = None,
+                     dicom_frame: int | None = None) -> tuple[Image.Image, torch.Tensor]:
     """(RGB image, uint8 (3, size, size)): the one decoding rule for training, predict and serve
-    (``max_pixels`` as in ``open_rgb``)."""
-    img = open_rgb(source, draft_size=draft_size_for(size), max_pixels=max_pixels)
+    (``max_pixels`` and ``dicom_frame`` as in ``open_rgb``)."""
+    img = open_rgb(source, draft_size=draft_size_for(size), max_pixels=max_pixels, dicom_frame=dicom_frame)
     return img, resize_uint8(img, size)
 
 

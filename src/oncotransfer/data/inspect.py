@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from oncotransfer.data.dicom import is_dicom_path
+from oncotransfer.data.dicom_rows import summarise
 from oncotransfer.data.images import ImageReadError, open_rgb, phash64
 from oncotransfer.data.manifest import Manifest, duplicate_groups, load_manifest
 
@@ -23,6 +25,9 @@ class InspectReport:
     exact_duplicates: list[list[str]] = field(default_factory=list)
     near_duplicates: list[list[str]] = field(default_factory=list)
     cross_class: list[list[str]] = field(default_factory=list)
+    dicom: dict | None = None
+    """DICOM data: counts of modality, manufacturer, frames, bit depth, photometric interpretation and transfer
+    syntax over the objects, and the (hashed) patient / study / series ids (data/dicom.py ``summarise``)."""
 
     @property
     def imbalance(self) -> float:
@@ -30,15 +35,23 @@ class InspectReport:
         return max(counts) / min(counts) if counts else float("nan")
 
 
-def inspect_dataset(path: str | Path, patient_regex: str | None = None) -> InspectReport:
-    m = load_manifest(str(path), patient_regex, min_classes=1)
+def inspect_dataset(path: str | Path, patient_regex: str | None = None, dicom_frames: str = "middle"
+                    ) -> InspectReport:
+    m = load_manifest(str(path), patient_regex, min_classes=1, dicom_frames=dicom_frames)
     sizes, modes, unreadable, ok, hashes = Counter(), Counter(), {}, [], []
+    unreadable.update({_rel(m, p): why.split(": ", 1)[-1] for p, why in m.skipped.items()})
     for i, p in enumerate(m.paths):
         try:
-            with Image.open(p) as raw:
-                sizes[raw.size] += 1
-                modes[raw.mode] += 1
-            hashes.append(phash64(open_rgb(p, draft_size=256)))
+            if is_dicom_path(p):  # decoded size; the DICOM mode is the photometric interpretation (below)
+                img = open_rgb(p)
+                sizes[img.size] += 1
+                modes["DICOM"] += 1
+            else:
+                with Image.open(p) as raw:
+                    sizes[raw.size] += 1
+                    modes[raw.mode] += 1
+                img = open_rgb(p, draft_size=256)
+            hashes.append(phash64(img))
             ok.append(i)
         except (ImageReadError, OSError, Image.UnidentifiedImageError) as e:
             unreadable[m.relpath(i)] = str(e).split(": ", 1)[-1]
@@ -48,6 +61,8 @@ def inspect_dataset(path: str | Path, patient_regex: str | None = None) -> Inspe
     near = duplicate_groups(sub.sha256, np.array(hashes, dtype=np.uint64))
     rep = InspectReport(m, {c: int((sub.labels == k).sum()) for k, c in enumerate(m.classes)}, None, sizes, modes,
                         unreadable)
+    if modes["DICOM"]:
+        rep.dicom = summarise(sub.paths)  # the objects that decoded
     if sub.patients is not None:
         rep.per_patient = {str(p): {c: int(((sub.patients == p) & (sub.labels == k)).sum())
                                     for k, c in enumerate(m.classes)} for p in sorted(set(sub.patients))}
@@ -59,6 +74,30 @@ def inspect_dataset(path: str | Path, patient_regex: str | None = None) -> Inspe
                 if out is rep.near_duplicates and len(set(sub.labels[members])) > 1:
                     rep.cross_class.append([f"{names[i]} ({m.classes[sub.labels[i]]})" for i in members])
     return rep
+
+
+def _rel(m: Manifest, path: str) -> str:
+    try:
+        return str(Path(path).relative_to(m.root))
+    except ValueError:
+        return path
+
+
+def _render_dicom(d: dict, console) -> None:
+    from rich.table import Table
+    console.print(f"DICOM: {d['objects']} object(s), {d['patients']} patient(s), {d['studies']} study(ies), "
+                  f"{len(d['series'])} series (ids are salted hashes, never the raw values)")
+    for key, label in (("modality", "modality"), ("manufacturer", "manufacturer"), ("frames", "frames per object"),
+                       ("bits_stored", "bits stored"), ("photometric", "photometric interpretation"),
+                       ("transfer_syntax", "transfer syntax")):
+        console.print(f"  {label}: " + ", ".join(f"{k} ({n})" for k, n in d[key].most_common()))
+    t = Table("patient", "study", "series", "modality", "objects")
+    rows = sorted(d["series"].items())
+    for (p, st, se, mod), n in rows[:30]:
+        t.add_row(p, st, se, mod, str(n))
+    console.print(t)
+    if len(rows) > 30:
+        console.print(f"... {len(rows) - 30} more series")
 
 
 def render(rep: InspectReport, console) -> None:
@@ -79,6 +118,8 @@ def render(rep: InspectReport, console) -> None:
         console.print(t)
     console.print("image sizes: " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in rep.sizes.most_common(5)))
     console.print("modes: " + ", ".join(f"{k} ({n})" for k, n in rep.modes.items()))
+    if rep.dicom:
+        _render_dicom(rep.dicom, console)
     for name, why in rep.unreadable.items():
         console.print(f"[yellow]warning: unreadable, skipped: {name}: {why}[/]")
     console.print(f"byte-identical groups: {len(rep.exact_duplicates)}; near-identical (pHash <= 4): "

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from oncotransfer.data.dicom import is_dicom_path
+from oncotransfer.data.dicom_rows import expand_rows
 from oncotransfer.data.groups import UnionFind
 from oncotransfer.data.images import IMAGE_SUFFIXES
 from oncotransfer.errors import DataError
@@ -69,11 +71,11 @@ def _from_folders(root: Path) -> tuple[list[str], list[str]]:
     paths, labels = [], []
     for d in class_dirs:
         for f in sorted(d.rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+            if f.is_file() and (f.suffix.lower() in IMAGE_SUFFIXES or is_dicom_path(f)):
                 paths.append(str(f))
                 labels.append(d.name)
     if not paths:
-        loose = [f for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+        loose = [f for f in root.iterdir() if f.is_file() and (f.suffix.lower() in IMAGE_SUFFIXES or is_dicom_path(f))]
         hint = (" (images lie in the folder itself: put them in one sub-folder per class)" if loose else "")
         raise DataError(f"{root}: no images found in class sub-folders{hint}; expected "
                         "PATH/<class>/<image> or a manifest CSV with columns path,label[,patient]")
@@ -111,8 +113,12 @@ def resolve_data_path(path: str | None) -> Path:
     return p
 
 
-def load_manifest(path: str | Path, patient_regex: str | None = None, min_classes: int = 2) -> Manifest:
-    """Read a class-per-folder tree, a manifest CSV, or a folder holding ``manifest.csv``."""
+def load_manifest(path: str | Path, patient_regex: str | None = None, min_classes: int = 2,
+                  dicom_frames: str = "middle") -> Manifest:
+    """Read a class-per-folder tree, a manifest CSV, or a folder holding ``manifest.csv``.
+
+    DICOM objects become one row per frame that ``dicom_frames`` selects, with hashed PatientIDs as patients
+    (data/dicom.py); unusable ones are left out with their reason in ``skipped``."""
     if path is None:
         raise DataError("data.path is not set; pass the data with --set data.path=PATH (a folder of class "
                         "sub-folders, a manifest CSV or demo:NAME)")
@@ -131,6 +137,13 @@ def load_manifest(path: str | Path, patient_regex: str | None = None, min_classe
         root = p
     if patient_regex:
         patients = list(_patients_from_regex(paths, patient_regex))
+    sha, skipped = None, {}
+    if any(is_dicom_path(f) for f in paths):
+        rows = expand_rows(paths, labels, patients, dicom_frames, sha256_file)
+        paths, labels, patients, sha, skipped = rows.paths, rows.labels, rows.patients, rows.sha256, rows.skipped
+        if not paths:
+            raise DataError(f"{p}: none of the {len(skipped)} DICOM object(s) is usable, e.g. "
+                            f"{next(iter(skipped.values()))}")
     classes = sorted(set(labels))
     if len(classes) < min_classes:
         raise DataError(f"{p}: found only {len(classes)} class ({classes}); a classifier needs at least "
@@ -138,7 +151,7 @@ def load_manifest(path: str | Path, patient_regex: str | None = None, min_classe
     index = {c: i for i, c in enumerate(classes)}
     return Manifest(root, paths, np.array([index[c] for c in labels]), classes,
                     None if patients is None else np.array(patients, dtype=object),
-                    [sha256_file(f) for f in paths])
+                    sha if sha is not None else [sha256_file(f) for f in paths], skipped)
 
 
 def drop(manifest: Manifest, failed: dict[int, str]) -> Manifest:

@@ -27,12 +27,14 @@ def onnx_available() -> bool:
 
 
 def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], dict[str, str]]:
-    """Files as given, folders walked recursively for image suffixes; missing paths become errors."""
+    """Files as given, folders walked recursively for image suffixes and DICOM; missing paths become errors."""
+    from oncotransfer.data.dicom import is_dicom_path
     out: list[Path] = []
     errors: dict[str, str] = {}
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(f for f in p.rglob("*") if f.is_file() and (f.suffix.lower() in IMAGE_SUFFIXES
+                                                                        or is_dicom_path(f)))
             if not found:
                 errors[str(p)] = f"{p}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
             out += found
@@ -98,6 +100,17 @@ class Predictor:
     def temperature(self) -> float | None:
         """The single model's temperature (None: uncalibrated, or an ensemble: see ``members``)."""
         return self.members[0].get("temperature") if len(self.members) == 1 else None
+
+    @property
+    def dicom_frames(self) -> str:
+        """The run's frame policy for multi-frame DICOM (``middle`` for runs saved before it existed)."""
+        return ((self.meta.get("config") or {}).get("data") or {}).get("dicom_frames") or "middle"
+
+    @property
+    def dicom_frame(self) -> int | None:
+        """The frame an uploaded multi-frame object is scored on: N under ``index:N``, else the middle one."""
+        p = self.dicom_frames
+        return int(p[6:]) if p.startswith("index:") else None
 
     def describe(self) -> str:
         n = len(self.members)
@@ -182,7 +195,9 @@ class Predictor:
                       ) -> tuple[pd.DataFrame, dict[str, str]]:
         """Files and folders -> (rows: path, pred, prob_<class>...; {path: error} for the unreadable ones and
         those declaring more than ``max_pixels``)."""
+        from oncotransfer.data.dicom_rows import frame_paths
         files, errors = expand_paths(paths)
+        files = frame_paths(files, self.dicom_frames, errors)
         ok, tensors = [], []
         for f in files:
             try:
@@ -242,7 +257,7 @@ def predictions_on(run_dir: str | Path, data_path: str, engine: Engine = "auto",
     from oncotransfer.data.manifest import load_manifest
     pred = predictor or Predictor.from_run(run_dir, engine, fold)
     regex = ((pred.meta.get("config") or {}).get("data") or {}).get("patient_regex")
-    m = load_manifest(data_path, regex, min_classes=1)
+    m = load_manifest(data_path, regex, min_classes=1, dicom_frames=pred.dicom_frames)
     unknown = sorted(set(m.classes) - set(pred.classes))
     if unknown:
         raise DataError(f"{data_path}: classes {unknown} are not among the model's classes {pred.classes}; "

@@ -7,6 +7,8 @@ import numpy as np
 import torch
 
 from oncotransfer.config import DataConfig
+from oncotransfer.data.dicom import FRAME_TAG
+from oncotransfer.data.dicom_rows import join_frames
 from oncotransfer.data.images import decode_many
 from oncotransfer.data.manifest import Manifest, drop, duplicate_groups, load_manifest
 from oncotransfer.errors import DataError
@@ -22,9 +24,9 @@ class LoadedData:
 
 
 def load_data(cfg: DataConfig, size: int, workers: int = 2, phash: bool = True) -> LoadedData:
-    manifest = load_manifest(cfg.path, cfg.patient_regex)
+    manifest = load_manifest(cfg.path, cfg.patient_regex, dicom_frames=cfg.dicom_frames)
     images, ok, failed, hashes = decode_many(manifest.paths, size, workers, phash=phash)
-    warnings = [f"skipped unreadable image: {why}" for why in failed.values()]
+    warnings = [f"skipped unreadable image: {why}" for why in [*manifest.skipped.values(), *failed.values()]]
     if failed:
         manifest = drop(manifest, failed)
     if len(manifest) == 0:
@@ -36,4 +38,6 @@ def load_data(cfg: DataConfig, size: int, workers: int = 2, phash: bool = True) 
     n_dup = len(groups) - len(np.unique(groups))
     if n_dup:
         warnings.append(f"{n_dup} image(s) are identical or near-identical to another (pHash distance <= 4)")
+    if any(FRAME_TAG in p for p in manifest.paths):  # data.dicom_frames: all -> a cine loop's frames stay together
+        groups = join_frames(manifest.paths, groups)
     return LoadedData(manifest, images, groups, warnings)
