@@ -19,7 +19,8 @@ def _stage(parent: Path, index: int, res) -> dict[str, Any]:
     run = json.loads((res.run_dir / "run.json").read_text())
     meta = res.run_dir / "checkpoint" / "meta.json"
     size = json.loads(meta.read_text()).get("preprocessing", {}).get("size", "?") if meta.is_file() else "?"
-    return {"index": index, "size": size, "name": res.run_dir.name, "n": run.get("n_images", "?"), "classes": ", ".join(res.classes),
+    return {"index": index, "size": size, "name": res.run_dir.name, "n": run.get("n_images", "?"),
+            "classes": ", ".join(res.classes),
             "split": info.get("split"), "image_level": info.get("image_level"),
             "accuracy": fmt_ci(pooled["accuracy"], pooled.get("accuracy_ci95")),
             "weights": run.get("weights"), "report": (res.run_dir / "report.html").relative_to(parent).as_posix(),

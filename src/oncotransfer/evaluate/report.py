@@ -22,6 +22,7 @@ from oncotransfer.evaluate.plots import (as_indices, plot_confusion, plot_histor
                                          save_figure)
 from oncotransfer.evaluate.render import fmt, fmt_ci, fmt_mean_sd, slug, write_report
 
+
 def prediction_arrays(predictions: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """``(y_true, y_prob)`` from a predictions frame with ``label`` (class names) and ``prob_<class>`` columns."""
     cols = [f"prob_{c}" for c in classes]
