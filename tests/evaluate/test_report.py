@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from oncotransfer.errors import CheckpointError, DataError
-from oncotransfer.evaluate.report import evaluate_run, schedule_line, write_comparison
+from oncotransfer.evaluate.compare import write_comparison
+from oncotransfer.evaluate.report import evaluate_run, schedule_line
 
 CLASSES = ["Non-Tumor", "Non-Viable-Tumor", "Viable"]
 NT, NVT, V = CLASSES

@@ -83,7 +83,9 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path: Path) -> None:
         assert row["n"] == 2
         assert row["accuracy_mean"] == pytest.approx(part["accuracy"].mean())
         assert row["accuracy_ci95_low"] <= row["accuracy_mean"] <= row["accuracy_ci95_high"]
-    assert "data:image/png;base64," in (grid_dir / "report.html").read_text()
+    html, md = (grid_dir / "report.html").read_text(), (grid_dir / "report.md").read_text()
+    assert "data:image/png;base64," in html and "![figure 3](figure3.png)" in md  # one source, figure embedded
+    assert "## Summary per cell" in md and "<h2>Summary per cell (accuracy over trials)</h2>" in html
     assert not (grid_dir / "runs" / done[0] / "report.html").exists()  # run_reports: false
 
 

@@ -11,50 +11,8 @@ from sklearn.preprocessing import label_binarize
 
 from oncotransfer.errors import DataError
 from oncotransfer.evaluate.plots import add_roc_curve, plot_confusion, roc_axes, save_figure
-from oncotransfer.evaluate.report import (
-    data_uri, fmt, fmt_ci, fmt_mean_sd, prediction_arrays, protocol_lines, render, slug,
-)
-
-_MD = """# Comparison: {{ labels|join(' vs ') }}
-
-| | {{ labels|join(' | ') }} |
-|---|{% for l in labels %}---|{% endfor %}
-
-{% for name, values in rows %}
-| {{ name }} | {{ values|join(' | ') }} |
-{% endfor %}
-{% if alerts %}
-
-## Protocol warnings
-{% for a in alerts %}
-- **⚠ {{ a }}**
-{% endfor %}
-{% endif %}
-
-## Plots
-{% for p in plots %}
-
-### {{ p.title }}
-
-![{{ p.title }}]({{ p.file }})
-{% endfor %}
-"""
-
-_HTML = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>Comparison: {{ labels|join(' vs ') }}</title>
-<style>{{ css|safe }}</style></head><body>
-<h1>Comparison: {{ labels|join(' vs ') }}</h1>
-<table><tr><th></th>{% for l in labels %}<th>{{ l }}</th>{% endfor %}</tr>
-{% for name, values in rows %}<tr><td>{{ name }}</td>{% for v in values %}<td>{{ v }}</td>{% endfor %}</tr>
-{% endfor %}</table>
-{% if alerts %}<div class="protocol"><h2>Protocol warnings</h2><ul>
-{% for a in alerts %}<li class="danger">⚠ {{ a }}</li>{% endfor %}</ul></div>{% endif %}
-<h2>Plots</h2>
-{% for p in plots %}<h3>{{ p.title }}</h3><img alt="{{ p.title }}" src="{{ p.uri }}">
-{% endfor %}
-</body></html>
-"""
-
+from oncotransfer.evaluate.render import fmt, fmt_ci, fmt_mean_sd, slug, write_report
+from oncotransfer.evaluate.report import prediction_arrays, protocol_lines
 
 def _roc_target(y_true: np.ndarray, y_prob: np.ndarray, classes: list[str],
                 binary: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray, str]:
@@ -66,7 +24,7 @@ def _roc_target(y_true: np.ndarray, y_prob: np.ndarray, classes: list[str],
     return onehot.ravel().astype(bool), y_prob.ravel(), "micro-average one-vs-rest"
 
 
-def _rows(metrics: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+def _rows(metrics: list[dict[str, Any]]) -> list[list[str]]:
     def binary(m: dict[str, Any], key: str) -> str:
         b = m["pooled"]["binary"]
         return f"{fmt(b[key])} ({' + '.join(b['positive_classes'])})" if b else "n/a"
@@ -78,7 +36,7 @@ def _rows(metrics: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
         lines = protocol_lines(m.get("protocol") or {}, len(m["per_fold"]))
         return "; ".join(line["text"].split(":")[0] if line["level"] else line["text"] for line in lines[:2])
 
-    return [
+    rows = [
         ("Classes", [", ".join(m["classes"]) for m in metrics]),
         ("Test images", [str(m["pooled"]["n"]) for m in metrics]),
         ("Accuracy [95% CI]", [fmt_ci(m["pooled"]["accuracy"], m["pooled"]["accuracy_ci95"]) for m in metrics]),
@@ -91,6 +49,7 @@ def _rows(metrics: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
         ("ROC-AUC over folds (mean ± sd)", [over_folds(m, "roc_auc") for m in metrics]),
         ("Protocol", [protocol(m) for m in metrics]),
     ]
+    return [[name, *values] for name, values in rows]
 
 
 def write_comparison(run_dir: str | Path, sections: list[tuple[str, dict[str, Any], pd.DataFrame]]) -> Path:
@@ -118,12 +77,10 @@ def write_comparison(run_dir: str | Path, sections: list[tuple[str, dict[str, An
         ax.legend(loc="lower right", fontsize=8)
     plots.insert(0, ("ROC curves", save_figure(fig, run / "plots/roc_compare.png")))
 
-    metrics_list = [m for _, m, _ in sections]
     alerts = [f"{label}: {line['text']}" for label, m, _ in sections
               for line in protocol_lines(m.get("protocol") or {}, len(m["per_fold"])) if line["level"] == "danger"]
-    ctx = {"labels": labels, "rows": _rows(metrics_list), "alerts": alerts,
-           "plots": [{"title": t, "file": p.relative_to(run).as_posix(), "uri": data_uri(p)} for t, p in plots]}
-    (run / "comparison.md").write_text(render(_MD, html=False, **ctx))
-    out = run / "comparison.html"
-    out.write_text(render(_HTML, html=True, **ctx))
-    return out
+    return write_report(run, "comparison", "Comparison: " + " vs ".join(labels), [
+        ("compare/table.md.j2", {"labels": labels, "rows": _rows([m for _, m, _ in sections])}),
+        ("compare/alerts.md.j2", {"alerts": alerts} if alerts else None),
+        ("plots.md.j2", {"plots": [{"title": t, "file": p.relative_to(run).as_posix()} for t, p in plots]}),
+    ])

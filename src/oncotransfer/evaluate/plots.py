@@ -1,6 +1,7 @@
 """Figures for reports. Built on ``matplotlib.figure.Figure`` so no pyplot state or GUI backend is touched."""
 from __future__ import annotations
 
+from io import BytesIO
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -11,6 +12,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from oncotransfer.errors import DataError
+from oncotransfer.io import atomic_write_bytes
 from oncotransfer.evaluate.calibration import expected_calibration_error, reliability_bins
 
 _HISTORY_COLUMNS = ("fold", "epoch", "train_loss", "train_acc", "val_loss", "val_acc")
@@ -158,8 +160,9 @@ def plot_reliability(y_true: Sequence[Any] | np.ndarray, before: np.ndarray, aft
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
-    """Write ``fig`` as an image (format from the suffix), creating the parent folder."""
+    """Write ``fig`` as an image (format from the suffix), atomically, creating the parent folder."""
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110, bbox_inches="tight")
+    buf = BytesIO()
+    fig.savefig(buf, format=out.suffix.lstrip(".").lower() or "png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(out, buf.getvalue())  # a reader never sees half an image
     return out

@@ -1,163 +1,26 @@
-"""Turn a finished run directory into metrics.json, plots, report.md and a self-contained report.html."""
+"""Turn a finished run directory into metrics.json, plots, report.md and a self-contained report.html.
+
+The run report is ``SECTIONS``: each a Markdown template under ``evaluate/templates/`` and the function that
+builds its context from the run (``ReportInputs``); ``evaluate.render`` turns them into both files."""
 from __future__ import annotations
 
-import base64
 import json
-import math
-import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import numpy as np
 import pandas as pd
 import yaml
 
 from oncotransfer.errors import CheckpointError, DataError
+from oncotransfer.io import write_json
 from oncotransfer.evaluate.metrics import classification_metrics, fold_summary
 from oncotransfer.evaluate.calibration import expected_calibration_error
 from oncotransfer.evaluate.plots import (as_indices, plot_confusion, plot_history, plot_reliability, plot_roc,
                                          save_figure)
-
-CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#222}
-h1{border-bottom:2px solid #ddd;padding-bottom:.3em} h2{margin-top:1.6em}
-table{border-collapse:collapse;margin:.6em 0} th,td{border:1px solid #ccc;padding:.3em .7em;text-align:right}
-th:first-child,td:first-child{text-align:left} th{background:#f4f4f4}
-.protocol{border:2px solid #446;border-radius:6px;padding:.6em 1.2em;background:#f7f8fc}
-.protocol li{margin:.25em 0} .danger{color:#b00;font-weight:bold} .warn{color:#a60}
-.headline{font-size:1.25em} img{max-width:100%;display:block;margin:.8em 0}
-pre{background:#f4f4f4;padding:.8em;overflow-x:auto;font-size:.85em}
-"""
-
-_MD = """# Evaluation report: {{ name }}
-
-## Protocol
-{% for p in protocol %}
-> - {{ ('**⚠ ' ~ p.text ~ '**') if p.level == 'danger' else (('*⚠ ' ~ p.text ~ '*') if p.level == 'warn' else p.text) }}
-{% endfor %}
-
-## Headline
-{% for label, value in headline %}
-- **{{ label }}**: {{ value }}
-{% endfor %}
-
-## Per-class scores
-
-| class | precision | recall | F1 | support |
-|---|---|---|---|---|
-{% for r in per_class %}
-| {{ r|join(' | ') }} |
-{% endfor %}
-{% if binary %}
-
-## Binary view: {{ binary.positives }} vs rest
-
-| metric | value |
-|---|---|
-{% for label, value in binary.rows %}
-| {{ label }} | {{ value }} |
-{% endfor %}
-{% endif %}
-
-## Confusion matrix (rows = true, columns = predicted)
-
-| true \\ predicted | {{ confusion.classes|join(' | ') }} |
-|---|{% for c in confusion.classes %}---|{% endfor %}
-
-{% for name, counts in confusion.rows %}
-| {{ name }} | {{ counts|join(' | ') }} |
-{% endfor %}
-
-## Plots
-{% for p in plots %}
-
-### {{ p.title }}
-
-![{{ p.title }}]({{ p.file }})
-{% endfor %}
-
-## Warnings
-{% for w in warnings %}
-- {{ w }}
-{% else %}
-- none
-{% endfor %}
-
-## Set-up
-{% for label, value in setup %}
-- **{{ label }}**: {{ value }}
-{% endfor %}
-
-## Config
-
-```yaml
-{{ config_yaml }}
-```
-"""
-
-_HTML = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>Evaluation report: {{ name }}</title>
-<style>{{ css|safe }}</style></head><body>
-<h1>Evaluation report: {{ name }}</h1>
-<div class="protocol"><h2>Protocol</h2><ul>
-{% for p in protocol %}<li class="{{ p.level }}">{% if p.level %}⚠ {% endif %}{{ p.text }}</li>
-{% endfor %}</ul></div>
-<h2>Headline</h2><ul class="headline">
-{% for label, value in headline %}<li><b>{{ label }}</b>: {{ value }}</li>
-{% endfor %}</ul>
-<h2>Per-class scores</h2>
-<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>
-{% for r in per_class %}<tr>{% for v in r %}<td>{{ v }}</td>{% endfor %}</tr>
-{% endfor %}</table>
-{% if binary %}<h2>Binary view: {{ binary.positives }} vs rest</h2>
-<table><tr><th>metric</th><th>value</th></tr>
-{% for label, value in binary.rows %}<tr><td>{{ label }}</td><td>{{ value }}</td></tr>
-{% endfor %}</table>{% endif %}
-<h2>Confusion matrix (rows = true, columns = predicted)</h2>
-<table><tr><th>true \\ predicted</th>{% for c in confusion.classes %}<th>{{ c }}</th>{% endfor %}</tr>
-{% for name, counts in confusion.rows %}<tr><td>{{ name }}</td>{% for v in counts %}<td>{{ v }}</td>{% endfor %}</tr>
-{% endfor %}</table>
-<h2>Plots</h2>
-{% for p in plots %}<h3>{{ p.title }}</h3><img alt="{{ p.title }}" src="{{ p.uri }}">
-{% endfor %}
-<h2>Warnings</h2><ul>
-{% for w in warnings %}<li>{{ w }}</li>{% else %}<li>none</li>{% endfor %}</ul>
-<h2>Set-up</h2><ul>
-{% for label, value in setup %}<li><b>{{ label }}</b>: {{ value }}</li>
-{% endfor %}</ul>
-<h2>Config</h2><pre>{{ config_yaml }}</pre>
-</body></html>
-"""
-
-
-def render(template: str, html: bool, **context: Any) -> str:
-    """Render a template string; HTML output is autoescaped, Markdown is not."""
-    env = jinja2.Environment(autoescape=html, trim_blocks=True, lstrip_blocks=True,
-                             keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
-    return env.from_string(template).render(css=CSS, **context)
-
-
-def fmt(x: float | None, digits: int = 3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-def fmt_ci(value: float | None, ci: list[float] | None) -> str:
-    return fmt(value) + (f" (95% CI {fmt(ci[0])}–{fmt(ci[1])})" if ci else "")
-
-
-def fmt_mean_sd(summary: dict[str, Any] | None) -> str:
-    if not summary:
-        return "n/a"
-    return f"{fmt(summary['mean'])} ± {fmt(summary['sd'])} (n = {summary['n']})"
-
-
-def data_uri(png: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
-
-
-def slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "run"
+from oncotransfer.evaluate.render import fmt, fmt_ci, fmt_mean_sd, slug, write_report
 
 
 def prediction_arrays(predictions: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -283,65 +146,139 @@ def schedule_line(train: dict[str, Any], frozen: bool = False) -> str:
     return text
 
 
-def _context(metrics: dict[str, Any], info: dict[str, Any], cfg: dict[str, Any], cfg_text: str,
-             plots: list[tuple[str, Path]], run: Path) -> dict[str, Any]:
-    pooled, folds, classes = metrics["pooled"], metrics["folds"], metrics["classes"]
-    n_folds = len(metrics["per_fold"])
-    headline = [("Accuracy", fmt_ci(pooled["accuracy"], pooled["accuracy_ci95"]) + f" on {pooled['n']} test images"),
-                ("Balanced accuracy", fmt(pooled["balanced_accuracy"])),
-                ("ROC-AUC", fmt(pooled["roc_auc"]))]
-    cal = metrics.get("calibration")
-    if cal:
-        t = _temperature_text(cal.get("temperatures") or {})
-        after = (f"{fmt(cal['ece_before'])} before, {fmt(cal['ece_after'])} after temperature scaling"
-                 f" ({t}, fitted on the {cal['fitted_on']})" if cal["ece_after"] is not None
-                 else f"{fmt(cal['ece_before'])} ({cal.get('note', 'not calibrated')})")
-        headline.append((f"Calibration error (ECE, {cal.get('bins', 15)} bins)", after))
-    if n_folds > 1:
-        headline += [(f"{label} over folds (mean ± sd)", fmt_mean_sd(folds.get(key)))
-                     for key, label in (("accuracy", "Accuracy"), ("balanced_accuracy", "Balanced accuracy"),
-                                        ("roc_auc", "ROC-AUC"))]
-    binary = None
-    if pooled["binary"]:
-        b = pooled["binary"]
-        (tn, fp), (fn, tp) = b["confusion_matrix"]
-        binary = {"positives": " + ".join(b["positive_classes"]),
-                  "rows": [("precision", fmt(b["precision"])), ("recall (sensitivity)", fmt(b["recall"])),
-                           ("specificity", fmt(b["specificity"])), ("F1", fmt(b["f1"])),
-                           ("accuracy", fmt(b["accuracy"])), ("TP / FP / TN / FN", f"{tp} / {fp} / {tn} / {fn}")]}
-    model, protocol = cfg.get("model") or {}, metrics["protocol"]
-    head = model.get("head")
-    setup = [("Backbone", model.get("backbone", "not recorded")),
-             ("Weights", info.get("weights") or model.get("weights", "not recorded")),
-             ("Head", head.get("kind", head) if isinstance(head, dict) else head or "not recorded"),
-             ("Freeze", model.get("freeze", "not recorded")),
-             ("Precision", info.get("precision", "not recorded")),
-             ("Device", info.get("device", "not recorded")),
-             ("Augment mode", protocol.get("augment", "not recorded")),
-             ("Feature cache", protocol.get("feature_cache", "not recorded")),
-             ("LR schedule", schedule_line(cfg.get("train") or {}, model.get("freeze") == "frozen")),
-             ("Time taken", _duration(info.get("seconds")))]
-    lines = protocol_lines(protocol, n_folds)
-    if metrics.get("scored_by"):
-        lines.insert(0, {"text": f"Scored by: {metrics['scored_by']}", "level": ""})
+@dataclass(frozen=True)
+class ReportInputs:
+    """What every section's context function sees: one evaluated run."""
+    metrics: dict[str, Any]
+    info: dict[str, Any]
+    cfg: dict[str, Any]
+    cfg_text: str
+    figures: list[tuple[str, Path]]
+    run: Path
+
+    @property
+    def n_folds(self) -> int:
+        return len(self.metrics["per_fold"])
+
+
+def protocol_section(r: ReportInputs) -> dict[str, Any]:
+    lines = protocol_lines(r.metrics["protocol"], r.n_folds)
+    if r.metrics.get("scored_by"):
+        lines.insert(0, {"text": f"Scored by: {r.metrics['scored_by']}", "level": ""})
+    cal = r.metrics.get("calibration")
     if cal:
         lines.append({"text": "Temperature scaling fitted on the validation subset of each fold; test folds "
                               "never used" if cal["ece_after"] is not None else
                       f"Probabilities {cal.get('note', 'not calibrated')}",
                       "level": "" if cal["ece_after"] is not None else "warn"})
-    return {
-        "name": metrics["name"],
-        "protocol": lines,
-        "headline": headline,
-        "per_class": [[c, fmt(v["precision"]), fmt(v["recall"]), fmt(v["f1"]), v["support"]]
-                      for c, v in pooled["per_class"].items()],
-        "binary": binary,
-        "confusion": {"classes": classes, "rows": list(zip(classes, pooled["confusion_matrix"]))},
-        "plots": [{"title": t, "file": p.relative_to(run).as_posix(), "uri": data_uri(p)} for t, p in plots],
-        "warnings": [str(w) for w in info.get("warnings") or []],
-        "setup": setup,
-        "config_yaml": cfg_text.rstrip() or "(config.yaml not found)",
-    }
+    return {"lines": lines}
+
+
+def headline_section(r: ReportInputs) -> dict[str, Any]:
+    pooled, folds = r.metrics["pooled"], r.metrics["folds"]
+    items = [("Accuracy", fmt_ci(pooled["accuracy"], pooled["accuracy_ci95"]) + f" on {pooled['n']} test images"),
+             ("Balanced accuracy", fmt(pooled["balanced_accuracy"])),
+             ("ROC-AUC", fmt(pooled["roc_auc"]))]
+    cal = r.metrics.get("calibration")
+    if cal:
+        t = _temperature_text(cal.get("temperatures") or {})
+        after = (f"{fmt(cal['ece_before'])} before, {fmt(cal['ece_after'])} after temperature scaling"
+                 f" ({t}, fitted on the {cal['fitted_on']})" if cal["ece_after"] is not None
+                 else f"{fmt(cal['ece_before'])} ({cal.get('note', 'not calibrated')})")
+        items.append((f"Calibration error (ECE, {cal.get('bins', 15)} bins)", after))
+    if r.n_folds > 1:
+        items += [(f"{label} over folds (mean ± sd)", fmt_mean_sd(folds.get(key)))
+                  for key, label in (("accuracy", "Accuracy"), ("balanced_accuracy", "Balanced accuracy"),
+                                     ("roc_auc", "ROC-AUC"))]
+    return {"items": items}
+
+
+def per_class_section(r: ReportInputs) -> dict[str, Any]:
+    return {"rows": [[c, fmt(v["precision"]), fmt(v["recall"]), fmt(v["f1"]), v["support"]]
+                     for c, v in r.metrics["pooled"]["per_class"].items()]}
+
+
+def binary_section(r: ReportInputs) -> dict[str, Any] | None:
+    b = r.metrics["pooled"]["binary"]
+    if not b:
+        return None
+    (tn, fp), (fn, tp) = b["confusion_matrix"]
+    return {"positives": " + ".join(b["positive_classes"]),
+            "rows": [("precision", fmt(b["precision"])), ("recall (sensitivity)", fmt(b["recall"])),
+                     ("specificity", fmt(b["specificity"])), ("F1", fmt(b["f1"])),
+                     ("accuracy", fmt(b["accuracy"])), ("TP / FP / TN / FN", f"{tp} / {fp} / {tn} / {fn}")]}
+
+
+def confusion_section(r: ReportInputs) -> dict[str, Any]:
+    classes = r.metrics["classes"]
+    return {"classes": classes, "rows": [[c, *counts] for c, counts in
+                                         zip(classes, r.metrics["pooled"]["confusion_matrix"])]}
+
+
+def plots_section(r: ReportInputs) -> dict[str, Any]:
+    return {"plots": [{"title": t, "file": p.relative_to(r.run).as_posix()} for t, p in r.figures]}
+
+
+def warnings_section(r: ReportInputs) -> dict[str, Any]:
+    return {"warnings": [str(w) for w in r.info.get("warnings") or []]}
+
+
+def setup_section(r: ReportInputs) -> dict[str, Any]:
+    model, protocol, info = r.cfg.get("model") or {}, r.metrics["protocol"], r.info
+    head = model.get("head")
+    return {"items": [
+        ("Backbone", model.get("backbone", "not recorded")),
+        ("Weights", info.get("weights") or model.get("weights", "not recorded")),
+        ("Head", head.get("kind", head) if isinstance(head, dict) else head or "not recorded"),
+        ("Freeze", model.get("freeze", "not recorded")),
+        ("Precision", info.get("precision", "not recorded")),
+        ("Device", info.get("device", "not recorded")),
+        ("Augment mode", protocol.get("augment", "not recorded")),
+        ("Feature cache", protocol.get("feature_cache", "not recorded")),
+        ("LR schedule", schedule_line(r.cfg.get("train") or {}, model.get("freeze") == "frozen")),
+        ("Time taken", _duration(info.get("seconds")))]}
+
+
+def config_section(r: ReportInputs) -> dict[str, Any]:
+    return {"config_yaml": r.cfg_text.rstrip() or "(config.yaml not found)"}
+
+
+# The run report, top to bottom: (template under evaluate/templates/, context function; None leaves it out).
+# A new section is one template and one function added here; report.md and report.html both get it.
+SECTIONS: list[tuple[str, Callable[[ReportInputs], dict[str, Any] | None]]] = [
+    ("run/protocol.md.j2", protocol_section),
+    ("run/headline.md.j2", headline_section),
+    ("run/per_class.md.j2", per_class_section),
+    ("run/binary.md.j2", binary_section),
+    ("run/confusion.md.j2", confusion_section),
+    ("plots.md.j2", plots_section),
+    ("run/warnings.md.j2", warnings_section),
+    ("run/setup.md.j2", setup_section),
+    ("run/config.md.j2", config_section),
+]
+
+
+def _figures(run: Path, metrics: dict[str, Any], info: dict[str, Any], y_true: np.ndarray, y_prob: np.ndarray,
+             cal_prob: np.ndarray | None, n_bins: int, sfx: str) -> list[tuple[str, Path]]:
+    pooled, classes = metrics["pooled"], metrics["classes"]
+    figures: list[tuple[str, Path]] = []
+    hist_path = run / "history.csv"
+    if hist_path.is_file():
+        history = pd.read_csv(hist_path)
+        if not history.empty:
+            best = {int(k): int(v) for k, v in (info.get("best_epochs") or {}).items()}
+            figures.append(("Training history", save_figure(plot_history(history, best), run / "plots/history.png")))
+    figures.append(("Confusion matrix", save_figure(plot_confusion(pooled["confusion_matrix"], classes),
+                                                  run / f"plots/confusion{sfx}.png")))
+    if pooled["binary"]:
+        b = pooled["binary"]
+        names = ["rest", " + ".join(b["positive_classes"])]
+        figures.append(("Binary confusion matrix", save_figure(
+            plot_confusion(b["confusion_matrix"], names, "Positive vs rest"), run / f"plots/confusion_binary{sfx}.png")))
+    figures.append(("ROC", save_figure(plot_roc(y_true, y_prob, classes), run / f"plots/roc{sfx}.png")))
+    figures.append(("Reliability (calibration)", save_figure(
+        plot_reliability(y_true, y_prob, cal_prob, classes, n_bins), run / f"plots/reliability{sfx}.png")))
+    return figures
 
 
 def evaluate_run(run_dir: str | Path, predictions: pd.DataFrame | None = None,
@@ -384,35 +321,11 @@ def evaluate_run(run_dir: str | Path, predictions: pd.DataFrame | None = None,
     if scored_by:
         metrics["scored_by"] = scored_by
     sfx = "" if out_name == "report" else f"_{slug(out_name)}"
-    (run / f"metrics{sfx}.json").write_text(json.dumps(metrics, indent=2))
-    if not plots:
-        return metrics
-
-    figures: list[tuple[str, Path]] = []
-    hist_path = run / "history.csv"
-    if hist_path.is_file():
-        history = pd.read_csv(hist_path)
-        if not history.empty:
-            best = {int(k): int(v) for k, v in (info.get("best_epochs") or {}).items()}
-            figures.append(("Training history", save_figure(plot_history(history, best), run / "plots/history.png")))
-    figures.append(("Confusion matrix", save_figure(plot_confusion(pooled["confusion_matrix"], classes),
-                                                  run / f"plots/confusion{sfx}.png")))
-    if pooled["binary"]:
-        b = pooled["binary"]
-        names = ["rest", " + ".join(b["positive_classes"])]
-        figures.append(("Binary confusion matrix", save_figure(
-            plot_confusion(b["confusion_matrix"], names, "Positive vs rest"), run / f"plots/confusion_binary{sfx}.png")))
-    figures.append(("ROC", save_figure(plot_roc(y_true, y_prob, classes), run / f"plots/roc{sfx}.png")))
-    figures.append(("Reliability (calibration)", save_figure(
-        plot_reliability(y_true, y_prob, cal_prob, classes, n_bins), run / f"plots/reliability{sfx}.png")))
-
-    ctx = _context(metrics, info, cfg, cfg_text, figures, run)
-    (run / f"{out_name}.md").write_text(render(_MD, html=False, **ctx))
-    (run / f"{out_name}.html").write_text(render(_HTML, html=True, **ctx))
+    if plots:
+        figures = _figures(run, metrics, info, y_true, y_prob, cal_prob, n_bins, sfx)
+        inputs = ReportInputs(metrics, info, cfg, cfg_text, figures, run)
+        write_report(run, out_name, f"Evaluation report: {metrics['name']}",
+                     [(template, context(inputs)) for template, context in SECTIONS])
+    # metrics.json last: a run directory is finished once its metrics file is in place
+    write_json(run / f"metrics{sfx}.json", metrics)
     return metrics
-
-
-def write_comparison(run_dir: str | Path, sections: list[tuple[str, dict[str, Any], pd.DataFrame]]) -> Path:
-    """Side-by-side report of several evaluated runs (see ``oncotransfer.evaluate.compare``)."""
-    from oncotransfer.evaluate.compare import write_comparison as _write  # lazy: compare imports this module
-    return _write(run_dir, sections)

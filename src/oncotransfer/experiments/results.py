@@ -12,7 +12,8 @@ from matplotlib.figure import Figure
 from oncotransfer.data.augment import describe
 from oncotransfer.evaluate.metrics import summarise
 from oncotransfer.evaluate.plots import save_figure
-from oncotransfer.evaluate.report import data_uri, fmt, render
+from oncotransfer.evaluate.render import frame_table, write_report
+from oncotransfer.io import atomic_write_bytes
 
 _METRICS = ("accuracy", "balanced_accuracy", "roc_auc")
 
@@ -112,14 +113,6 @@ def comparison(results: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def markdown_table(df: pd.DataFrame) -> str:
-    def cell(v: Any) -> str:
-        return fmt(v, 4) if isinstance(v, (float, np.floating)) else str(v)
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
-
-
 def figure3(summary: pd.DataFrame, base) -> Figure | None:
     """Accuracy against learning rate (log x), one line per backbone × epochs, error bars = sd over trials."""
     if "train.lr" not in summary.columns:
@@ -155,49 +148,36 @@ def table1(summary: pd.DataFrame, keys: list[str]) -> pd.DataFrame | None:
     return table.reset_index().rename(columns={"setting": "augmentation"})
 
 
-_HTML = """<!doctype html><html><head><meta charset="utf-8"><title>Grid {{ name }}</title>
-<style>{{ css }}</style></head><body>
-<h1>Grid {{ name }}</h1>
-<p>{{ n_runs }} runs ({{ n_cells }} cells × {{ trials }} trials; trials vary {{ trial_keys }}). Total training time
-{{ seconds }}.</p>
-<h2>Comparison</h2>{{ comparison_html | safe }}
-<p>Accuracy, balanced accuracy and ROC-AUC pool each run's test predictions (every image once in k-fold runs);
-ECE is the expected calibration error before and after temperature scaling fitted on each fold's validation
-subset; minutes are the runs' own time, feature or activation extraction included.</p>
-<h2>Summary per cell (accuracy over trials)</h2>{{ summary_html | safe }}
-{% if table1_html %}<h2>Augmentation settings (Table 1 style)</h2>{{ table1_html | safe }}{% endif %}
-{% if figure %}<h2>Accuracy against learning rate (Figure 3 style)</h2><img alt="figure 3" src="{{ figure }}">{% endif %}
-<h2>All runs</h2>{{ results_html | safe }}
-</body></html>
-"""
+def _write_table(path: Path, title: str, df: pd.DataFrame, keys: list[str]) -> None:
+    atomic_write_bytes(path, (f"# {title}\n\n" + frame_table(df, raw=keys) + "\n").encode())
 
 
 def write_results(spec, grid_dir: Path, runs: list) -> pd.DataFrame:
-    """Write results.csv, summary.csv/.md, figure3.png, table1.md and report.html; return the summary."""
+    """Write results.csv, summary.csv/.md, comparison.md, figure3.png, table1.md and report.md/.html (one
+    source, sections under evaluate/templates/grid/); return the summary."""
     keys = list(spec.grid)
     results = collect(grid_dir, runs)
-    results.to_csv(grid_dir / "results.csv", index=False)
+    atomic_write_bytes(grid_dir / "results.csv", results.to_csv(index=False).encode())
     if results.empty:
         return pd.DataFrame()
     summary = summarise_cells(results, keys)
-    summary.to_csv(grid_dir / "summary.csv", index=False)
-    (grid_dir / "summary.md").write_text(f"# Grid {spec.name}\n\n" + markdown_table(summary))
+    atomic_write_bytes(grid_dir / "summary.csv", summary.to_csv(index=False).encode())
+    _write_table(grid_dir / "summary.md", f"Grid {spec.name}", summary, keys)
     table = comparison(results, keys)
-    (grid_dir / "comparison.md").write_text(f"# Grid {spec.name}: comparison\n\n" + markdown_table(table))
+    _write_table(grid_dir / "comparison.md", f"Grid {spec.name}: comparison", table, keys)
     fig = figure3(summary, spec.base)
     png = save_figure(fig, grid_dir / "figure3.png") if fig is not None else None
     t1 = table1(summary, keys)
     if t1 is not None:
-        (grid_dir / "table1.md").write_text("# Accuracy by augmentation setting (mean ± sd over trials)\n\n"
-                                            + markdown_table(t1))
-    html = render(_HTML, html=True, name=spec.name, n_runs=len(results), n_cells=results["cell"].nunique(),
-                  trials=spec.trials, trial_keys=", ".join(spec.trial_keys),
-                  seconds=f"{float(results['seconds'].sum()):.1f} s",
-                  comparison_html=table.to_html(index=False),
-                  summary_html=summary.to_html(index=False, float_format=lambda x: f"{x:.4f}"),
-                  table1_html=t1.to_html(index=False) if t1 is not None else "",
-                  figure=data_uri(png) if png else "",
-                  results_html=results.drop(columns=["run_dir"]).to_html(index=False,
-                                                                         float_format=lambda x: f"{x:.4f}"))
-    (grid_dir / "report.html").write_text(html)
+        _write_table(grid_dir / "table1.md", "Accuracy by augmentation setting (mean ± sd over trials)", t1, keys)
+    overview = {"n_runs": len(results), "n_cells": results["cell"].nunique(), "trials": spec.trials,
+                "trial_keys": ", ".join(spec.trial_keys), "seconds": f"{float(results['seconds'].sum()):.1f} s"}
+    write_report(grid_dir, "report", f"Grid {spec.name}", [
+        ("grid/overview.md.j2", overview),
+        ("grid/comparison.md.j2", {"table": frame_table(table, raw=keys)}),
+        ("grid/summary.md.j2", {"table": frame_table(summary, raw=keys)}),
+        ("grid/table1.md.j2", {"table": frame_table(t1, raw=keys)} if t1 is not None else None),
+        ("grid/figure3.md.j2", {"file": png.relative_to(grid_dir).as_posix()} if png else None),
+        ("grid/runs.md.j2", {"table": frame_table(results.drop(columns=["run_dir"]), raw=keys)}),
+    ])
     return summary
