@@ -284,7 +284,7 @@ def test_inspect_summarises_dicom_without_raw_ids(tmp_path, monkeypatch, capsys)
 # ---------------------------------------------------------------- end to end
 def _train(data: Path, tmp: Path, frames: str = "middle", report: bool = False, size: int = 64):
     from oncotransfer.config import validate
-    from oncotransfer.train.experiment import run_experiment
+    from oncotransfer.experiments.run import run_experiment
     cfg = validate({
         "name": "us", "output_dir": str(tmp / "runs"),
         "data": {"path": str(data), "image_size": size, "dicom_frames": frames},
