@@ -59,31 +59,3 @@ def inspect_dataset(path: str | Path, patient_regex: str | None = None) -> Inspe
                 if out is rep.near_duplicates and len(set(sub.labels[members])) > 1:
                     rep.cross_class.append([f"{names[i]} ({m.classes[sub.labels[i]]})" for i in members])
     return rep
-
-
-def render(rep: InspectReport, console) -> None:
-    """Print the report with rich tables."""
-    from rich.table import Table
-    m = rep.manifest
-    console.print(f"[bold]{m.root}[/]: {len(m)} images, {len(m.classes)} classes"
-                  + (f", {len(rep.per_patient)} patients" if rep.per_patient else ", no patient ids"))
-    t = Table("class", "images")
-    for c, n in rep.per_class.items():
-        t.add_row(c, str(n))
-    console.print(t)
-    console.print(f"class imbalance (largest / smallest): {rep.imbalance:.2f}")
-    if rep.per_patient:
-        t = Table("patient", *m.classes)
-        for p, row in rep.per_patient.items():
-            t.add_row(p, *[str(row[c]) for c in m.classes])
-        console.print(t)
-    console.print("image sizes: " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in rep.sizes.most_common(5)))
-    console.print("modes: " + ", ".join(f"{k} ({n})" for k, n in rep.modes.items()))
-    for name, why in rep.unreadable.items():
-        console.print(f"[yellow]warning: unreadable, skipped: {name}: {why}[/]")
-    console.print(f"byte-identical groups: {len(rep.exact_duplicates)}; near-identical (pHash <= 4): "
-                  f"{len(rep.near_duplicates)}")
-    for g in rep.near_duplicates[:10]:
-        console.print("  duplicates: " + ", ".join(g))
-    for g in rep.cross_class:
-        console.print(f"[red]duplicates filed under different classes: {', '.join(g)}[/]")
