@@ -164,3 +164,16 @@ def test_lopo_without_patients_is_a_data_error():
     m.patients = None
     with pytest.raises(DataError, match="lopo"):
         make_split(m, SplitConfig(kind="lopo", allow_image_level_split=True))
+
+
+def test_lopo_selects_on_an_inner_patient_level_validation_split():
+    """Leave-one-patient-out with val_size > 0: each fold's validation patients are neither test nor train
+    patients, so no epoch is chosen on the test fold; with val_size 0 the test fold chooses (flagged)."""
+    m = manifest([[0, 0, 1], [1, 1, 0], [0, 1], [1, 0, 0], [0, 1, 1]], 2)
+    split = make_split(m, SplitConfig(kind="lopo", val_size=0.2))
+    assert len(split.folds) == 5 and split.grouped_by == "patient" and not split.selection_on_test
+    for f in split.folds:
+        train, val, test = (set(m.patients[i]) for i in (f.train, f.val, f.test))
+        assert len(test) == 1 and val and not (val & train) and not (val & test)
+        assert len(train | val | test) == 5
+    assert make_split(m, SplitConfig(kind="lopo", val_size=0.0)).selection_on_test
