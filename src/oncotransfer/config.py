@@ -293,22 +293,54 @@ def validate(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read, override and validate a YAML config. Relative data paths resolve against the config's folder."""
-    raw = apply_overrides(read_yaml(path), overrides or [])
-    cfg = validate(raw, str(path))
-    return resolve_paths(cfg, Path(path).resolve().parent)
+    """Read, override and validate a YAML config.
+
+    A relative path written in the file is relative to the file's folder; one given on the command line
+    (``overrides``: ``--set data.path=X``, ``--data X``) is relative to the current folder."""
+    raw = anchor_paths(read_yaml(path), Path(path).resolve().parent)
+    return validate(anchor_paths(apply_overrides(raw, overrides or []), Path.cwd()), str(path))
 
 
-def resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
-    """Make data paths absolute: relative ones are tried against ``base`` then the working directory."""
-    def fix(d: DataConfig | None) -> DataConfig | None:
-        if d is None or d.path is None or d.path.startswith("demo:") or Path(d.path).is_absolute():
-            return d
-        cand = base / d.path
-        p = cand if cand.exists() or not Path(d.path).exists() else Path(d.path).resolve()
-        return d.model_copy(update={"path": str(p.resolve())})
-    stages = [s.model_copy(update={"data": fix(s.data)}) for s in cfg.stages]
-    return cfg.model_copy(update={"data": fix(cfg.data), "stages": stages})
+# Keys holding a file-system path, in a config and in its stages; model.weights only as file:PATH or run:RUN_DIR.
+_PATH_KEYS = ("data.path", "train.cache_dir", "output_dir", "model.weights", "init_from")
+
+
+def anchor_path(key: str, value: Any, base: Path) -> Any:
+    """``value`` of dotted ``key`` made absolute against ``base`` if it is a relative path (else unchanged)."""
+    if key not in _PATH_KEYS or not isinstance(value, str) or not value or value.startswith("demo:"):
+        return value
+    prefix = ""
+    if key == "model.weights":
+        prefix = next((p for p in ("file:", "run:") if value.startswith(p)), None)
+        if prefix is None:  # imagenet, none, efficientnet_lite0_packaged
+            return value
+    rest = Path(value[len(prefix):]).expanduser()
+    return prefix + str(rest if rest.is_absolute() else (base / rest).resolve())
+
+
+def anchor_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """A copy of a raw config mapping whose relative paths (``_PATH_KEYS``, also inside ``stages``) are made
+    absolute against ``base``; ``demo:NAME``, absolute paths and other keys are left as they are."""
+    out = _deep_copy(raw)
+
+    def fix(node: Any, keys: tuple[str, ...]) -> None:
+        if not isinstance(node, dict):
+            return
+        for key in keys:
+            section, _, leaf = key.rpartition(".")
+            holder = node.get(section) if section else node
+            if isinstance(holder, dict) and leaf in holder:
+                holder[leaf] = anchor_path(key, holder[leaf], base)
+    fix(out, ("data.path", "train.cache_dir", "output_dir", "model.weights"))
+    stages = out.get("stages")
+    for stage in stages if isinstance(stages, list) else []:
+        fix(stage, ("data.path", "train.cache_dir", "init_from"))
+    return out
+
+
+def load_saved_config(path: str | Path) -> ExperimentConfig:
+    """A run directory's ``config.yaml`` as it was saved (resolved when the run started; nothing re-anchored)."""
+    return validate(read_yaml(path), str(path))
 
 
 def to_dict(cfg: BaseModel) -> dict[str, Any]:

@@ -184,3 +184,16 @@ def test_a_new_split_kind_is_one_registered_function(monkeypatch):
     check_fold_partition(m, split.folds[0], whole=True)
     with pytest.raises(ConfigError, match="later-patients"):  # the error lists the registered kinds
         make_split(m, SplitConfig(kind="nope"))
+
+
+def test_lopo_selects_on_an_inner_patient_level_validation_split():
+    """Leave-one-patient-out with val_size > 0: each fold's validation patients are neither test nor train
+    patients, so no epoch is chosen on the test fold; with val_size 0 the test fold chooses (flagged)."""
+    m = manifest([[0, 0, 1], [1, 1, 0], [0, 1], [1, 0, 0], [0, 1, 1]], 2)
+    split = make_split(m, SplitConfig(kind="lopo", val_size=0.2))
+    assert len(split.folds) == 5 and split.grouped_by == "patient" and not split.selection_on_test
+    for f in split.folds:
+        train, val, test = (set(m.patients[i]) for i in (f.train, f.val, f.test))
+        assert len(test) == 1 and val and not (val & train) and not (val & test)
+        assert len(train | val | test) == 5
+    assert make_split(m, SplitConfig(kind="lopo", val_size=0.0)).selection_on_test

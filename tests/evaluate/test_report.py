@@ -98,6 +98,7 @@ def test_report_without_image_level_split_has_no_warning(tmp_path):
     assert "IMAGE-LEVEL" not in md and "IMAGE-LEVEL" not in html
     assert "Grouped by patient" in md
     assert "optimistic" not in md
+    assert "Best epoch selected on an inner patient-level validation split" in md
 
 
 def test_report_html_is_self_contained(tmp_path):

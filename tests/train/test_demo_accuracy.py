@@ -1,5 +1,6 @@
 """The demo config on the 60 real TCIA tiles: >= 75% with a stratified image-level 5-fold split, and the
-honest leave-one-patient-out split is reported as patient-grouped and scores lower."""
+honest leave-one-patient-out split (epoch chosen on an inner patient-level validation split) is reported as
+patient-grouped and scores lower."""
 from __future__ import annotations
 
 import json
@@ -33,6 +34,9 @@ def test_demo_config_kfold_and_lopo(tmp_path):
     proto = json.loads((lopo.run_dir / "run.json").read_text())["protocol"]
     assert proto["split"] == "lopo" and proto["grouped_by"] == "patient" and proto["image_level"] is False
     assert proto["folds"] == 4
+    assert proto["selection_on_test"] is False   # the epoch is chosen on held-out training patients
+    split = (lopo.run_dir / "split.csv").read_text()
+    assert ",val," in split
     assert lopo.accuracy < kfold.accuracy
-    report = (lopo.run_dir / "report.md").read_text().lower()
-    assert "patient" in report
+    report = (lopo.run_dir / "report.md").read_text()
+    assert "Best epoch selected on an inner patient-level validation split" in report

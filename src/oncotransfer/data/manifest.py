@@ -102,8 +102,8 @@ def _from_csv(csv: Path) -> tuple[list[str], list[str], list[str] | None]:
 def resolve_data_path(path: str | None) -> Path:
     """``demo:NAME`` -> the built-in set; otherwise the path itself, which must exist."""
     if path is None:
-        raise DataError("data.path is not set; give a folder of class sub-folders, a manifest CSV, or demo:NAME "
-                        "(`oncotransfer data demo` lists the built-in sets)")
+        raise DataError("data.path is not set; pass the data with --data PATH (or --set data.path=PATH): a folder "
+                        "of class sub-folders, a manifest CSV, or demo:NAME (`oncotransfer data demo` lists them)")
     if path.startswith("demo:"):
         from oncotransfer.data.demo import demo_path
         return demo_path(path[5:])
@@ -120,8 +120,8 @@ def load_manifest(path: str | Path, patient_regex: str | None = None, min_classe
     DICOM objects become one row per frame that ``dicom_frames`` selects, with hashed PatientIDs as patients
     (data/dicom.py); unusable ones are left out with their reason in ``skipped``."""
     if path is None:
-        raise DataError("data.path is not set; pass the data with --set data.path=PATH (a folder of class "
-                        "sub-folders, a manifest CSV or demo:NAME)")
+        raise DataError("data.path is not set; this config names no data: pass it with --data PATH (or --set "
+                        "data.path=PATH): a folder of class sub-folders, a manifest CSV or demo:NAME")
     p = resolve_data_path(str(path))
     patients = None
     if p.is_file():

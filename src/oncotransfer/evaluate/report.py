@@ -88,6 +88,9 @@ def protocol_lines(protocol: dict[str, Any], n_folds: int) -> list[dict[str, str
     if sel:
         lines.append({"text": "Best epoch selected on the test set: optimistic, as in the published study",
                       "level": "warn"})
+    elif sel is False and grouped == "patient" and not protocol.get("image_level"):
+        lines.append({"text": "Best epoch selected on an inner patient-level validation split (validation patients "
+                              "held out of training); the test set was not used for selection", "level": ""})
     elif sel is False:
         lines.append({"text": "Best epoch selected on validation data; the test set was not used for selection",
                       "level": ""})

@@ -24,11 +24,12 @@ from typing import Any, Callable
 
 import yaml
 
-from oncotransfer.config import (ExperimentConfig, apply_overrides, read_yaml, resolve_paths, to_dict, validate,
-                                 with_updates)
+from oncotransfer.config import (ExperimentConfig, anchor_path, anchor_paths, apply_overrides, read_yaml, to_dict,
+                                 validate, with_updates)
 from oncotransfer.errors import ConfigError
 from oncotransfer.experiments.local_executor import run_local
 from oncotransfer.experiments.ray_executor import run_ray
+from oncotransfer.progress import Progress
 from oncotransfer.rundir import run_finished
 
 _GRID_KEYS = {"name", "base", "base_config", "grid", "trials", "trial_keys", "output_dir", "run_reports",
@@ -79,11 +80,14 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> GridSpec:
         base_raw = raw["base"]
         if not isinstance(base_raw, dict):
             raise ConfigError(f"{path}: 'base' must be a mapping of config keys")
-    base = resolve_paths(validate(apply_overrides(base_raw, overrides or []), f"{path} (base)"), base_dir)
+    # Paths written in a file are relative to that file; paths given with --set / --data to the current folder.
+    base_raw = anchor_paths(base_raw, base_dir)
+    base = validate(anchor_paths(apply_overrides(base_raw, overrides or []), Path.cwd()), f"{path} (base)")
     grid = raw.get("grid") or {}
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         raise ConfigError(f"{path}: 'grid' must map dotted config keys to non-empty lists, "
                           "e.g. grid: {{train.lr: [0.01, 0.001]}}")
+    grid = {k: [_anchor_value(k, v, path.resolve().parent) for v in vs] for k, vs in grid.items()}
     trials = raw.get("trials", 1)
     if not isinstance(trials, int) or trials < 1:
         raise ConfigError(f"{path}: 'trials' must be a whole number >= 1 (got {trials!r})")
@@ -95,6 +99,13 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> GridSpec:
         spec.output_dir = str((path.resolve().parent / spec.output_dir).resolve())
     expand(spec)  # validate every cell before any training
     return spec
+
+
+def _anchor_value(key: str, value: Any, base: Path) -> Any:
+    """A grid value (or each key of a recipe) that is a relative path becomes relative to the grid file."""
+    if key == "recipe" and isinstance(value, dict):
+        return {k: anchor_path(k, v, base) for k, v in value.items()}
+    return anchor_path(key, value, base)
 
 
 def _resources(raw: Any, path: Path) -> dict[str, float]:
@@ -218,6 +229,20 @@ def _check_same(run: GridRun, run_dir: Path) -> None:
                           "Give the grid a new name or output_dir (or delete that folder) and run again")
 
 
+def _counting(on_run_end: Callable[[GridRun, Path], None] | None, progress: Progress, total: int,
+              done: int) -> Callable[[GridRun, Path], None]:
+    """``on_run_end`` that also reports each finished run to ``progress``."""
+    progress("runs", done, total)
+
+    def counted(run: GridRun, run_dir: Path) -> None:
+        nonlocal done
+        done += 1
+        progress("runs", done, total)
+        if on_run_end:
+            on_run_end(run, run_dir)
+    return counted
+
+
 EXECUTORS: dict[str, Callable[..., None]] = {"local": run_local, "ray": run_ray}
 
 
@@ -227,9 +252,10 @@ def grid_dir_for(spec: GridSpec) -> Path:
 
 def run_grid(spec: GridSpec, executor: str = "local", *, grid_dir: str | Path | None = None,
              workers: int | None = None, on_run_end: Callable[[GridRun, Path], None] | None = None,
-             log: Callable[[str], None] | None = None, **options: Any):
+             log: Callable[[str], None] | None = None, progress: Progress | None = None, **options: Any):
     """Run (or resume) every run of the grid, then write results.csv, summaries, figure, tables and report.
-    ``options`` (e.g. ``address`` for ray) go to the executor; ``None`` values are dropped."""
+    ``options`` (e.g. ``address`` for ray) go to the executor; ``None`` values are dropped. ``progress`` hears
+    of finished runs ("runs", done, total), counting those finished before."""
     from oncotransfer.experiments.results import write_results
     if executor not in EXECUTORS:
         raise ConfigError(f"--executor {executor!r}: unknown executor; valid: {', '.join(sorted(EXECUTORS))}")
@@ -249,5 +275,7 @@ def run_grid(spec: GridSpec, executor: str = "local", *, grid_dir: str | Path | 
     if base_train.save_every_epoch:  # per-epoch resume state costs as much as a head epoch; a run is the unit
         runs = [GridRun(r.cell, r.trial, r.values, r.cfg.model_copy(update={"train": r.cfg.train.model_copy(
             update={"save_every_epoch": False})})) for r in runs]
+    if progress:
+        on_run_end = _counting(on_run_end, progress, len(runs), len(runs) - len(pending_runs(out, runs)))
     EXECUTORS[executor](spec, out, runs, workers=workers, on_run_end=on_run_end, log=log, **options)
     return write_results(spec, out, runs)

@@ -9,7 +9,7 @@ from typing import Callable
 
 import pandas as pd
 
-from oncotransfer.config import ExperimentConfig, load_config, save_config, to_dict
+from oncotransfer.config import ExperimentConfig, load_saved_config, save_config, to_dict
 from oncotransfer.data.augment import Augmenter, describe
 from oncotransfer.data.splits import make_split, splitter
 from oncotransfer.errors import CheckpointError
@@ -18,6 +18,7 @@ from oncotransfer.io import write_json
 from oncotransfer.models.backbones import get_backbone
 from oncotransfer.models.checkpoint import checkpoint_meta, write_checkpoint
 from oncotransfer.models.heads import head_factory
+from oncotransfer.progress import Progress, prefixed
 from oncotransfer.train import distributed as D
 from oncotransfer.train.data import LoadedData, load_data
 from oncotransfer.train.device import pick_device, precision_label
@@ -49,8 +50,10 @@ def new_run_dir(cfg: ExperimentConfig) -> Path:
 
 def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | None = None, *, resume: bool = False,
                    data: LoadedData | None = None, on_epoch_end: Callable[[int, FitState], None] | None = None,
-                   log: Callable[[str], None] | None = None, report: bool = True) -> RunResult:
+                   log: Callable[[str], None] | None = None, report: bool = True,
+                   progress: Progress | None = None) -> RunResult:
     """Train and evaluate one config; ``resume=True`` continues the run in ``run_dir`` from its saved state.
+    ``log`` takes message lines, ``progress`` the extraction and epoch counts per fold ("fold 1/5 epochs").
 
     Under torchrun every rank calls this; rank 0 alone writes the run directory (see ``train.distributed``)."""
     main = D.is_main()
@@ -59,7 +62,7 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
         run_dir = Path(run_dir)
         if main and not (run_dir / "config.yaml").is_file():
             raise CheckpointError(f"--resume {run_dir}: not a run directory (no config.yaml)")
-        cfg = D.broadcast(load_config(run_dir / "config.yaml") if main else None)
+        cfg = D.broadcast(load_saved_config(run_dir / "config.yaml") if main else None)
     t0 = time.perf_counter()
     # Everything that can fail on bad input runs before a run directory exists, so none is left half-made.
     spec = get_backbone(cfg.model.backbone)
@@ -85,7 +88,8 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
     warnings = list(data.warnings) + list(split.warnings)
     try:
         for fold in split.folds:
-            model, st, mode = train_fold(cfg, data, fold, run_dir, device, aug, on_epoch_end, say)
+            model, st, mode = train_fold(cfg, data, fold, run_dir, device, aug, on_epoch_end, say,
+                                         prefixed(progress if main else None, f"fold {fold.index + 1}/{len(split.folds)} "))
             modes.add(mode)
             best_epochs[str(fold.index)] = st.best_epoch
             histories.append(pd.DataFrame(st.history).assign(fold=fold.index))

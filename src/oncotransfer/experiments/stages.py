@@ -10,6 +10,7 @@ from oncotransfer.config import ExperimentConfig, StageConfig, save_config, to_d
 from oncotransfer.errors import ConfigError
 from oncotransfer.evaluate.multistage import write_multistage_report
 from oncotransfer.experiments.run import RunResult, new_run_dir, run_experiment
+from oncotransfer.progress import Progress, prefixed
 from oncotransfer.train import distributed as D
 
 
@@ -34,19 +35,25 @@ def stage_config(cfg: ExperimentConfig, stage: StageConfig, init: str | None) ->
 
 
 def run_config(cfg: ExperimentConfig | None, resume: Path | None = None,
-               log: Callable[[str], None] | None = None) -> RunResult:
-    """Entry point of ``oncotransfer train``: one run, or a chain of stages."""
+               log: Callable[[str], None] | None = None, progress: Progress | None = None) -> RunResult:
+    """Entry point of ``oncotransfer train``: one run, or a chain of stages. ``progress``: see ``run_experiment``."""
     if resume is not None:
         if (Path(resume) / "stages.txt").is_file():
             raise ConfigError(f"--resume {resume}: resuming a multistage run is done stage by stage; "
                               f"resume the stage directory inside it")
-        return run_experiment(run_dir=resume, resume=True, log=log)
+        return run_experiment(run_dir=resume, resume=True, log=log, progress=progress)
     if not cfg.stages:
-        return run_experiment(cfg, log=log)
-    return run_stages(cfg, log)
+        return run_experiment(cfg, log=log, progress=progress)
+    return run_stages(cfg, log, progress)
 
 
-def run_stages(cfg: ExperimentConfig, log: Callable[[str], None] | None = None) -> RunResult:
+def run_stages(cfg: ExperimentConfig, log: Callable[[str], None] | None = None,
+               progress: Progress | None = None) -> RunResult:
+    for i, stage in enumerate(cfg.stages):  # before any stage trains: every stage needs its data
+        if (stage.data and stage.data.path) is None and cfg.data.path is None:
+            raise ConfigError(f"stage {i} ({stage.name!r}) names no data; pass it with "
+                              f"--set stages.{i}.data.path=PATH (a folder of class sub-folders, a manifest CSV "
+                              "or demo:NAME)")
     main = D.is_main()
     say = (log if main else None) or (lambda s: None)
     if main:
@@ -59,7 +66,8 @@ def run_stages(cfg: ExperimentConfig, log: Callable[[str], None] | None = None) 
     for i, stage in enumerate(cfg.stages):
         say(f"stage {i + 1}/{len(cfg.stages)}: {stage.name}")
         sub = stage_config(cfg, stage, init)
-        res = run_experiment(sub, parent / f"stage{i + 1}_{stage.name}", log=log)
+        res = run_experiment(sub, parent / f"stage{i + 1}_{stage.name}", log=log,
+                             progress=prefixed(progress, f"{stage.name}: "))
         results.append(res)
         init = f"run:{res.run_dir}"
     if main:
@@ -71,7 +79,7 @@ def run_stages(cfg: ExperimentConfig, log: Callable[[str], None] | None = None) 
         if cfg.stages[0].init_from:
             direct_cfg = direct_cfg.model_copy(update={"model": direct_cfg.model.model_copy(
                 update={"weights": f"run:{cfg.stages[0].init_from}"})})
-        direct = run_experiment(direct_cfg, parent / "direct", log=log)
+        direct = run_experiment(direct_cfg, parent / "direct", log=log, progress=prefixed(progress, "direct: "))
     if main:
         write_multistage_report(parent, results, direct if cfg.compare_direct else None)
     return RunResult(parent, final.metrics, final.classes)

@@ -24,7 +24,8 @@ from oncotransfer.train.features import cache_digest, default_cache_dir, onnx_se
 
 @torch.inference_mode()
 def extract_activations(prefix: torch.nn.Module, images: torch.Tensor, mean: tuple, std: tuple,
-                        device: torch.device, fast: bool, batch_size: int = 64) -> np.ndarray:
+                        device: torch.device, fast: bool, batch_size: int = 64,
+                        on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     """uint8 images (N, 3, H, W) -> fp16 prefix outputs (N, C, h, w), with PyTorch. ``prefix`` in eval mode."""
     out = []
     for start in range(0, len(images), batch_size):
@@ -32,15 +33,19 @@ def extract_activations(prefix: torch.nn.Module, images: torch.Tensor, mean: tup
         if fast and device.type in ("cpu", "cuda"):
             x = x.contiguous(memory_format=torch.channels_last)
         out.append(prefix(x).float().cpu().contiguous().numpy().astype(np.float16))
+        if on_batch:
+            on_batch(len(x))
     return np.concatenate(out) if out else np.zeros((0,), np.float16)
 
 
-def extract_activations_onnx(session, images: torch.Tensor, mean: tuple, std: tuple,
-                             batch_size: int = 32) -> np.ndarray:
+def extract_activations_onnx(session, images: torch.Tensor, mean: tuple, std: tuple, batch_size: int = 32,
+                             on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     out = []
     for start in range(0, len(images), batch_size):
         x = normalise(images[start:start + batch_size], mean, std).numpy()
         out.append(run_session(session, x, batch_size).astype(np.float16))
+        if on_batch:
+            on_batch(len(x))
     return np.concatenate(out) if out else np.zeros((0,), np.float16)
 
 
@@ -60,13 +65,13 @@ class ActivationCache:
         self._session = None
 
     def extract(self, prefix: torch.nn.Module, images: torch.Tensor, mean: tuple, std: tuple,
-                device: torch.device, fast: bool) -> np.ndarray:
+                device: torch.device, fast: bool, on_batch: Callable[[int], None] | None = None) -> np.ndarray:
         if self.engine != "onnx":
-            return extract_activations(prefix, images, mean, std, device, fast)
+            return extract_activations(prefix, images, mean, std, device, fast, on_batch=on_batch)
         if self._session is None:
             self._session = onnx_session(self.root / self.key / f"prefix_{images.shape[-1]}.onnx", prefix,
                                          int(images.shape[-1]), device)
-        return extract_activations_onnx(self._session, images, mean, std)
+        return extract_activations_onnx(self._session, images, mean, std, on_batch=on_batch)
 
     def _index_file(self, view_key: dict) -> Path:
         return self.root / self.key / f"{cache_digest(view_key)}.json"
@@ -85,15 +90,18 @@ class ActivationCache:
         return info["shas"], arr
 
     def get(self, view_key: dict, shas: list[str], compute: Callable[[list[int]], np.ndarray],
-            chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+            chunk: int = 256, on_missing: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(memory-mapped array of rows, row of each of ``shas``). Missing rows are computed ``chunk`` images at
-        a time straight into the new file, so extraction memory does not grow with the data set."""
+        a time straight into the new file, so extraction memory does not grow with the data set.
+        ``on_missing(n)`` hears how many rows are to be computed, before the first chunk."""
         known, arr = self._read(view_key)
         row = {s: i for i, s in enumerate(known)}
         missing = [i for i, s in enumerate(shas) if s not in row]
         self.hits += len(shas) - len(missing)
         self.misses += len(missing)
         if missing:
+            if on_missing:
+                on_missing(len(missing))
             arr = self._write(view_key, known, arr, [shas[i] for i in missing],
                               (compute(missing[s:s + chunk]) for s in range(0, len(missing), chunk)))
             known = known + [shas[i] for i in missing]

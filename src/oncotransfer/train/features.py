@@ -23,8 +23,10 @@ def default_cache_dir() -> Path:
 
 @torch.inference_mode()
 def extract_features(backbone: torch.nn.Module, images: torch.Tensor, mean: tuple, std: tuple,
-                     device: torch.device, fast: bool, batch_size: int = 64) -> torch.Tensor:
-    """uint8 or [0, 1] images (N, 3, H, W) -> pooled float32 features (N, F). Backbone must be in eval mode."""
+                     device: torch.device, fast: bool, batch_size: int = 64,
+                     on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+    """uint8 or [0, 1] images (N, 3, H, W) -> pooled float32 features (N, F). Backbone must be in eval mode.
+    ``on_batch(n)`` is told after each batch of ``n`` images (progress)."""
     out = []
     for start in range(0, len(images), batch_size):
         x = normalise(images[start:start + batch_size], mean, std).to(device)
@@ -32,6 +34,8 @@ def extract_features(backbone: torch.nn.Module, images: torch.Tensor, mean: tupl
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, fast):
             out.append(backbone(x).float().cpu())
+        if on_batch:
+            on_batch(len(x))
     return torch.cat(out) if out else torch.zeros((0, 0))
 
 
@@ -49,13 +53,15 @@ def resolve_engine(engine: str, device: torch.device) -> str:
     return "onnx"
 
 
-def extract_features_onnx(session, images: torch.Tensor, mean: tuple, std: tuple,
-                          batch_size: int = 32) -> torch.Tensor:
+def extract_features_onnx(session, images: torch.Tensor, mean: tuple, std: tuple, batch_size: int = 32,
+                          on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
     """Like ``extract_features`` through an ONNX Runtime session of the backbone; normalised per batch."""
     out = []
     for start in range(0, len(images), batch_size):
         x = normalise(images[start:start + batch_size], mean, std)
         out.append(torch.from_numpy(run_session(session, x.numpy(), batch_size)))
+        if on_batch:
+            on_batch(len(x))
     return torch.cat(out) if out else torch.zeros((0, 0))
 
 
@@ -83,16 +89,16 @@ class FeatureCache:
         self._session = None
 
     def extract(self, backbone: torch.nn.Module, images: torch.Tensor, mean: tuple, std: tuple,
-                device: torch.device, fast: bool) -> torch.Tensor:
+                device: torch.device, fast: bool, on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
         """``extract_features`` through this cache's engine; the ONNX export is made once per model key."""
         if self.engine != "onnx":
-            return extract_features(backbone, images, mean, std, device, fast)
+            return extract_features(backbone, images, mean, std, device, fast, on_batch=on_batch)
         if self._session is None:
             # Under torchrun the ranks of one machine share its cores (torchrun sets OMP_NUM_THREADS=1 likewise).
             per_rank = max(1, (os.cpu_count() or 1) // D.world_size()) if D.world_size() > 1 else None
             self._session = onnx_session(self.root / self.model_key / f"backbone_{images.shape[-1]}.onnx",
                                          backbone, int(images.shape[-1]), device, per_rank)
-        return extract_features_onnx(self._session, images, mean, std)
+        return extract_features_onnx(self._session, images, mean, std, on_batch=on_batch)
 
     def _file(self, view_key: dict) -> Path:
         return self.root / self.model_key / f"{cache_digest(view_key)}.safetensors"

@@ -14,6 +14,7 @@ from oncotransfer.data.augment import Augmenter
 from oncotransfer.data.splits import Fold
 from oncotransfer.models.classifier import Classifier
 from oncotransfer.models.factory import classifier_for
+from oncotransfer.progress import Progress
 from oncotransfer.train import distributed as D
 from oncotransfer.train.activations import ActivationCache
 from oncotransfer.train.checkpoint import load_fit_state, save_fit_state
@@ -33,8 +34,9 @@ def _class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
 
 
 def train_fold(cfg: ExperimentConfig, data: LoadedData, fold: Fold, run_dir: Path, device: torch.device,
-               aug: Augmenter, on_epoch_end=None, say=lambda s: None):
-    """Build the fold's model (seeded), choose cached or image inputs, fit, keep the best epoch."""
+               aug: Augmenter, on_epoch_end=None, say=lambda s: None, progress: Progress | None = None):
+    """Build the fold's model (seeded), choose cached or image inputs, fit, keep the best epoch.
+    ``progress`` hears of feature or activation extraction and of each epoch ("epochs")."""
     m = data.manifest
     torch.manual_seed(cfg.train.seed)
     model = classifier_for(cfg.model, len(m.classes), cfg.data.image_size, cfg.train.seed)
@@ -44,14 +46,14 @@ def train_fold(cfg: ExperimentConfig, data: LoadedData, fold: Fold, run_dir: Pat
         engine = resolve_engine(cfg.train.feature_engine, device)
         inputs = cached_inputs(model, data.images, m.labels, m.sha256, fold, cfg,
                                FeatureCache(cfg.train.cache_dir, _cache_key(model, cfg, engine, device), engine),
-                               device, aug)
+                               device, aug, progress)
         module, fast = model.head, False
     elif uses_tail_cache(cfg):
         prefix, module, cut = model.tail_split()
         engine = resolve_engine(cfg.train.feature_engine, device)
         cache = ActivationCache(cfg.train.cache_dir, {**_cache_key(model, cfg, engine, device), "cut": cut}, engine)
         inputs = tail_inputs(prefix, model.spec.mean, model.spec.std, data.images, m.labels, m.sha256, fold, cfg,
-                             cache, device, aug, cut)
+                             cache, device, aug, cut, progress)
         fast = cfg.train.fast_cpu
     else:
         inputs = image_inputs(model, data.images, m.labels, m.sha256, fold, cfg, device, aug)
@@ -72,13 +74,19 @@ def train_fold(cfg: ExperimentConfig, data: LoadedData, fold: Fold, run_dir: Pat
         if on_epoch_end:
             on_epoch_end(fold.index, s)
 
+    def epoch_done(r: dict) -> None:
+        say(f"fold {fold.index} epoch {r['epoch']}/{cfg.train.epochs} loss {r['train_loss']:.4f} "
+            f"acc {r['train_acc']:.3f} val_acc {r['val_acc']:.3f}")
+        if progress:
+            progress("epochs", r["epoch"], cfg.train.epochs)
+
     if not _finished(st, cfg):
         with _threads(1 if cached else torch.get_num_threads()):
             st = fit(module, opt, loss, inputs.train, inputs.val, cfg.train.epochs, device, fast=fast,
                      sigmoid=sigmoid, patience=cfg.train.early_stop_patience, seed=cfg.train.seed, state=st,
-                     on_epoch_end=save, train_module=train_module, scheduler=sched, progress=lambda r: say(
-                         f"fold {fold.index} epoch {r['epoch']}/{cfg.train.epochs} loss {r['train_loss']:.4f} "
-                         f"acc {r['train_acc']:.3f} val_acc {r['val_acc']:.3f}"))
+                     on_epoch_end=save, train_module=train_module, scheduler=sched, progress=epoch_done)
+        if progress and st.epoch < cfg.train.epochs:  # stopped early: the task ends at the last epoch run
+            progress("epochs", st.epoch, st.epoch)
     elif st.best_state is not None:
         module.load_state_dict(st.best_state, strict=False)
     model._inputs = inputs

@@ -11,7 +11,8 @@ import torch
 from oncotransfer.config import ExperimentConfig
 from oncotransfer.data.augment import Augmenter, augment_views
 from oncotransfer.data.images import normalise
-from oncotransfer.train.distributed import sharded_map
+from oncotransfer.progress import Progress, counter
+from oncotransfer.train.distributed import sharded_map, world_size
 from oncotransfer.train.features import FeatureCache
 
 
@@ -47,17 +48,21 @@ def n_views(cfg: ExperimentConfig) -> int:
 
 
 def cached_inputs(model, images: torch.Tensor, labels: np.ndarray, shas: list[str], fold, cfg: ExperimentConfig,
-                  cache: FeatureCache, device: torch.device, aug: Augmenter) -> FoldInputs:
-    """Features once per image and view (view 0 = original; 1..K = augmented copies, fixed per image)."""
+                  cache: FeatureCache, device: torch.device, aug: Augmenter,
+                  progress: Progress | None = None) -> FoldInputs:
+    """Features once per image and view (view 0 = original; 1..K = augmented copies, fixed per image).
+    ``progress`` hears of each view's extraction (images not in the cache), in one process only."""
     fast = cfg.train.fast_cpu
     k = n_views(cfg)
 
     def compute(view: int):
         def run(missing: list[int]) -> torch.Tensor:
+            tick = counter(progress if world_size() == 1 else None, view_task("features", view, k), len(missing))
             imgs = images[missing]
             if view > 0:
                 imgs = augment_views(imgs, [shas[i] for i in missing], aug, cfg.augment.seed, view)
-            return cache.extract(model.feature_module(), imgs, model.spec.mean, model.spec.std, device, fast)
+            return cache.extract(model.feature_module(), imgs, model.spec.mean, model.spec.std, device, fast,
+                                 on_batch=tick)
         return lambda missing: sharded_map(run, missing)  # under torchrun each rank extracts 1/N, then gathered
 
     aug_key = cfg.augment.model_dump(exclude={"mode", "copies"})
@@ -87,6 +92,11 @@ def cached_inputs(model, images: torch.Tensor, labels: np.ndarray, shas: list[st
     va, te = torch.as_tensor(fold.val), torch.as_tensor(fold.test)
     return FoldInputs(train, lambda: _batches(feats[0][va], y[va], 256), lambda: _batches(feats[0][te], y[te], 256),
                       mode, len(y_tr))
+
+
+def view_task(what: str, view: int, k: int) -> str:
+    """The progress task of extracting one view: the originals, or augmented copy ``view`` of ``k``."""
+    return what if view == 0 else f"{what}, augmented copy {view}/{k}"
 
 
 def image_inputs(model, images: torch.Tensor, labels: np.ndarray, shas: list[str], fold, cfg: ExperimentConfig,

@@ -7,7 +7,8 @@ import torch
 from oncotransfer.config import ExperimentConfig
 from oncotransfer.data.augment import Augmenter, augment_views
 from oncotransfer.train.activations import ActivationBank, ActivationCache
-from oncotransfer.train.inputs import FoldInputs, epoch_generator, n_views
+from oncotransfer.progress import Progress, counter
+from oncotransfer.train.inputs import FoldInputs, epoch_generator, n_views, view_task
 
 
 class _Gathered:
@@ -30,23 +31,29 @@ class _Gathered:
 
 def tail_inputs(prefix: torch.nn.Module, mean: tuple, std: tuple, images: torch.Tensor, labels: np.ndarray,
                 shas: list[str], fold, cfg: ExperimentConfig, cache: ActivationCache, device: torch.device,
-                aug: Augmenter, cut: str) -> FoldInputs:
+                aug: Augmenter, cut: str, progress: Progress | None = None) -> FoldInputs:
     """Like ``cached_inputs``, one level down: the prefix runs once per image and view, the tail every epoch.
     Batch order and view choice use the same generators, so a run matches its uncached twin batch for batch."""
     fast = cfg.train.fast_cpu and device.type in ("cpu", "cuda")
     k = n_views(cfg)
 
-    def compute(view: int):
+    def view(key: dict, v: int):
+        tick = None
+
+        def start(n_missing: int) -> None:  # the cache computes in chunks: one progress task for all of them
+            nonlocal tick
+            tick = counter(progress, view_task(f"activations at {cut}", v, k), n_missing)
+
         def run(missing: list[int]) -> np.ndarray:
             imgs = images[missing]
-            if view > 0:
-                imgs = augment_views(imgs, [shas[i] for i in missing], aug, cfg.augment.seed, view)
-            return cache.extract(prefix, imgs, mean, std, device, fast)
-        return run
+            if v > 0:
+                imgs = augment_views(imgs, [shas[i] for i in missing], aug, cfg.augment.seed, v)
+            return cache.extract(prefix, imgs, mean, std, device, fast, on_batch=tick)
+        return cache.get(key, shas, run, on_missing=start)
 
     aug_key = cfg.augment.model_dump(exclude={"mode", "copies"})
-    views = [cache.get({"view": 0}, shas, compute(0))]
-    views += [cache.get({"view": v, "augment": aug_key}, shas, compute(v)) for v in range(1, k + 1)]
+    views = [view({"view": 0}, 0)]
+    views += [view({"view": v, "augment": aug_key}, v) for v in range(1, k + 1)]
     bank = ActivationBank(views, int(cfg.train.cache_memory_mb) << 20)
     y = torch.as_tensor(labels)
     tr = np.asarray(fold.train, dtype=np.int64)

@@ -1,0 +1,211 @@
+"""What the command line prints, and how, by where it goes (imported by ``cli.py`` alone; no training code).
+
+On a terminal: rich tables, colour (unless ``NO_COLOR`` is set) and progress bars on stderr. Anywhere else
+(a pipe, a file, CI logs): plain text that is never cut or wrapped, no ANSI codes, tables as space-aligned
+columns, and progress as a few plain lines. ``--json`` output is one JSON document on stdout; messages go to
+stderr then.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence, TextIO
+
+from rich.console import Console
+
+WIDE = 10_000  # off a terminal rich would cut everything to 80 columns
+
+
+def no_color() -> bool:
+    """https://no-color.org: NO_COLOR set to anything but the empty string turns colour off."""
+    return bool(os.environ.get("NO_COLOR"))
+
+
+def is_tty(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # closed or replaced streams
+        return False
+
+
+class Stream:
+    """stdout or stderr, looked up at each print (so redirections and test captures are honoured)."""
+
+    def __init__(self, stderr: bool = False):
+        self.stderr = stderr
+        self.width: int | None = None  # a fixed width for rich output on a terminal (tests)
+
+    @property
+    def file(self) -> TextIO:
+        return sys.stderr if self.stderr else sys.stdout
+
+    @property
+    def tty(self) -> bool:
+        return is_tty(self.file)
+
+    def rich(self) -> Console:
+        """A rich console for this stream: colour and terminal width on a terminal, plain and unwrapped off it."""
+        tty = self.tty
+        return Console(file=self.file, force_terminal=tty, no_color=no_color(), highlight=False,
+                       color_system="auto" if tty and not no_color() else None,
+                       width=self.width if tty else WIDE, soft_wrap=not tty)
+
+    def print(self, *objects: Any, markup: bool = False, **kw: Any) -> None:
+        """Text as it is (no rich markup unless ``markup=True``), or any rich renderable."""
+        kw.pop("highlight", None)
+        if not markup and all(isinstance(o, str) for o in objects):
+            sep, end = kw.get("sep", " "), kw.get("end", "\n")
+            self.file.write(sep.join(objects) + end)
+            self.file.flush()
+            return
+        self.rich().print(*objects, markup=markup, highlight=False, **kw)
+
+
+def table(stream: Stream, columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> None:
+    """A rich table on a terminal; otherwise a header and space-aligned rows, nothing cut."""
+    cells = [[str(c) for c in row] for row in rows]
+    if stream.tty:
+        from rich.table import Table
+        t = Table(*columns, title=title)
+        for row in cells:
+            t.add_row(*row)
+        stream.rich().print(t)
+        return
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    if title:
+        stream.print(title)
+    for row in [list(columns), *cells]:
+        stream.print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+def jsonable(x: Any) -> Any:
+    """Plain JSON values: NaN and infinities become null, NumPy scalars and arrays, paths and sets become JSON."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, set)):
+        return [jsonable(v) for v in (sorted(x, key=str) if isinstance(x, set) else x)]
+    if isinstance(x, Path):
+        return str(x)
+    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):  # NumPy scalar or array
+        return jsonable(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def emit_json(obj: Any) -> None:
+    """One JSON document on stdout (valid JSON: no NaN)."""
+    sys.stdout.write(json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
+class LineProgress:
+    """Off a terminal: a plain stderr line per task at each quarter and at its end (each unit for 4 or fewer)."""
+
+    def __init__(self, err: Stream):
+        self.err = err
+        self.marks: dict[str, int] = {}  # task -> last mark printed
+
+    def log(self, line: str) -> None:
+        self.err.print(line)
+
+    def progress(self, task: str, done: int, total: int) -> None:
+        if total <= 0:
+            return
+        if done <= 0:  # a task (re)starts
+            self.marks[task] = 0
+            return
+        mark = min(done, total) if total <= 4 else (4 * min(done, total)) // total
+        if mark > self.marks.get(task, 0):
+            self.marks[task] = mark
+            self.err.print(f"{task}: {min(done, total)}/{total}" + (" done" if done >= total else ""))
+
+
+class BarProgress:
+    """On a terminal: one rich progress bar per task on stderr; log lines print above the bars."""
+
+    def __init__(self, bars: Any):
+        self.bars = bars
+        self.tasks: dict[str, Any] = {}
+
+    def log(self, line: str) -> None:
+        self.bars.console.print(line, markup=False, highlight=False)
+
+    def progress(self, task: str, done: int, total: int) -> None:
+        if task not in self.tasks:
+            self.tasks[task] = self.bars.add_task(task, total=total)
+        self.bars.update(self.tasks[task], completed=done, total=total)
+
+
+@contextmanager
+def reporter(err: Stream) -> Iterator[LineProgress | BarProgress]:
+    """``log(line)`` and ``progress(task, done, total)`` for one command: bars on a terminal, lines otherwise."""
+    if not err.tty:
+        yield LineProgress(err)
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=err.rich(), transient=False) as bars:
+        yield BarProgress(bars)
+
+
+def inspect_summary(rep: Any) -> dict[str, Any]:
+    """``data inspect`` as JSON-ready values."""
+    m = rep.manifest
+    return {"root": str(m.root), "images": len(m), "classes": list(m.classes), "per_class": rep.per_class,
+            "imbalance": rep.imbalance, "patients": None if rep.per_patient is None else len(rep.per_patient),
+            "per_patient": rep.per_patient,
+            "sizes": [{"width": w, "height": h, "images": n} for (w, h), n in rep.sizes.most_common()],
+            "modes": dict(rep.modes), "unreadable": rep.unreadable, "exact_duplicates": rep.exact_duplicates,
+            "near_duplicates": rep.near_duplicates, "cross_class_duplicates": rep.cross_class,
+            "dicom": _dicom_summary(rep.dicom) if rep.dicom else None}
+
+
+def _dicom_summary(d: dict) -> dict[str, Any]:
+    return {"objects": d["objects"], "patients": d["patients"], "studies": d["studies"],
+            **{k: dict(d[k]) for k in ("modality", "manufacturer", "frames", "bits_stored", "photometric",
+                                       "transfer_syntax")},
+            "series": [{"patient": p, "study": st, "series": se, "modality": mod, "objects": n}
+                       for (p, st, se, mod), n in sorted(d["series"].items())]}
+
+
+def _print_dicom(out: Stream, d: dict) -> None:
+    out.print(f"DICOM: {d['objects']} object(s), {d['patients']} patient(s), {d['studies']} study(ies), "
+              f"{len(d['series'])} series (ids are salted hashes, never the raw values)")
+    for key, label in (("modality", "modality"), ("manufacturer", "manufacturer"), ("frames", "frames per object"),
+                       ("bits_stored", "bits stored"), ("photometric", "photometric interpretation"),
+                       ("transfer_syntax", "transfer syntax")):
+        out.print(f"  {label}: " + ", ".join(f"{k} ({n})" for k, n in d[key].most_common()))
+    rows = sorted(d["series"].items())
+    table(out, ["patient", "study", "series", "modality", "objects"],
+          [[p, st, se, mod, n] for (p, st, se, mod), n in rows[:30]])
+    if len(rows) > 30:
+        out.print(f"... {len(rows) - 30} more series")
+
+
+def print_inspect(out: Stream, rep: Any) -> None:
+    """``data inspect`` for people: counts per class and patient, sizes, modes, problems."""
+    m = rep.manifest
+    out.print(f"{m.root}: {len(m)} images, {len(m.classes)} classes"
+              + (f", {len(rep.per_patient)} patients" if rep.per_patient else ", no patient ids"))
+    table(out, ["class", "images"], [[c, n] for c, n in rep.per_class.items()])
+    out.print(f"class imbalance (largest / smallest): {rep.imbalance:.2f}")
+    if rep.per_patient:
+        table(out, ["patient", *m.classes], [[p, *[row[c] for c in m.classes]] for p, row in rep.per_patient.items()])
+    out.print("image sizes: " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in rep.sizes.most_common(5)))
+    out.print("modes: " + ", ".join(f"{k} ({n})" for k, n in rep.modes.items()))
+    if rep.dicom:
+        _print_dicom(out, rep.dicom)
+    for name, why in rep.unreadable.items():
+        out.print(f"warning: unreadable, skipped: {name}: {why}")
+    out.print(f"byte-identical groups: {len(rep.exact_duplicates)}; near-identical (pHash <= 4): "
+              f"{len(rep.near_duplicates)}")
+    for g in rep.near_duplicates[:10]:
+        out.print("  duplicates: " + ", ".join(g))
+    for g in rep.cross_class:
+        out.print(f"duplicates filed under different classes: {', '.join(g)}")
