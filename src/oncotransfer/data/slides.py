@@ -7,6 +7,7 @@ so splits never put tiles of one slide (or patient) on both sides.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -54,12 +55,17 @@ def open_slide(path: str | Path):
         except (openslide.OpenSlideError, OSError, ValueError) as e:  # unsupported format or corrupt file
             reason = str(e) or type(e).__name__
     if tiffslide is not None and path.suffix.lower() in {".tif", ".tiff", ".svs"}:
+        quiet = logging.getLogger("tifffile")
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)  # tifffile logs its own warning before raising: one line is ours
         try:
             slide = tiffslide.TiffSlide(str(path))
             slide.level_dimensions  # noqa: B018 - force the pages to be parsed now, inside the try
             return slide
         except Exception as e:  # tifffile raises many types on damaged files; one line whatever the cause
             reason = f"{reason}; tiffslide: {str(e)[:100] or type(e).__name__}" if reason else str(e)[:100]
+        finally:
+            quiet.setLevel(level)
     raise SlideError(f"{path}: not a slide OpenSlide{'/tiffslide' if tiffslide else ''} can read "
                      f"({reason[:160] or 'unsupported format'})")
 
