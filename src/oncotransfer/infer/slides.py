@@ -122,7 +122,7 @@ def heatmap_png(thumb: Image.Image, geom, tiles: pd.DataFrame, score: np.ndarray
 
 
 def score_slide(pred, path: Path, tile_size: int, mpp: float | None, magnification: float | None,
-                mpp_source: float | None, min_tissue: float, batch_size: int = 32, depth: int = 3
+                mpp_source: float | None, min_tissue: float, batch_size: int = 16, depth: int = 3
                 ) -> tuple[pd.DataFrame, np.ndarray, object, Image.Image]:
     """Tile probabilities of one slide: (rows slide,x,y,tissue,pred,prob_<class>, (N, C) probs, geometry,
     thumbnail). Tiles are read at ``tile_size`` and squash-resized to the model's size as in training."""
@@ -156,11 +156,12 @@ def score_slide(pred, path: Path, tile_size: int, mpp: float | None, magnificati
 
 def predict_slides(run_dir: str | Path, sources: list[str], out: str | Path, aggregate_spec: str = "mean",
                    tile_size: int | None = None, mpp: float | None = None, magnification: float | None = None,
-                   mpp_source: float | None = None, min_tissue: float | None = None, batch_size: int = 32,
+                   mpp_source: float | None = None, min_tissue: float | None = None, batch_size: int = 16,
                    log: Callable[[str], None] | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
     """The ``predict --slide`` command. ``out``: one row per slide (slide, tiles, aggregate, pred,
     prob_<class>); beside it ``<out stem>_slides/<slide>_tiles.csv`` and ``<slide>_heatmap.png``. Tiling
-    defaults come from the run's training tiles (tiling.json), else the model's input size at 0.5 µm/px."""
+    defaults come from the run's training tiles (tiling.json), else the model's input size at 0.5 µm/px.
+    Batches of 16: ONNX Runtime's arena for a batch of 32 224-px images alone holds about 0.8 GB."""
     from oncotransfer.data.slides import SlideError, find_slides
     parse_aggregate(aggregate_spec)
     say = log or (lambda s: None)
