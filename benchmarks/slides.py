@@ -10,7 +10,7 @@ ONNX Runtime throughput, and peak memory.
    absent) at 1024 px cells, about 10% of the cells left as glass, so most tiles hold tissue.
 3. In a fresh process (so its peak RSS is the pipeline's alone):
    - ``predict --slide`` streaming (``infer.slides.score_slide``: thumbnail, Otsu tissue mask, reader thread
-     cutting 224 px tiles at 0.5 µm/px from level 1, ONNX Runtime on batches of 32), tiles/s;
+     cutting 224 px tiles at 0.5 µm/px from level 1, ONNX Runtime on batches of 16, no PyTorch), tiles/s;
    - the reader alone (tiles cut and normalised, no model), tiles/s;
    - ONNX Runtime on the same tiles pre-loaded as normalised tensors, same batch size and session, tiles/s;
    - peak RSS while streaming (VmRSS sampled every 20 ms, and ru_maxrss).
@@ -101,13 +101,13 @@ class PeakRSS:
 
 def measure(run: Path, slide: Path, baseline_tiles: int) -> dict:
     """Child process: streaming, reader-only and ORT-only throughput, peak memory while streaming."""
-    import torch
+    import cv2  # noqa: F401 - the one-off import of the tissue detection is not throughput
     from oncotransfer.data import slides as S
-    from oncotransfer.infer.slides import onnx_predictor, prefetch, score_slide
-    import cv2, skimage.filters  # noqa: F401,E401 - one-off imports of the tissue detection, not throughput
-    pred = onnx_predictor(run)  # RUN/export/model.onnx, exported by the parent
-    pred.probabilities(pred.normalised(torch.zeros((BATCH, 3, pred.size, pred.size), dtype=torch.uint8)), BATCH)
-    out = {"ort_threads": pred.session.get_session_options().intra_op_num_threads, "rss_start": PeakRSS.now()}
+    from oncotransfer.infer.slides import prefetch, score_slide, tile_model
+    pred = tile_model(run)  # RUN/export/model.onnx, exported by the parent
+    pred.probabilities(pred.normalised(np.zeros((BATCH, pred.size, pred.size, 3), np.uint8)))
+    out = {"ort_threads": pred.session.get_session_options().intra_op_num_threads, "rss_start": PeakRSS.now(),
+           "torch_loaded": "torch" in sys.modules}
     with PeakRSS() as rss:
         t = time.perf_counter()
         df, probs, geom, _ = score_slide(pred, slide, 224, 0.5, None, None, 0.5, BATCH)
@@ -119,14 +119,13 @@ def measure(run: Path, slide: Path, baseline_tiles: int) -> dict:
     t = time.perf_counter()
     n = 0
     for part, arr in prefetch(S.iter_tiles(s, geom, coords, BATCH)):
-        pred.normalised(torch.from_numpy(arr).permute(0, 3, 1, 2))
+        pred.normalised(arr)
         n += len(part)
     out["reader_s"], out["reader_tiles"] = time.perf_counter() - t, n
-    pre = [pred.normalised(torch.from_numpy(arr).permute(0, 3, 1, 2))
-           for _, arr in S.iter_tiles(s, geom, coords[:baseline_tiles], BATCH)]
+    pre = [pred.normalised(arr) for _, arr in S.iter_tiles(s, geom, coords[:baseline_tiles], BATCH)]
     t = time.perf_counter()
     for x in pre:
-        pred.probabilities(x, BATCH)
+        pred.probabilities(x)
     out["ort_s"], out["ort_tiles"] = time.perf_counter() - t, sum(len(x) for x in pre)
     return out
 
@@ -174,7 +173,8 @@ def main() -> None:
                                                                f"{m['ort_threads']} intra-op threads)"),
         ("streaming / ORT", f"{stream / ort:.0%} (target >= 80%)"),
         ("peak RSS while streaming", f"{m['rss_peak'] / gib:.2f} GiB sampled, {m['maxrss'] / gib:.2f} GiB ru_maxrss "
-                                     f"(start {m['rss_start'] / gib:.2f} GiB; target < 2 GB)"),
+                                     f"(start {m['rss_start'] / gib:.2f} GiB, torch "
+                                     f"{'loaded' if m['torch_loaded'] else 'not loaded'}; target < 2 GB)"),
         ("slides tile (PNG tiles written)", f"{len(tiled.slides) and tiled.slides[0]['tiles']} tiles in "
                                             f"{tile_s:.1f} s = {tiled.slides[0]['tiles'] / tile_s:.1f} tiles/s"),
         ("CPU", f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end"),

@@ -242,6 +242,10 @@ def predict(run_dir: Path = typer.Argument(..., help="run directory"),
             min_tissue: Optional[float] = typer.Option(None, help="--slide: least tissue fraction of a tile")) -> None:
     """Class probabilities for new images (or, with --slide, whole slides); exit 1 if any input failed."""
     if slide:
+        if tta or explain or fold is not None or engine not in ("auto", "onnx"):
+            from oncotransfer.errors import ConfigError
+            raise ConfigError("--tta, --explain, --fold and --engine torch do not apply with --slide (slides are "
+                              "scored by the run's ONNX export of all its fold models)")
         from oncotransfer.infer.slides import predict_slides
         df, errors = predict_slides(run_dir, paths, out, aggregate, tile_size, mpp, magnification, mpp_source,
                                     min_tissue, log=lambda s: err.print(s, highlight=False, soft_wrap=True))

@@ -141,3 +141,16 @@ def test_predict_slide_cli_writes_outputs_and_rejects_a_bad_aggregate(slide_run,
     code, _, err = run_main(monkeypatch, capsys, "predict", str(run), str(tmp / "slides"), "--slide",
                             "--aggregate", "max", "--out", str(out))
     assert_one_line_error(code, err, "mean or topk:K")
+
+
+def test_streaming_needs_no_pytorch(slide_run):
+    """The slide scorer runs the export with ONNX Runtime alone: importing torch would cost ~1 GB of RSS."""
+    import subprocess
+    import sys
+    from oncotransfer.infer.slides import tile_model
+    _, run = slide_run
+    tile_model(run)  # exports if no earlier test did
+    code = ("import sys; from oncotransfer.infer.slides import tile_model; m = tile_model(sys.argv[1]); "
+            "import numpy as np; p = m.probabilities(m.normalised(np.zeros((2, m.size, m.size, 3), np.uint8))); "
+            "assert p.shape == (2, 2) and 'torch' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code, str(run)], check=True, timeout=120)

@@ -190,10 +190,17 @@ def tissue_tiles(geom: Geometry, mask: np.ndarray, min_tissue: float) -> list[tu
 
 def read_tile(slide, geom: Geometry, x: int, y: int) -> Image.Image:
     """The ``tile`` px RGB tile whose level-0 top-left corner is (x, y); transparent areas become white."""
-    region = slide.read_region((x, y), geom.level, (geom.read, geom.read))
+    try:
+        region = slide.read_region((x, y), geom.level, (geom.read, geom.read))
+    except Exception as e:  # OpenSlideError, tifffile or codec errors on a damaged tile: one line
+        raise SlideError(f"{geom.path}: cannot read the tile at ({x}, {y}): {str(e)[:100] or type(e).__name__}"
+                         ) from None
     if region.mode == "RGBA":
-        bg = Image.new("RGBA", region.size, (255, 255, 255, 255))
-        region = Image.alpha_composite(bg, region)
+        a = np.asarray(region)
+        if a[..., 3].min() == 255:  # opaque, as nearly always: compositing over white would change nothing
+            region = Image.fromarray(np.ascontiguousarray(a[..., :3]))
+        else:
+            region = Image.alpha_composite(Image.new("RGBA", region.size, (255, 255, 255, 255)), region)
     region = region.convert("RGB")
     if geom.read != geom.tile:
         region = region.resize((geom.tile, geom.tile), Image.BILINEAR)
@@ -321,7 +328,7 @@ def tile_slides(source: str | Path, out_dir: str | Path, tile_size: int = 224, m
             got, info = tile_slide(path, out, tile_size, mpp, magnification, mpp_source, min_tissue)
         except (SlideError, OSError) as e:
             if single:
-                raise
+                raise e if isinstance(e, SlideError) else SlideError(f"{path}: {e}") from None
             failed[str(path)] = str(e)
             say(f"skipped: {e}")
             continue

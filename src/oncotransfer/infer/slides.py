@@ -15,38 +15,93 @@ from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 
 from oncotransfer.errors import DataError
 from oncotransfer.evaluate.slides import aggregate, describe_aggregate, parse_aggregate
 
 
-def onnx_predictor(run_dir: str | Path, log: Callable[[str], None] | None = None):
-    """The run's ``Predictor`` on ONNX Runtime: its export when it holds the run's models, else exported now
-    (with the usual parity check against PyTorch)."""
-    from oncotransfer.infer.predict import Predictor
-    pred = Predictor.from_run(run_dir, "auto")
-    if pred.session is None:
+class TileModel:
+    """The run's ONNX export on ONNX Runtime (CPU), without PyTorch: the streaming process then needs about
+    1 GB less memory (importing torch and building the run's modules cost ~1.1 GB of RSS here). Preprocessing
+    is the run's own (squash-resize, [0, 1], (x - mean) / std), in float32 as ``data.images.normalise``."""
+
+    def __init__(self, run_dir: Path, meta: dict, info: dict, threads: int | None = None):
+        import os
+        import onnxruntime as ort
+        self.run_dir, self.meta = run_dir, meta
+        pre = info["preprocessing"]
+        self.size = int(pre["size"])
+        self.mean = np.asarray(pre["mean"], np.float32).reshape(1, 3, 1, 1)
+        self.std = np.asarray(pre["std"], np.float32).reshape(1, 3, 1, 1)
+        self.classes = list(info["classes"])
+        # The options of infer.onnx.ort_session (which imports torch): all graph optimisations, a thread per core.
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(run_dir / "export" / info["file"]), sess_options=opts,
+                                            providers=["CPUExecutionProvider"])
+        self._input = self.session.get_inputs()[0].name
+
+    def normalised(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> float32 (N, 3, H, W), the same float32 operations as training."""
+        x = batch.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255)
+        return np.ascontiguousarray((x - self.mean) / self.std)
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self._input: x})[0]
+
+
+def _export_current(run_dir: Path, meta: dict) -> dict | None:
+    """export/model.json when the ONNX export holds exactly the run's models, else None."""
+    import hashlib
+    try:
+        info = json.loads((run_dir / "export" / "model.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if info.get("format") != "onnx" or not (run_dir / "export" / str(info.get("file"))).is_file():
+        return None
+    folds = meta.get("folds") or [{"fold": int(meta.get("fold") or 0), "temperature": meta.get("temperature")}]
+    members = [{"fold": int(f["fold"]), "temperature": f.get("temperature")} for f in folds]
+    h = hashlib.sha256()
+    with open(run_dir / "checkpoint" / "model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    ok = (info.get("classes") == meta.get("classes") and info.get("checkpoint_digest") in (None, h.hexdigest())
+          and info.get("members") in (None, members))
+    return info if ok else None
+
+
+def tile_model(run_dir: str | Path, log: Callable[[str], None] | None = None) -> TileModel:
+    """The run's ``TileModel``: its ONNX export of every fold model (the ensemble), exported now (parity
+    checked against PyTorch, as ``oncotransfer export``) when missing or stale."""
+    run_dir = Path(run_dir)
+    meta_path = run_dir / "checkpoint" / "meta.json"
+    if not meta_path.is_file():
+        from oncotransfer.errors import CheckpointError
+        raise CheckpointError(f"{run_dir}: no checkpoint (checkpoint/model.safetensors + meta.json); give a run "
+                              "directory written by `oncotransfer train`")
+    meta = json.loads(meta_path.read_text())
+    info = _export_current(run_dir, meta)
+    if info is None:
         from oncotransfer.infer.export import export_run
         export_run(run_dir, "onnx", log=log)
-        pred = Predictor.from_run(run_dir, "onnx")
-    return pred
+        info = _export_current(run_dir, meta)
+    return TileModel(run_dir, meta, info)
 
 
 def training_tiling(meta: dict) -> dict:
     """tiling.json of the data the run trained on (written by ``slides tile``), or {}: predict then cuts
     tiles at the same size and resolution as training by default."""
-    from oncotransfer.data.manifest import resolve_data_path
     path = ((meta.get("config") or {}).get("data") or {}).get("path")
-    try:
-        p = resolve_data_path(path)
-    except Exception:  # data moved or never a slide set: fall back to the defaults
+    if not path or str(path).startswith("demo:"):
         return {}
+    p = Path(path).expanduser()
     f = (p.parent if p.is_file() else p) / "tiling.json"
     try:
         return json.loads(f.read_text()) if f.is_file() else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # data moved or never a slide set: the defaults
         return {}
 
 
@@ -121,13 +176,12 @@ def heatmap_png(thumb: Image.Image, geom, tiles: pd.DataFrame, score: np.ndarray
     return path
 
 
-def score_slide(pred, path: Path, tile_size: int, mpp: float | None, magnification: float | None,
+def score_slide(pred: TileModel, path: Path, tile_size: int, mpp: float | None, magnification: float | None,
                 mpp_source: float | None, min_tissue: float, batch_size: int = 16, depth: int = 3
                 ) -> tuple[pd.DataFrame, np.ndarray, object, Image.Image]:
     """Tile probabilities of one slide: (rows slide,x,y,tissue,pred,prob_<class>, (N, C) probs, geometry,
     thumbnail). Tiles are read at ``tile_size`` and squash-resized to the model's size as in training."""
     from oncotransfer.data import slides as S
-    from oncotransfer.data.images import resize_uint8
     slide = S.open_slide(path)
     try:
         geom = S.plan(slide, path, tile_size, mpp, magnification, mpp_source)
@@ -136,13 +190,13 @@ def score_slide(pred, path: Path, tile_size: int, mpp: float | None, magnificati
 
         def batches():
             for part, arr in S.iter_tiles(slide, geom, coords, batch_size):
-                t = torch.from_numpy(arr).permute(0, 3, 1, 2)
-                if geom.tile != pred.size:  # the PNG tiles of training went through the same resize
-                    t = torch.stack([resize_uint8(Image.fromarray(a), pred.size) for a in arr])
-                yield part, pred.normalised(t)
+                if geom.tile != pred.size:  # training's PNG tiles went through this resize (images.resize_uint8)
+                    arr = np.stack([np.asarray(Image.fromarray(a).resize((pred.size, pred.size), Image.BILINEAR,
+                                                                          reducing_gap=None)) for a in arr])
+                yield part, pred.normalised(arr)
         out = []
         for part, x in prefetch(batches(), depth):
-            out.append(pred.probabilities(x, batch_size))
+            out.append(pred.probabilities(x))
     finally:
         slide.close()
     probs = np.concatenate(out) if out else np.zeros((0, len(pred.classes)), np.float32)
@@ -165,7 +219,7 @@ def predict_slides(run_dir: str | Path, sources: list[str], out: str | Path, agg
     from oncotransfer.data.slides import SlideError, find_slides
     parse_aggregate(aggregate_spec)
     say = log or (lambda s: None)
-    pred = onnx_predictor(run_dir, say)
+    pred = tile_model(run_dir, say)
     classes = pred.classes
     positive = ((pred.meta.get("config") or {}).get("evaluate") or {}).get("positive_classes")
     trained = training_tiling(pred.meta)
@@ -185,8 +239,12 @@ def predict_slides(run_dir: str | Path, sources: list[str], out: str | Path, agg
     from oncotransfer.evaluate.metrics import resolve_positive
     pos = resolve_positive(classes, positive)
     score_of = [classes.index(p) for p in pos] if pos else None
-    rows = []
+    rows, seen = [], set()
     for path in paths:
+        if path.stem in seen:  # its outputs would overwrite the first one's
+            errors[str(path)] = f"{path}: a slide named {path.stem!r} was already scored; rename one of them"
+            continue
+        seen.add(path.stem)
         try:
             df, probs, geom, thumb = score_slide(pred, path, tile_size, mpp, magnification, mpp_source,
                                                  min_tissue, batch_size)
