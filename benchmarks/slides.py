@@ -13,7 +13,7 @@ ONNX Runtime throughput, and peak memory.
      cutting 224 px tiles at 0.5 µm/px from level 1, ONNX Runtime on batches of 16, no PyTorch), tiles/s;
    - the reader alone (tiles cut and normalised, no model), tiles/s;
    - ONNX Runtime on the same tiles pre-loaded as normalised tensors, same batch size and session, tiles/s;
-   - peak RSS while streaming (VmRSS sampled every 20 ms, and ru_maxrss).
+   - peak RSS while streaming (VmRSS sampled every 20 ms, and the process's VmHWM).
 4. ``slides tile`` on the same slide (tiles written as PNG), tiles/s.
 
 Targets (issue 11): streaming >= 80% of the ONNX Runtime throughput; peak memory < 2 GB.
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -78,9 +77,9 @@ class PeakRSS:
         self._t = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
-    def now() -> int:
+    def now(key: str = "VmRSS:") -> int:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024
         return 0
 
@@ -100,21 +99,35 @@ class PeakRSS:
 
 
 def measure(run: Path, slide: Path, baseline_tiles: int) -> dict:
-    """Child process: streaming, reader-only and ORT-only throughput, peak memory while streaming."""
+    """Child process: streaming, reader-only and ORT-only throughput (ORT measured before and after the
+    streaming run, as the load of a shared machine drifts), peak memory while streaming."""
+    import gc
     import cv2  # noqa: F401 - the one-off import of the tissue detection is not throughput
     from oncotransfer.data import slides as S
     from oncotransfer.infer.slides import prefetch, score_slide, tile_model
     pred = tile_model(run)  # RUN/export/model.onnx, exported by the parent
     pred.probabilities(pred.normalised(np.zeros((BATCH, pred.size, pred.size, 3), np.uint8)))
+    s = S.open_slide(slide)
+    geom = S.plan(s, slide, 224, 0.5)
+    first = S.tissue_tiles(geom, S.tissue_mask(S.thumbnail(s))[0], 0.5)[:baseline_tiles]
+
+    def ort_alone() -> tuple[float, int]:
+        pre = [pred.normalised(arr) for _, arr in S.iter_tiles(s, geom, first, BATCH)]
+        t = time.perf_counter()
+        for x in pre:
+            pred.probabilities(x)
+        return time.perf_counter() - t, sum(len(x) for x in pre)
+    ort1 = ort_alone()
+    gc.collect()
     out = {"ort_threads": pred.session.get_session_options().intra_op_num_threads, "rss_start": PeakRSS.now(),
            "torch_loaded": "torch" in sys.modules}
     with PeakRSS() as rss:
         t = time.perf_counter()
         df, probs, geom, _ = score_slide(pred, slide, 224, 0.5, None, None, 0.5, BATCH)
         out["stream_s"] = time.perf_counter() - t
+    # VmHWM: this process image's peak RSS (ru_maxrss would carry the parent's peak over fork + exec).
     out.update(tiles=len(df), grid=geom.grid()[0] * geom.grid()[1], level=geom.level, read=geom.read,
-               rss_peak=rss.peak, maxrss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    s = S.open_slide(slide)
+               rss_peak=rss.peak, maxrss=PeakRSS.now("VmHWM:"))
     coords = list(zip(df.x, df.y, df.tissue))
     t = time.perf_counter()
     n = 0
@@ -122,11 +135,9 @@ def measure(run: Path, slide: Path, baseline_tiles: int) -> dict:
         pred.normalised(arr)
         n += len(part)
     out["reader_s"], out["reader_tiles"] = time.perf_counter() - t, n
-    pre = [pred.normalised(arr) for _, arr in S.iter_tiles(s, geom, coords[:baseline_tiles], BATCH)]
-    t = time.perf_counter()
-    for x in pre:
-        pred.probabilities(x)
-    out["ort_s"], out["ort_tiles"] = time.perf_counter() - t, sum(len(x) for x in pre)
+    ort2 = ort_alone()
+    out["ort_rates"] = [ort1[1] / ort1[0], ort2[1] / ort2[0]]
+    out["ort_s"], out["ort_tiles"] = ort1[0] + ort2[0], ort1[1] + ort2[1]
     return out
 
 
@@ -169,10 +180,12 @@ def main() -> None:
         ("tissue tiles / grid", f"{m['tiles']} / {m['grid']}"),
         ("predict --slide streaming", f"{stream:.1f} tiles/s ({m['stream_s']:.1f} s, incl. thumbnail + tissue mask)"),
         ("reader alone (cut + normalise)", f"{reader:.1f} tiles/s"),
-        (f"ONNX Runtime on {m['ort_tiles']} pre-loaded tiles", f"{ort:.1f} tiles/s (batch {BATCH}, "
-                                                               f"{m['ort_threads']} intra-op threads)"),
+        (f"ONNX Runtime on {m['ort_tiles'] // 2} pre-loaded tiles", f"{ort:.1f} tiles/s (batch {BATCH}, "
+                                                                    f"{m['ort_threads']} intra-op threads; "
+                                                                    f"{m['ort_rates'][0]:.1f} before, "
+                                                                    f"{m['ort_rates'][1]:.1f} after streaming)"),
         ("streaming / ORT", f"{stream / ort:.0%} (target >= 80%)"),
-        ("peak RSS while streaming", f"{m['rss_peak'] / gib:.2f} GiB sampled, {m['maxrss'] / gib:.2f} GiB ru_maxrss "
+        ("peak RSS while streaming", f"{m['rss_peak'] / gib:.2f} GiB sampled, {m['maxrss'] / gib:.2f} GiB VmHWM "
                                      f"(start {m['rss_start'] / gib:.2f} GiB, torch "
                                      f"{'loaded' if m['torch_loaded'] else 'not loaded'}; target < 2 GB)"),
         ("slides tile (PNG tiles written)", f"{len(tiled.slides) and tiled.slides[0]['tiles']} tiles in "

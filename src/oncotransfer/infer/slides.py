@@ -40,6 +40,8 @@ class TileModel:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
         opts.log_severity_level = 3
+        # Idle intra-op threads sleep instead of spinning: the reader thread needs the cores between batches.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(run_dir / "export" / info["file"]), sess_options=opts,
                                             providers=["CPUExecutionProvider"])
         self._input = self.session.get_inputs()[0].name
