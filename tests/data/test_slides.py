@@ -164,3 +164,11 @@ def test_real_osteosarcoma_tiles_on_glass(tmp_path):
     per_cell = 16  # (512 / 128) ** 2 tiles of 128 level-0 px in a cell
     assert len(df) >= 0.5 * per_cell * len(tissue)
     assert result.slides[0]["grid_tiles"] == 144
+
+
+def test_a_flat_gigapixel_image_is_refused_before_it_is_decoded_whole(tmp_path):
+    """A single-level 9000 px TIFF has no low-resolution level for the tissue mask: one line saying how to fix."""
+    path = write_slide(tmp_path / "flat.tif", lambda d, y0, x0, h, w: np.full((h, w, 3), 200, np.uint8),
+                       9000, 512, mpp=0.25, levels=1, compression="jpeg")
+    with pytest.raises(S.SlideError, match="no pyramid"):
+        S.plan(S.open_slide(path), path)

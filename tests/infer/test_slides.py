@@ -154,3 +154,12 @@ def test_streaming_needs_no_pytorch(slide_run):
             "import numpy as np; p = m.probabilities(m.normalised(np.zeros((2, m.size, m.size, 3), np.uint8))); "
             "assert p.shape == (2, 2) and 'torch' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code, str(run)], check=True, timeout=120)
+
+
+def test_evaluate_on_other_slide_tiles_gives_slide_metrics(slide_run):
+    """``evaluate RUN --data TILES``: the external tiles' manifest brings its slide column."""
+    from oncotransfer.infer.predict import evaluate_on
+    tmp, run = slide_run
+    metrics = evaluate_on(run, str(tmp / "tiles"), engine="torch")
+    assert metrics["slides"]["slides"] == 6 and metrics["pooled"]["n"] == 120
+    assert (run / "slide_predictions_report_external.csv").is_file()

@@ -135,6 +135,10 @@ def plan(slide, path: str | Path, tile_size: int = 224, mpp: float | None = None
     if downsample < 0.95:
         raise SlideError(f"{path}: scanned at {mpp0} µm/px, coarser than the {target} µm/px asked for; "
                          "tiles would be upsampled: ask for a coarser --mpp or lower --magnification")
+    coarsest = max(slide.level_dimensions[-1])
+    if coarsest > 4 * THUMB_SIDE:  # a flat (single-level) image: the thumbnail would decode it whole
+        raise SlideError(f"{path}: no pyramid (its coarsest level is {coarsest} px wide); write one, e.g. "
+                         "`vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`")
     size0 = tile_size * downsample
     level = int(slide.get_best_level_for_downsample(downsample))
     read = max(1, int(round(size0 / float(slide.level_downsamples[level]))))
