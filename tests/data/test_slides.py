@@ -172,3 +172,31 @@ def test_a_flat_gigapixel_image_is_refused_before_it_is_decoded_whole(tmp_path):
                        9000, 512, mpp=0.25, levels=1, compression="jpeg")
     with pytest.raises(S.SlideError, match="no pyramid"):
         S.plan(S.open_slide(path), path)
+
+
+def test_a_subifd_pyramid_is_read_by_tiffslide_with_its_levels_and_resolution(tmp_path):
+    """OpenSlide sees only level 0 of a SubIFD pyramid; tiffslide, the fallback, reads its levels and mpp."""
+    import tifffile
+    import tiffslide
+    mosaic = Mosaic(stain_images(4, 256), LAYOUT, 256)
+    path = tmp_path / "subifd.tif"
+    with tifffile.TiffWriter(path) as tif:
+        for k in range(3):
+            d = 2 ** k
+            kw = {"subifds": 2} if k == 0 else {"subfiletype": 1}
+            tif.write(mosaic(d, 0, 0, 768 // d, 1024 // d), tile=(128, 128), photometric="rgb",
+                      resolution=(1e4 / (0.25 * d),) * 2, resolutionunit="CENTIMETER", **kw)
+    s = S.open_slide(path)
+    assert isinstance(s, tiffslide.TiffSlide) and s.level_count == 3
+    result = S.tile_slides(path, tmp_path / "out", tile_size=64, mpp=0.5)
+    geom = result.slides[0]
+    assert (geom["mpp0"], geom["level"], geom["tiles"]) == (pytest.approx(0.25), 1, 20)
+
+
+def test_without_a_slide_reader_the_error_names_the_extra(tmp_path, monkeypatch, slide_path):
+    import sys
+    monkeypatch.setitem(sys.modules, "openslide", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "tiffslide", None)
+    from oncotransfer.errors import MissingExtraError
+    with pytest.raises(MissingExtraError, match=r"oncotransfer\[slides\]"):
+        S.open_slide(slide_path[0])

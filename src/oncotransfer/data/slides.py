@@ -49,12 +49,26 @@ def open_slide(path: str | Path):
         raise MissingExtraError(f"reading whole-slide images needs openslide-python + openslide-bin (or tiffslide); "
                                 f"{_EXTRA}")
     reason = ""
+    tiff = path.suffix.lower() in {".tif", ".tiff", ".svs"}
     if openslide is not None:
         try:
-            return openslide.OpenSlide(str(path))
+            slide = openslide.OpenSlide(str(path))
         except (openslide.OpenSlideError, OSError, ValueError) as e:  # unsupported format or corrupt file
             reason = str(e) or type(e).__name__
-    if tiffslide is not None and path.suffix.lower() in {".tif", ".tiff", ".svs"}:
+        else:
+            if slide.level_count > 1 or not tiff or tiffslide is None:
+                return slide
+            # OpenSlide reads a pyramid stored as SubIFDs as one flat level; tiffslide sees its levels.
+            try:
+                other = tiffslide.TiffSlide(str(path))
+            except Exception:  # not for tiffslide either: OpenSlide's flat view stands
+                return slide
+            if other.level_count > 1:
+                slide.close()
+                return other
+            other.close()
+            return slide
+    if tiffslide is not None and tiff:
         quiet = logging.getLogger("tifffile")
         level = quiet.level
         quiet.setLevel(logging.CRITICAL)  # tifffile logs its own warning before raising: one line is ours
