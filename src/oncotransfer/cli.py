@@ -15,9 +15,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, help="Inspect data sets; list the built-in demo sets.")
 models_app = typer.Typer(no_args_is_help=True, help="Backbones and weights.")
 cells_app = typer.Typer(no_args_is_help=True, help="Cell-line microscopy preprocessing.")
+slides_app = typer.Typer(no_args_is_help=True, help="Whole-slide images: tissue tiles at a physical resolution.")
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 app.add_typer(cells_app, name="cells")
+app.add_typer(slides_app, name="slides")
 console = Stream()          # stdout: results (plain and unwrapped when piped; JSON with --json)
 err = Stream(stderr=True)   # stderr: messages and progress
 _JSON_HELP = "print one JSON document on stdout (messages go to stderr)"
@@ -155,7 +157,9 @@ def evaluate(run_dir: Path = typer.Argument(..., help="run directory"),
              data: Optional[str] = typer.Option(None, help="evaluate the run's model on another labelled data set"),
              fold: Optional[int] = typer.Option(None, "--fold", help="with --data: fold K's model alone "
                                                 "(default: the ensemble of a multi-fold run's fold models)"),
-             json_: bool = typer.Option(False, "--json", help=_JSON_HELP)) -> None:
+             json_: bool = typer.Option(False, "--json", help=_JSON_HELP),
+             aggregate: str = typer.Option("mean", help="slide tiles: slide probability = mean | topk:K of its "
+                                           "tiles'")) -> None:
     """Recompute metrics and the report of a run (or score its model on new labelled data)."""
     from oncotransfer.evaluate.report import evaluate_run
     if data is None:
@@ -163,17 +167,20 @@ def evaluate(run_dir: Path = typer.Argument(..., help="run directory"),
             from oncotransfer.errors import ConfigError
             raise ConfigError("--fold applies with --data (scoring a fold model on other data); "
                             "the run's own report already has every fold")
-        metrics = evaluate_run(run_dir)
+        metrics = evaluate_run(run_dir, slide_aggregate=aggregate)
         name = "report"
     else:
         from oncotransfer.infer.predict import evaluate_on
-        metrics = evaluate_on(run_dir, data, fold=fold)
+        metrics = evaluate_on(run_dir, data, fold=fold, slide_aggregate=aggregate)
         name = "report_external"
     report = Path(run_dir) / (name + ".html")
     if json_:
         emit_json({"run_dir": run_dir, "report": report, **metrics})
         return
     console.print(f"accuracy: {metrics['pooled']['accuracy']:.4f}")
+    if metrics.get("slides"):
+        s = metrics["slides"]
+        console.print(f"slide-level accuracy: {s['pooled']['accuracy']:.4f} on {s['slides']} slides ({s['rule']})")
     console.print(f"report: {report}")
 
 
@@ -194,6 +201,28 @@ def cells_extract(raw_dir: Path, out_dir: Path,
         kw["min_size"] = min_size
     result = extract_cells(raw_dir, out_dir, CellParams(**kw), overwrite=overwrite)
     console.print(result.summary())
+
+
+_MPP_SOURCE_HELP = "level-0 µm/px for slides whose files record none (e.g. 0.25 for a 40x scan)"
+
+
+@slides_app.command("tile")
+def slides_tile(slides: Path = typer.Argument(..., help="one slide (SVS, NDPI, MRXS, pyramidal TIFF...) or a folder"),
+                out_dir: Path = typer.Argument(..., help="folder for tiles/, thumbnails/, manifest.csv"),
+                tile_size: int = typer.Option(224, help="tile side in pixels"),
+                mpp: Optional[float] = typer.Option(None, help="tile resolution in µm/px (default 0.5)"),
+                magnification: Optional[float] = typer.Option(None, help="tile magnification instead of --mpp"),
+                mpp_source: Optional[float] = typer.Option(None, help=_MPP_SOURCE_HELP),
+                labels: Optional[Path] = typer.Option(None, help="CSV slide,label[,patient]; tiles inherit them"),
+                min_tissue: float = typer.Option(0.5, help="least tissue fraction of a kept tile"),
+                overwrite: bool = typer.Option(False, help="replace an existing OUT/manifest.csv")) -> None:
+    """Find tissue (Otsu on a low-resolution level), cut non-overlapping tiles, write manifest.csv for train."""
+    from oncotransfer.data.slides import tile_slides
+    result = tile_slides(slides, out_dir, tile_size, mpp, magnification, mpp_source, labels, min_tissue, overwrite,
+                         log=lambda s: err.print(s, highlight=False, soft_wrap=True))
+    console.print(result.summary(), highlight=False, soft_wrap=True)
+    if result.failed:
+        raise typer.Exit(1)
 
 
 @app.command("grid")
@@ -241,26 +270,47 @@ def predict(run_dir: Path = typer.Argument(..., help="run directory"),
             out: Path = typer.Option(Path("predictions.csv"), "--out", help="CSV to write"),
             engine: str = typer.Option("auto", help="auto | torch | onnx (auto: onnx when exported)"),
             fold: Optional[int] = typer.Option(None, "--fold", help=_FOLD_HELP),
+            slide: bool = typer.Option(False, "--slide", help="PATHS are whole slides (or folders of them): "
+                                       "stream tissue tiles, write tile CSVs, heatmaps and a slide score"),
+            aggregate: str = typer.Option("mean", help="--slide: slide score = mean | topk:K of tile probabilities"),
+            tile_size: Optional[int] = typer.Option(None, help="--slide: tile px (default: as in training)"),
+            mpp: Optional[float] = typer.Option(None, help="--slide: tile µm/px (default: as in training, else 0.5)"),
+            magnification: Optional[float] = typer.Option(None, help="--slide: tile magnification instead of --mpp"),
+            mpp_source: Optional[float] = typer.Option(None, help=f"--slide: {_MPP_SOURCE_HELP}"),
+            min_tissue: Optional[float] = typer.Option(None, help="--slide: least tissue fraction of a tile"),
             max_pixels: int = typer.Option(40_000_000, "--max-pixels", min=1, help="images declaring more "
                                            "pixels are refused before decoding")) -> None:
-    """Class probabilities for new images; exit 1 if any image could not be read."""
-    from oncotransfer.infer.predict import run_predict
-    df, errors = run_predict(run_dir, paths, out, tta=tta, explain=explain, engine=engine, fold=fold,
-                             max_pixels=max_pixels)
-    from rich.table import Table
-    t = Table("path", "pred", *[c for c in df.columns if c.startswith("prob_")])
-    for row in df.head(50).itertuples(index=False):
-        t.add_row(str(row[0]), str(row[1]), *[f"{v:.3f}" for v in row[2:]])
-    console.print(t)
-    if len(df) > 50:
-        console.print(f"... {len(df) - 50} more rows")
-    console.print(f"{len(df)} image(s) -> {out}" + (f", overlays in {out.parent / (out.stem + '_explain')}"
-                                                     if explain else ""))
+    """Class probabilities for new images (or, with --slide, whole slides); exit 1 if any input failed."""
+    if slide:
+        if tta or explain or fold is not None or engine not in ("auto", "onnx"):
+            from oncotransfer.errors import ConfigError
+            raise ConfigError("--tta, --explain, --fold and --engine torch do not apply with --slide (slides are "
+                              "scored by the run's ONNX export of all its fold models)")
+        from oncotransfer.infer.slides import predict_slides
+        df, errors = predict_slides(run_dir, paths, out, aggregate, tile_size, mpp, magnification, mpp_source,
+                                    min_tissue, log=lambda s: err.print(s, highlight=False, soft_wrap=True))
+        console.print(f"{len(df)} slide(s) -> {out}, tiles and heatmaps in {out.parent / (out.stem + '_slides')}",
+                      highlight=False, soft_wrap=True)
+    else:
+        from oncotransfer.infer.predict import run_predict
+        df, errors = run_predict(run_dir, paths, out, tta=tta, explain=explain, engine=engine, fold=fold,
+                                 max_pixels=max_pixels)
+        _print_predictions(df, out, explain)
     if errors:
         for e in errors.values():
             err.print(f"failed: {e}", highlight=False, soft_wrap=True)
         err.print(f"{len(errors)} input(s) failed", highlight=False)
         raise typer.Exit(1)
+
+
+def _print_predictions(df, out: Path, explain: bool) -> None:
+    probs = [c for c in df.columns if c.startswith("prob_")]
+    table(console, ["path", "pred", *probs],
+          [[r["path"], r["pred"], *[f"{r[c]:.3f}" for c in probs]] for _, r in df.head(50).iterrows()])
+    if len(df) > 50:
+        console.print(f"... {len(df) - 50} more rows")
+    console.print(f"{len(df)} image(s) -> {out}" + (f", overlays in {out.parent / (out.stem + '_explain')}"
+                                                     if explain else ""))
 
 
 @app.command("export")

@@ -18,6 +18,7 @@ from oncotransfer.errors import CheckpointError, DataError
 from oncotransfer.io import write_json
 from oncotransfer.evaluate.metrics import classification_metrics, fold_summary
 from oncotransfer.evaluate.calibration import expected_calibration_error
+from oncotransfer.evaluate.slides import attach_slides, slide_metrics
 from oncotransfer.evaluate.plots import (as_indices, plot_confusion, plot_history, plot_reliability, plot_roc,
                                          save_figure)
 from oncotransfer.evaluate.render import fmt, fmt_ci, fmt_mean_sd, slug, write_report
@@ -182,6 +183,12 @@ def headline_section(r: ReportInputs) -> dict[str, Any]:
     items = [("Accuracy", fmt_ci(pooled["accuracy"], pooled["accuracy_ci95"]) + f" on {pooled['n']} test images"),
              ("Balanced accuracy", fmt(pooled["balanced_accuracy"])),
              ("ROC-AUC", fmt(pooled["roc_auc"]))]
+    sl = r.metrics.get("slides")
+    if sl:
+        items += [(f"Slide-level accuracy ({sl['rule']})",
+                   fmt_ci(sl["pooled"]["accuracy"], sl["pooled"]["accuracy_ci95"]) + f" on {sl['slides']} slides"),
+                  ("Slide-level balanced accuracy / ROC-AUC",
+                   f"{fmt(sl['pooled']['balanced_accuracy'])} / {fmt(sl['pooled']['roc_auc'])}")]
     cal = r.metrics.get("calibration")
     if cal:
         t = _temperature_text(cal.get("temperatures") or {})
@@ -285,7 +292,8 @@ def _figures(run: Path, metrics: dict[str, Any], info: dict[str, Any], y_true: n
 
 
 def evaluate_run(run_dir: str | Path, predictions: pd.DataFrame | None = None,
-                 out_name: str = "report", plots: bool = True, scored_by: str | None = None) -> dict[str, Any]:
+                 out_name: str = "report", plots: bool = True, scored_by: str | None = None,
+                 slide_aggregate: str = "mean") -> dict[str, Any]:
     """Metrics per fold and pooled, plots and the Markdown/HTML report for one run directory.
 
     ``predictions`` replaces predictions.csv (e.g. an external test set); with an ``out_name`` other than
@@ -294,11 +302,14 @@ def evaluate_run(run_dir: str | Path, predictions: pd.DataFrame | None = None,
     reports cost about 0.7 s a run, more than training a head on cached features). ``scored_by`` names the
     model that produced given predictions (e.g. "ensemble of 5 fold models") in metrics and the protocol.
     ECE comes from ``prob_<class>`` (``pooled.ece``) and, where present, ``cal_prob_<class>`` (``calibration``).
+    Tiles of whole slides (a ``slide`` column, or the data manifest's) also get slide-level metrics
+    (``slides``): slide label = its tiles' label, slide probabilities = ``slide_aggregate`` of its tiles.
     """
     run = Path(run_dir)
     info, cfg, cfg_text = _read_run(run, need_predictions=predictions is None)
     if predictions is None:
         predictions = pd.read_csv(run / "predictions.csv", dtype={"label": str, "pred": str, "path": str})
+        predictions = attach_slides(predictions, (cfg.get("data") or {}).get("path"))
     if predictions.empty:
         raise DataError(f"{run}: the predictions have no rows; check that the test subset is not empty")
     classes = info.get("classes") or [c[5:] for c in predictions.columns if c.startswith("prob_")]
@@ -324,6 +335,10 @@ def evaluate_run(run_dir: str | Path, predictions: pd.DataFrame | None = None,
     if scored_by:
         metrics["scored_by"] = scored_by
     sfx = "" if out_name == "report" else f"_{slug(out_name)}"
+    slides = slide_metrics(predictions, classes, slide_aggregate, kw["positive_classes"], kw["bootstrap"],
+                           run / f"slide_predictions{sfx}.csv")
+    if slides:
+        metrics["slides"] = slides
     if plots:
         figures = _figures(run, metrics, info, y_true, y_prob, cal_prob, n_bins, sfx)
         inputs = ReportInputs(metrics, info, cfg, cfg_text, figures, run)

@@ -280,14 +280,16 @@ def predictions_on(run_dir: str | Path, data_path: str, engine: Engine = "auto",
     return df
 
 
-def evaluate_on(run_dir: str | Path, data_path: str, engine: Engine = "auto", fold: int | None = None) -> dict:
+def evaluate_on(run_dir: str | Path, data_path: str, engine: Engine = "auto", fold: int | None = None,
+                slide_aggregate: str = "mean") -> dict:
     """``evaluate RUN --data OTHER``: score the run's model (the ensemble of its fold models by default) on
     other labelled data; writes metrics_report_external.json and report_external.html/md."""
     from oncotransfer.evaluate.report import evaluate_run
+    from oncotransfer.evaluate.slides import attach_slides
     pred = Predictor.from_run(run_dir, engine, fold)
-    df = predictions_on(run_dir, data_path, predictor=pred)
+    df = attach_slides(predictions_on(run_dir, data_path, predictor=pred), data_path)
     return evaluate_run(run_dir, predictions=df, out_name="report_external",
-                        scored_by=f"{pred.describe()} on {data_path}")
+                        scored_by=f"{pred.describe()} on {data_path}", slide_aggregate=slide_aggregate)
 
 
 def run_predict(run_dir: str | Path, paths: list[str], out: str | Path, tta: bool = False, explain: bool = False,

@@ -1,0 +1,273 @@
+"""``predict RUN SLIDE --slide``: stream a slide's tissue tiles through the run's ONNX model on CPU.
+
+A reader thread cuts tiles (OpenSlide and Pillow release the GIL) into a bounded queue while ONNX Runtime
+scores the previous batch, so memory is a few batches, never the slide. Writes per-tile probabilities, a
+heatmap on the thumbnail and one slide-level score per slide.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from oncotransfer.errors import DataError
+from oncotransfer.evaluate.slides import aggregate, describe_aggregate, parse_aggregate
+
+
+class TileModel:
+    """The run's ONNX export on ONNX Runtime (CPU), without PyTorch: the streaming process then needs about
+    1 GB less memory (importing torch and building the run's modules cost ~1.1 GB of RSS here). Preprocessing
+    is the run's own (squash-resize, [0, 1], (x - mean) / std), in float32 as ``data.images.normalise``."""
+
+    def __init__(self, run_dir: Path, meta: dict, info: dict, threads: int | None = None):
+        import os
+        import onnxruntime as ort
+        self.run_dir, self.meta = run_dir, meta
+        pre = info["preprocessing"]
+        self.size = int(pre["size"])
+        self.mean = np.asarray(pre["mean"], np.float32).reshape(1, 3, 1, 1)
+        self.std = np.asarray(pre["std"], np.float32).reshape(1, 3, 1, 1)
+        self.classes = list(info["classes"])
+        # The options of infer.onnx.ort_session (which imports torch): all graph optimisations, a thread per core.
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+        opts.log_severity_level = 3
+        # Idle intra-op threads sleep instead of spinning: the reader thread needs the cores between batches.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(run_dir / "export" / info["file"]), sess_options=opts,
+                                            providers=["CPUExecutionProvider"])
+        self._input = self.session.get_inputs()[0].name
+
+    def normalised(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> float32 (N, 3, H, W), the same float32 operations as training."""
+        x = batch.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255)
+        return np.ascontiguousarray((x - self.mean) / self.std)
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self._input: x})[0]
+
+
+def _export_current(run_dir: Path, meta: dict) -> dict | None:
+    """export/model.json when the ONNX export holds exactly the run's models, else None."""
+    import hashlib
+    try:
+        info = json.loads((run_dir / "export" / "model.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if info.get("format") != "onnx" or not (run_dir / "export" / str(info.get("file"))).is_file():
+        return None
+    folds = meta.get("folds") or [{"fold": int(meta.get("fold") or 0), "temperature": meta.get("temperature")}]
+    members = [{"fold": int(f["fold"]), "temperature": f.get("temperature")} for f in folds]
+    h = hashlib.sha256()
+    with open(run_dir / "checkpoint" / "model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    ok = (info.get("classes") == meta.get("classes") and info.get("checkpoint_digest") in (None, h.hexdigest())
+          and info.get("members") in (None, members))
+    return info if ok else None
+
+
+def tile_model(run_dir: str | Path, log: Callable[[str], None] | None = None) -> TileModel:
+    """The run's ``TileModel``: its ONNX export of every fold model (the ensemble), exported now (parity
+    checked against PyTorch, as ``oncotransfer export``) when missing or stale."""
+    run_dir = Path(run_dir)
+    meta_path = run_dir / "checkpoint" / "meta.json"
+    if not meta_path.is_file():
+        from oncotransfer.errors import CheckpointError
+        raise CheckpointError(f"{run_dir}: no checkpoint (checkpoint/model.safetensors + meta.json); give a run "
+                              "directory written by `oncotransfer train`")
+    meta = json.loads(meta_path.read_text())
+    info = _export_current(run_dir, meta)
+    if info is None:
+        from oncotransfer.infer.export import export_run
+        export_run(run_dir, "onnx", log=log)
+        info = _export_current(run_dir, meta)
+    return TileModel(run_dir, meta, info)
+
+
+def training_tiling(meta: dict) -> dict:
+    """tiling.json of the data the run trained on (written by ``slides tile``), or {}: predict then cuts
+    tiles at the same size and resolution as training by default."""
+    path = ((meta.get("config") or {}).get("data") or {}).get("path")
+    if not path or str(path).startswith("demo:"):
+        return {}
+    p = Path(path).expanduser()
+    f = (p.parent if p.is_file() else p) / "tiling.json"
+    try:
+        return json.loads(f.read_text()) if f.is_file() else {}
+    except (OSError, ValueError):  # data moved or never a slide set: the defaults
+        return {}
+
+
+def prefetch(batches: Iterator, depth: int = 3) -> Iterator:
+    """Run ``batches`` in a reader thread, at most ``depth`` batches ahead (bounded memory)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            for b in batches:
+                while not stop.is_set():
+                    try:
+                        q.put(b, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # re-raised in the consumer
+            q.put(e)
+    t = threading.Thread(target=reader, daemon=True, name="slide-reader")
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join(timeout=5)
+
+
+@dataclass
+class SlideResult:
+    slide: str
+    tiles: pd.DataFrame
+    probs: np.ndarray
+    heatmap: Path | None
+    tiles_csv: Path
+
+
+def heatmap_png(thumb: Image.Image, geom, tiles: pd.DataFrame, score: np.ndarray, label: str, path: Path) -> Path:
+    """Tile scores (0..1, viridis) blended over the thumbnail, glass left as is, with a colour bar."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    base = np.asarray(thumb, dtype=np.float32) / 255
+    over = base.copy()
+    alpha = np.zeros(base.shape[:2], np.float32)
+    sx, sy = thumb.width / geom.width, thumb.height / geom.height
+    cmap = matplotlib.colormaps["viridis"]
+    for x, y, s in zip(tiles["x"], tiles["y"], score):
+        x0, y0 = int(x * sx), int(y * sy)
+        x1, y1 = max(x0 + 1, int((x + geom.size0) * sx)), max(y0 + 1, int((y + geom.size0) * sy))
+        over[y0:y1, x0:x1] = cmap(float(s))[:3]
+        alpha[y0:y1, x0:x1] = 0.55
+    img = base * (1 - alpha[..., None]) + over * alpha[..., None]
+    h, w = img.shape[:2]
+    fig, ax = plt.subplots(figsize=(8, 8 * h / w + 0.6), dpi=max(100, int(w / 8)))
+    ax.imshow(img)
+    ax.set_axis_off()
+    fig.colorbar(matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0, 1), cmap), ax=ax, fraction=0.04,
+                 label=f"P({label})")
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def score_slide(pred: TileModel, path: Path, tile_size: int, mpp: float | None, magnification: float | None,
+                mpp_source: float | None, min_tissue: float, batch_size: int = 16, depth: int = 3
+                ) -> tuple[pd.DataFrame, np.ndarray, object, Image.Image]:
+    """Tile probabilities of one slide: (rows slide,x,y,tissue,pred,prob_<class>, (N, C) probs, geometry,
+    thumbnail). Tiles are read at ``tile_size`` and squash-resized to the model's size as in training."""
+    from oncotransfer.data import slides as S
+    slide = S.open_slide(path)
+    try:
+        geom = S.plan(slide, path, tile_size, mpp, magnification, mpp_source)
+        thumb = S.thumbnail(slide)
+        coords = S.tissue_tiles(geom, S.tissue_mask(thumb)[0], min_tissue)
+
+        def batches():
+            for part, arr in S.iter_tiles(slide, geom, coords, batch_size):
+                if geom.tile != pred.size:  # training's PNG tiles went through this resize (images.resize_uint8)
+                    arr = np.stack([np.asarray(Image.fromarray(a).resize((pred.size, pred.size), Image.BILINEAR,
+                                                                          reducing_gap=None)) for a in arr])
+                yield part, pred.normalised(arr)
+        out = []
+        for part, x in prefetch(batches(), depth):
+            out.append(pred.probabilities(x))
+    finally:
+        slide.close()
+    probs = np.concatenate(out) if out else np.zeros((0, len(pred.classes)), np.float32)
+    df = pd.DataFrame({"slide": geom.slide, "x": [c[0] for c in coords], "y": [c[1] for c in coords],
+                       "tissue": [round(c[2], 4) for c in coords],
+                       "pred": [pred.classes[k] for k in probs.argmax(1)] if len(probs) else []})
+    for c, name in enumerate(pred.classes):
+        df[f"prob_{name}"] = probs[:, c] if len(probs) else []
+    return df, probs, geom, thumb
+
+
+def predict_slides(run_dir: str | Path, sources: list[str], out: str | Path, aggregate_spec: str = "mean",
+                   tile_size: int | None = None, mpp: float | None = None, magnification: float | None = None,
+                   mpp_source: float | None = None, min_tissue: float | None = None, batch_size: int = 16,
+                   log: Callable[[str], None] | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The ``predict --slide`` command. ``out``: one row per slide (slide, tiles, aggregate, pred,
+    prob_<class>); beside it ``<out stem>_slides/<slide>_tiles.csv`` and ``<slide>_heatmap.png``. Tiling
+    defaults come from the run's training tiles (tiling.json), else the model's input size at 0.5 µm/px.
+    Batches of 16: ONNX Runtime's arena for a batch of 32 224-px images alone holds about 0.8 GB."""
+    from oncotransfer.data.slides import SlideError, find_slides
+    parse_aggregate(aggregate_spec)
+    say = log or (lambda s: None)
+    pred = tile_model(run_dir, say)
+    classes = pred.classes
+    positive = ((pred.meta.get("config") or {}).get("evaluate") or {}).get("positive_classes")
+    trained = training_tiling(pred.meta)
+    if mpp is None and magnification is None:
+        mpp, magnification = trained.get("mpp"), trained.get("magnification")
+    tile_size = int(tile_size or trained.get("tile_size") or pred.size)
+    min_tissue = float(trained.get("min_tissue", 0.5) if min_tissue is None else min_tissue)
+    paths, errors = [], {}
+    for s in sources:
+        try:
+            paths += find_slides(s)
+        except DataError as e:
+            errors[s] = str(e)
+    out = Path(out)
+    folder = out.parent / f"{out.stem}_slides"
+    folder.mkdir(parents=True, exist_ok=True)
+    from oncotransfer.evaluate.metrics import resolve_positive
+    pos = resolve_positive(classes, positive)
+    score_of = [classes.index(p) for p in pos] if pos else None
+    rows, seen = [], set()
+    for path in paths:
+        if path.stem in seen:  # its outputs would overwrite the first one's
+            errors[str(path)] = f"{path}: a slide named {path.stem!r} was already scored; rename one of them"
+            continue
+        seen.add(path.stem)
+        try:
+            df, probs, geom, thumb = score_slide(pred, path, tile_size, mpp, magnification, mpp_source,
+                                                 min_tissue, batch_size)
+        except (SlideError, OSError) as e:
+            errors[str(path)] = str(e)
+            continue
+        df.to_csv(folder / f"{geom.slide}_tiles.csv", index=False)
+        if len(probs) == 0:
+            errors[str(path)] = f"{path}: no tissue tile found (min tissue {min_tissue:g}); lower --min-tissue"
+            continue
+        score = probs[:, score_of].sum(1) if score_of else probs.max(1)
+        heatmap_png(thumb, geom, df, score, " + ".join(pos) if pos else "predicted class",
+                    folder / f"{geom.slide}_heatmap.png")
+        p = aggregate(probs, classes, aggregate_spec, positive)
+        rows.append({"slide": geom.slide, "path": str(path), "tiles": len(probs), "aggregate": aggregate_spec,
+                     "pred": classes[int(np.argmax(p))], **{f"prob_{c}": float(v) for c, v in zip(classes, p)}})
+        at = f"{geom.mpp:g} µm/px" if geom.mpp else f"downsample {geom.downsample:g}"
+        say(f"{path.name}: {len(probs)} tiles at {at} -> "
+            f"{rows[-1]['pred']} ({describe_aggregate(aggregate_spec, classes, positive)})")
+    summary = pd.DataFrame(rows, columns=["slide", "path", "tiles", "aggregate", "pred",
+                                          *[f"prob_{c}" for c in classes]])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    summary.to_csv(out, index=False)
+    return summary, errors

@@ -1,0 +1,164 @@
+"""Slide-level prediction and metrics: a run trained on tiles cut by ``slides tile``, then whole slides streamed
+through its ONNX export (probabilities equal to scoring the written tiles), heatmaps, mean / top-k scores."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from oncotransfer.errors import ConfigError
+from oncotransfer.evaluate.slides import aggregate, parse_aggregate, slide_metrics
+from slidegen import Mosaic, stain_images, write_slide
+
+LAYOUT = np.array([[-1, 0, 1, -1], [0, 1, -1, -1], [-1, -1, -1, 0]])  # 5 stained cells of 256 px: 20 tiles
+
+
+@pytest.fixture(scope="module")
+def slide_run(tmp_path_factory):
+    """Six slides (three per class, the classes differ in stain), tiled at 64 px / 0.5 µm/px, and a frozen
+    offline Lite0 (32 px input, so tiles are resized as in training) trained on the tiles with a 3-fold split
+    grouped by slide."""
+    from oncotransfer.config import validate
+    from oncotransfer.data.slides import tile_slides
+    from oncotransfer.evaluate.report import evaluate_run
+    from oncotransfer.train.experiment import run_experiment
+    tmp = tmp_path_factory.mktemp("slide_run")
+    (tmp / "slides").mkdir()
+    rows = []
+    for k in range(6):  # each slide its own nuclei, so no tile is a near-duplicate of another slide's
+        cls = "tumour" if k % 2 else "normal"
+        base = stain_images(4, 256, seed=k)
+        images = base[1::2] if k % 2 else base[::2]
+        write_slide(tmp / "slides" / f"s{k}.tif", Mosaic(images, LAYOUT, 256), 1024, 768, mpp=0.25, levels=3)
+        rows.append(f"s{k},{cls}\n")
+    (tmp / "labels.csv").write_text("slide,label\n" + "".join(rows))
+    tile_slides(tmp / "slides", tmp / "tiles", tile_size=64, labels=tmp / "labels.csv")
+    cfg = validate({
+        "name": "slides", "output_dir": str(tmp / "runs"), "data": {"path": str(tmp / "tiles"), "image_size": 32},
+        "split": {"kind": "kfold", "folds": 3, "val_size": 0.0},
+        "model": {"backbone": "efficientnet_lite0", "weights": "efficientnet_lite0_packaged", "freeze": "frozen"},
+        "train": {"epochs": 2, "cache_dir": str(tmp / "cache"), "num_workers": 1, "feature_engine": "torch"},
+        "evaluate": {"bootstrap": 0},
+    }, "slide_run fixture")
+    run = run_experiment(cfg, report=False).run_dir
+    evaluate_run(run, plots=False)
+    return tmp, run
+
+
+def test_aggregate_mean_topk_and_bad_specs():
+    classes = ["normal", "tumour"]
+    p = np.array([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9], [0.7, 0.3]])
+    assert aggregate(p, classes, "mean") == pytest.approx([0.625, 0.375])
+    # top-2 ranks tiles by the positive class (tumour): tiles 2 and 3
+    assert aggregate(p, classes, "topk:2") == pytest.approx([0.4, 0.6])
+    assert aggregate(p, classes, "topk:99") == pytest.approx(p.mean(0))  # K beyond the tiles: all of them
+    three = ["a", "b", "c"]
+    q = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]])
+    s = aggregate(q, three, "topk:1")  # no positive class: each class's own top-1, renormalised
+    assert s == pytest.approx(np.array([0.8, 0.8, 0.6]) / 2.2)
+    assert parse_aggregate("topk:5") == ("topk", 5)
+    for bad in ("median", "topk:0", "topk:x"):
+        with pytest.raises(ConfigError, match="mean or topk:K"):
+            parse_aggregate(bad)
+
+
+def test_slide_metrics_are_computed_per_slide_not_per_tile():
+    df = pd.DataFrame({"fold": 0, "slide": ["A"] * 3 + ["B"] * 2, "label": ["x"] * 3 + ["y"] * 2,
+                       "prob_x": [0.9, 0.8, 0.2, 0.6, 0.7], "prob_y": [0.1, 0.2, 0.8, 0.4, 0.3]})
+    m = slide_metrics(df, ["x", "y"], bootstrap=0)
+    assert m["slides"] == 2 and m["pooled"]["n"] == 2
+    assert m["pooled"]["accuracy"] == 0.5  # A: mean 0.633 x (right); B: mean 0.65 x (wrong)
+    assert slide_metrics(df.drop(columns="slide"), ["x", "y"]) is None
+
+
+def test_training_on_tiles_reports_slide_level_metrics_beside_tile_level(slide_run):
+    tmp, run = slide_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    slides = metrics["slides"]
+    assert slides["slides"] == 6 and slides["pooled"]["n"] == 6 and slides["aggregate"] == "mean"
+    assert metrics["pooled"]["n"] == 120  # tile level: every tile tested once over the 3 folds
+    # Recompute independently: each slide's mean tile probability against its label.
+    preds = pd.read_csv(run / "predictions.csv")
+    preds["slide"] = preds["path"].str.extract(r"tiles/(s\d)/")[0]
+    per = preds.groupby("slide").agg(label=("label", "first"), p=("prob_tumour", "mean"))
+    expected = float(((per.p >= 0.5) == (per.label == "tumour")).mean())
+    assert slides["pooled"]["accuracy"] == pytest.approx(expected)
+    table = pd.read_csv(run / "slide_predictions.csv")
+    assert sorted(table.slide) == [f"s{k}" for k in range(6)] and (table.tiles == 20).all()
+    # every slide's tiles sit in one test fold (grouped by slide)
+    assert preds.groupby("slide")["fold"].nunique().max() == 1
+
+
+def test_evaluate_cli_topk_and_report_headline(slide_run, monkeypatch, capsys):
+    from test_cli import run_main
+    _, run = slide_run
+    code, out, _ = run_main(monkeypatch, capsys, "evaluate", str(run), "--aggregate", "topk:3")
+    assert code == 0 and "slide-level accuracy" in out and "3 tiles most likely tumour" in out
+    assert "Slide-level accuracy (mean probabilities of the 3 tiles" in (run / "report.md").read_text()
+    assert json.loads((run / "metrics.json").read_text())["slides"]["aggregate"] == "topk:3"
+
+
+def test_predict_slide_streams_the_same_probabilities_as_the_training_tiles(slide_run, tmp_path):
+    from oncotransfer.infer.predict import Predictor
+    from oncotransfer.infer.slides import predict_slides
+    tmp, run = slide_run
+    bad = tmp_path / "broken.tif"
+    bad.write_bytes(b"II*\x00" + b"\x00" * 64)
+    out = tmp_path / "pred" / "slides.csv"
+    summary, errors = predict_slides(run, [str(tmp / "slides" / "s1.tif"), str(bad)], out, "topk:4")
+    assert list(errors) == [str(bad)] and "not a slide" in errors[str(bad)]
+    assert (run / "export" / "model.onnx").is_file()  # exported on first use, parity-checked
+    row = summary.iloc[0]
+    assert (row["slide"], row["tiles"], row["aggregate"]) == ("s1", 20, "topk:4")
+    tiles = pd.read_csv(tmp_path / "pred" / "slides_slides" / "s1_tiles.csv")
+    assert len(tiles) == 20 and np.allclose(tiles[["prob_normal", "prob_tumour"]].sum(axis=1), 1, atol=1e-5)
+    top = tiles.nlargest(4, "prob_tumour")
+    assert row.prob_tumour == pytest.approx(top.prob_tumour.mean(), abs=1e-6)
+    # The streamed tiles are the training tiles: same pixels, same probabilities.
+    pred = Predictor.from_run(run, "onnx")
+    files = [tmp / "tiles" / "tiles" / "s1" / f"s1_x{x}_y{y}.png" for x, y in zip(tiles.x, tiles.y)]
+    df, errs = pred.predict_paths(files)
+    assert not errs
+    assert np.abs(df["prob_tumour"].to_numpy() - tiles["prob_tumour"].to_numpy()).max() < 1e-5
+    heat = Image.open(tmp_path / "pred" / "slides_slides" / "s1_heatmap.png")
+    assert heat.width > 300 and heat.height > 200
+
+
+def test_predict_slide_cli_writes_outputs_and_rejects_a_bad_aggregate(slide_run, tmp_path, monkeypatch, capsys):
+    from test_cli import assert_one_line_error, run_main
+    tmp, run = slide_run
+    out = tmp_path / "s.csv"
+    code, stdout, _ = run_main(monkeypatch, capsys, "predict", str(run), str(tmp / "slides" / "s0.tif"), "--slide",
+                               "--out", str(out))
+    assert code == 0 and "1 slide(s)" in stdout
+    s = pd.read_csv(out)
+    assert list(s.slide) == ["s0"] and s.pred[0] in ("normal", "tumour")
+    assert (tmp_path / "s_slides" / "s0_heatmap.png").is_file()
+    code, _, err = run_main(monkeypatch, capsys, "predict", str(run), str(tmp / "slides"), "--slide",
+                            "--aggregate", "max", "--out", str(out))
+    assert_one_line_error(code, err, "mean or topk:K")
+
+
+def test_streaming_needs_no_pytorch(slide_run):
+    """The slide scorer runs the export with ONNX Runtime alone: importing torch would cost ~1 GB of RSS."""
+    import subprocess
+    import sys
+    from oncotransfer.infer.slides import tile_model
+    _, run = slide_run
+    tile_model(run)  # exports if no earlier test did
+    code = ("import sys; from oncotransfer.infer.slides import tile_model; m = tile_model(sys.argv[1]); "
+            "import numpy as np; p = m.probabilities(m.normalised(np.zeros((2, m.size, m.size, 3), np.uint8))); "
+            "assert p.shape == (2, 2) and 'torch' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code, str(run)], check=True, timeout=120)
+
+
+def test_evaluate_on_other_slide_tiles_gives_slide_metrics(slide_run):
+    """``evaluate RUN --data TILES``: the external tiles' manifest brings its slide column."""
+    from oncotransfer.infer.predict import evaluate_on
+    tmp, run = slide_run
+    metrics = evaluate_on(run, str(tmp / "tiles"), engine="torch")
+    assert metrics["slides"]["slides"] == 6 and metrics["pooled"]["n"] == 120
+    assert (run / "slide_predictions_report_external.csv").is_file()
