@@ -41,7 +41,7 @@ BATCH = 16  # what predict --slide uses: ORT's arena at batch 32 alone holds ~0.
 
 def make_run(tmp: Path) -> Path:
     from oncotransfer.config import validate
-    from oncotransfer.train.experiment import run_experiment
+    from oncotransfer.experiments.run import run_experiment
     cfg = validate({
         "name": "bench_slides", "output_dir": str(tmp / "runs"),
         "data": {"path": "demo:osteosarcoma", "image_size": 224},

@@ -24,7 +24,7 @@ def slide_run(tmp_path_factory):
     from oncotransfer.config import validate
     from oncotransfer.data.slides import tile_slides
     from oncotransfer.evaluate.report import evaluate_run
-    from oncotransfer.train.experiment import run_experiment
+    from oncotransfer.experiments.run import run_experiment
     tmp = tmp_path_factory.mktemp("slide_run")
     (tmp / "slides").mkdir()
     rows = []

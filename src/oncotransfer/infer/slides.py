@@ -35,7 +35,7 @@ class TileModel:
         self.mean = np.asarray(pre["mean"], np.float32).reshape(1, 3, 1, 1)
         self.std = np.asarray(pre["std"], np.float32).reshape(1, 3, 1, 1)
         self.classes = list(info["classes"])
-        # The options of infer.onnx.ort_session (which imports torch): all graph optimisations, a thread per core.
+        # The options of runtime.ort_session (runtime imports torch, for export): all graph optimisations, a thread per core.
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
