@@ -13,6 +13,7 @@ from oncotransfer.data.augment import describe
 from oncotransfer.evaluate.metrics import summarise
 from oncotransfer.evaluate.plots import save_figure
 from oncotransfer.evaluate.report import data_uri, fmt, render
+from oncotransfer.rundir import run_finished
 
 _METRICS = ("accuracy", "balanced_accuracy", "roc_auc")
 
@@ -33,7 +34,7 @@ def collect(grid_dir: Path, runs: list) -> pd.DataFrame:
     rows = []
     for run in runs:
         d = grid_dir / "runs" / run.run_id
-        if not (d / "metrics.json").is_file():
+        if not run_finished(d):
             continue
         m = json.loads((d / "metrics.json").read_text())
         info = json.loads((d / "run.json").read_text())
