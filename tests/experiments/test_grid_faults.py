@@ -1,4 +1,5 @@
-"""Faults of a grid: kill -9 of the grid process (local pool, 2 workers) at seeded random points, then resume.
+"""Faults of a grid: kill -9 of the grid process (local pool, 2 workers) at seeded random points, and Ctrl-C;
+then resume.
 
 After the grid process dies, none of its worker processes may live on (they would finish a run nobody waits
 for, then die on BrokenPipeError tracebacks), the runs folder holds only whole runs, and the resumed grid's
@@ -32,7 +33,7 @@ VOLATILE = ["seconds", "run_dir"]  # wall time and where the grid was written
 
 
 def write_grid(tmp: Path) -> Path:
-    """6 runs (3 learning rates × 2 trials) of frozen offline Lite0 on the demo tiles at 64 px, with reports."""
+    """8 runs (4 learning rates × 2 trials) of frozen offline Lite0 on the demo tiles at 64 px, with reports."""
     base = {"name": "faults", "data": {"path": "demo:osteosarcoma", "image_size": 64},
             "split": {"kind": "holdout", "test_size": 0.25, "val_size": 0.0, "group_by_patient": False,
                       "allow_image_level_split": True, "seed": 0},
@@ -41,8 +42,9 @@ def write_grid(tmp: Path) -> Path:
                       "cache_dir": str(tmp / "cache"), "num_workers": 1},
             "evaluate": {"bootstrap": 0}}
     path = tmp / "grid.yaml"
-    path.write_text(yaml.safe_dump({"name": "faults", "base": base, "grid": {"train.lr": [0.01, 0.003, 0.001]},
-                                    "trials": 2, "output_dir": str(tmp / "out"), "run_reports": True}))
+    grid = {"train.lr": [0.01, 0.003, 0.001, 0.0003]}
+    path.write_text(yaml.safe_dump({"name": "faults", "base": base, "grid": grid, "trials": 2,
+                                    "output_dir": str(tmp / "out"), "run_reports": True}))
     return path
 
 
@@ -74,7 +76,7 @@ def wait_until(condition, seconds: float) -> bool:
 def start_grid(grid_file: Path, token: str, stderr) -> subprocess.Popen:
     env = {**os.environ, MARK: token}
     return subprocess.Popen([sys.executable, "-m", "oncotransfer.cli", "grid", str(grid_file), "--workers", "2"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+                            env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
 
 
 def in_flight(partial: Path, since_ns: int) -> bool:
@@ -100,7 +102,8 @@ def test_kill_9_of_the_grid_leaves_no_workers_and_resumes_to_the_same_results(tm
     grid_file = write_grid(tmp_path)
     runs = tmp_path / "out" / "grid_faults" / "runs"
     rng = random.Random(SEED)
-    for attempt in range(2):
+    # kill -9 of the grid process alone (twice), then Ctrl-C as a terminal sends it: to the whole process group
+    for attempt, how in enumerate(["kill", "kill", "ctrl-c"]):
         token = uuid.uuid4().hex
         err_file = tmp_path / f"stderr{attempt}.txt"
         with err_file.open("wb") as err:
@@ -110,8 +113,11 @@ def test_kill_9_of_the_grid_leaves_no_workers_and_resumes_to_the_same_results(tm
             time.sleep(rng.uniform(0.0, 0.5))
             helpers = {pid for pid, ppid in marked(token).items() if ppid == proc.pid}
             assert proc.poll() is None, "the grid ended before the kill point; choose an earlier one"
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+            if how == "kill":
+                proc.send_signal(signal.SIGKILL)
+            else:
+                os.killpg(proc.pid, signal.SIGINT)
+            code = proc.wait()
             # workers are the fork server's children: they must end at once. The fork server and resource
             # tracker (helpers) run no training; they exit by themselves once the last worker is gone.
             workers_gone = wait_until(lambda: not set(marked(token)) - helpers, 1.5)
@@ -123,6 +129,7 @@ def test_kill_9_of_the_grid_leaves_no_workers_and_resumes_to_the_same_results(tm
         assert all_gone, f"attempt {attempt}: {len(left)} process(es) of the killed grid still alive after 60 s"
         stderr = err_file.read_text(errors="replace")
         assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr[-2000:]
+        assert how == "kill" or code == 130, (code, stderr[-2000:])
         whole = [p for p in runs.iterdir() if not p.name.startswith(".")]
         assert all(run_finished(p, expect_report=True) for p in whole), "a half-made run is in runs/"
 
@@ -144,5 +151,5 @@ def test_kill_9_of_the_grid_leaves_no_workers_and_resumes_to_the_same_results(tm
     run_grid(replace(fresh, run_reports=False), grid_dir=reference, workers=1)  # reports change no number
     got = pd.read_csv(runs.parent / "results.csv").drop(columns=VOLATILE)
     want = pd.read_csv(reference / "results.csv").drop(columns=VOLATILE)
-    assert len(want) == 6
+    assert len(want) == 8
     pd.testing.assert_frame_equal(got, want)

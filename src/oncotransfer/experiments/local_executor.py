@@ -128,6 +128,7 @@ def _end_with_parent(lifeline: Connection) -> None:
     grid is gone. (The worker's parent is the fork server, not the grid, and the fork server outlives the grid
     while any worker lives, so a parent-death signal would never come.)"""
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # writing to a dead grid's pipe ends the worker silently
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the grid stops the pool
     threading.Thread(target=_watch, args=(lifeline,), daemon=True, name="grid-lifeline").start()
 
 
