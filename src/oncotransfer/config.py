@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -285,11 +285,20 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def validate(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def validate_as(model: type[_Model], raw: Any, source: str) -> _Model:
+    """Validate ``raw`` against a pydantic schema (a run config, a grid file); a bad value is one
+    ConfigError line naming the key."""
     try:
-        return ExperimentConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_validation(e, source)) from None
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    return validate_as(ExperimentConfig, raw, source)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:

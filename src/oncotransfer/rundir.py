@@ -5,11 +5,13 @@ import json
 from pathlib import Path
 
 
-def run_finished(run_dir: str | Path) -> bool:
+def run_finished(run_dir: str | Path, expect_report: bool = False) -> bool:
     """True when the run's results are complete: its metrics.json holds the whole pooled result (a file cut
-    short by a kill or a full disk does not parse, so the run is not counted as finished)."""
+    short by a kill or a full disk does not parse, so the run is not counted as finished) and, with
+    ``expect_report``, its report.html (the last file a reported run writes) is there too."""
     path = Path(run_dir) / "metrics.json"
     try:
-        return "pooled" in json.loads(path.read_text())
+        complete = "pooled" in json.loads(path.read_text())
     except (OSError, ValueError):
         return False
+    return complete and (not expect_report or (Path(run_dir) / "report.html").is_file())

@@ -8,6 +8,8 @@ A grid file::
     trials: 5                              # trial t sets every trial key to base value + t
     trial_keys: [train.seed]               # default: head init and batch order vary, the split stays fixed
     resources: {cpus: 1, gpus: 0}          # per run, for executors that schedule (ray)
+    output_dir: runs                       # relative to the grid file; the grid writes output_dir/grid_NAME
+    run_reports: false                     # true: plots and report.html per run (about 0.7 s a run)
 
 A ``recipe`` grid key varies several keys together: each item is a mapping with a ``name`` and dotted keys,
 e.g. ``grid: {recipe: [{name: frozen, model.freeze: frozen}, {name: last stage, model.freeze: "last:1",
@@ -17,86 +19,99 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import json
-from dataclasses import dataclass, field
+import os
+import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from oncotransfer.config import (ExperimentConfig, anchor_path, anchor_paths, apply_overrides, read_yaml, to_dict,
-                                 validate, with_updates)
+                                 validate, validate_as, with_updates)
 from oncotransfer.errors import ConfigError
-from oncotransfer.experiments.local_executor import run_local
-from oncotransfer.experiments.ray_executor import run_ray
+from oncotransfer.experiments.local_executor import local_executor
+from oncotransfer.experiments.ray_executor import ray_executor
+from oncotransfer.experiments.results import write_results
+from oncotransfer.experiments.runs import GridRun, GridSpec, pending_runs
+from oncotransfer.experiments.schedule import Executor, LeadersFirst
+from oncotransfer.models.backbones import get_backbone
 from oncotransfer.progress import Progress
-from oncotransfer.rundir import run_finished
-
-_GRID_KEYS = {"name", "base", "base_config", "grid", "trials", "trial_keys", "output_dir", "run_reports",
-              "resources"}
-_RESOURCES = {"cpus": 1.0, "gpus": 0.0}
 
 
-@dataclass(frozen=True)
-class GridRun:
-    """One run of the grid: a cell (one combination of grid values) and a trial number."""
-    cell: str
-    trial: int
-    values: dict[str, Any]
-    cfg: ExperimentConfig
+class Resources(BaseModel):
+    """Per run, for executors that schedule (ray): ``resources: {cpus: 1, gpus: 0}``."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    cpus: float = Field(default=1.0, ge=0, strict=True)  # strict: a number, not "1" or true
+    gpus: float = Field(default=0.0, ge=0, strict=True)
 
-    @property
-    def run_id(self) -> str:
-        return f"{self.cell}_t{self.trial}"
+    @model_validator(mode="before")
+    @classmethod
+    def _mapping(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            raise ValueError("must be a mapping, e.g. resources: {cpus: 1, gpus: 0}")
+        unknown = sorted(set(raw) - set(cls.model_fields))
+        if unknown:
+            raise ValueError(f"unknown key {unknown[0]!r}; expected some of {', '.join(cls.model_fields)}")
+        return raw
 
 
-@dataclass
-class GridSpec:
-    name: str
-    base: ExperimentConfig
-    grid: dict[str, list[Any]]
-    trials: int = 1
-    trial_keys: list[str] = field(default_factory=lambda: ["train.seed"])
-    output_dir: str = "runs"
+class GridConfig(BaseModel):
+    """The grid file (see the module docstring). A key left empty (``trials:``) takes its default."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str | None = Field(default=None, min_length=1)
+    """Default: the file's name without .yaml. The grid writes to ``output_dir/grid_NAME``."""
+    base: dict[str, Any] | None = None
+    base_config: str | None = None
+    """A run config file, relative to the grid file; give it or ``base``, not both."""
+    grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
+    trials: int = Field(default=1, ge=1, strict=True)
+    trial_keys: list[str] = Field(default_factory=lambda: ["train.seed"])
+    output_dir: str = Field(default="runs", min_length=1)
     run_reports: bool = False
-    source: str = "grid"
-    resources: dict[str, float] = field(default_factory=lambda: dict(_RESOURCES))
+    resources: Resources = Field(default_factory=Resources)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_default(cls, raw: Any) -> Any:
+        return {k: v for k, v in raw.items() if v is not None} if isinstance(raw, dict) else raw
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, name: str | None) -> str | None:
+        if name is not None and ("/" in name or "\\" in name or name in (".", "..")):
+            raise ValueError("a grid name is one folder name (no '/' or '..'); choose where it goes with output_dir")
+        return name
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GridConfig:
+        if (self.base is None) == (self.base_config is None):
+            raise ValueError("give exactly one of 'base' (a config mapping) or 'base_config' (a YAML path)")
+        if not self.trial_keys and self.trials > 1:
+            raise ValueError(f"trial_keys is empty, so the {self.trials} trials of a cell would be the same run; "
+                             "name the keys that trials vary, e.g. trial_keys: [train.seed]")
+        return self
 
 
 def load_grid(path: str | Path, overrides: list[str] | None = None) -> GridSpec:
     """Read and validate a grid file; ``overrides`` (``key=value``) apply to the base config."""
     path = Path(path)
-    raw = read_yaml(path)
-    unknown = sorted(set(raw) - _GRID_KEYS)
-    if unknown:
-        raise ConfigError(f"{path}: unknown grid key {unknown[0]!r}; expected some of {sorted(_GRID_KEYS)}")
-    if ("base" in raw) == ("base_config" in raw):
-        raise ConfigError(f"{path}: give exactly one of 'base' (a config mapping) or 'base_config' (a YAML path)")
-    base_dir = path.resolve().parent
-    if "base_config" in raw:
-        base_path = base_dir / str(raw["base_config"])
+    raw = validate_as(GridConfig, read_yaml(path), str(path))
+    here = path.resolve().parent
+    if raw.base_config is not None:
+        base_path = here / raw.base_config
         base_raw, base_dir = read_yaml(base_path), base_path.resolve().parent
     else:
-        base_raw = raw["base"]
-        if not isinstance(base_raw, dict):
-            raise ConfigError(f"{path}: 'base' must be a mapping of config keys")
+        base_raw, base_dir = raw.base, here
     # Paths written in a file are relative to that file; paths given with --set / --data to the current folder.
     base_raw = anchor_paths(base_raw, base_dir)
     base = validate(anchor_paths(apply_overrides(base_raw, overrides or []), Path.cwd()), f"{path} (base)")
-    grid = raw.get("grid") or {}
-    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
-        raise ConfigError(f"{path}: 'grid' must map dotted config keys to non-empty lists, "
-                          "e.g. grid: {{train.lr: [0.01, 0.001]}}")
-    grid = {k: [_anchor_value(k, v, path.resolve().parent) for v in vs] for k, vs in grid.items()}
-    trials = raw.get("trials", 1)
-    if not isinstance(trials, int) or trials < 1:
-        raise ConfigError(f"{path}: 'trials' must be a whole number >= 1 (got {trials!r})")
-    spec = GridSpec(name=str(raw.get("name") or path.stem), base=base, grid=grid, trials=trials,
-                    trial_keys=list(raw.get("trial_keys") or ["train.seed"]),
-                    output_dir=str(raw.get("output_dir") or "runs"), run_reports=bool(raw.get("run_reports", False)),
-                    source=str(path), resources=_resources(raw.get("resources"), path))
-    if not Path(spec.output_dir).is_absolute():
-        spec.output_dir = str((path.resolve().parent / spec.output_dir).resolve())
+    grid = {k: [_anchor_value(k, v, here) for v in vs] for k, vs in raw.grid.items()}
+    output_dir = Path(raw.output_dir)
+    spec = GridSpec(name=raw.name or path.stem, base=base, grid=grid, trials=raw.trials,
+                    trial_keys=list(raw.trial_keys), run_reports=raw.run_reports, source=str(path),
+                    output_dir=str(output_dir if output_dir.is_absolute() else (here / output_dir).resolve()),
+                    resources=raw.resources.model_dump())
     expand(spec)  # validate every cell before any training
     return spec
 
@@ -106,22 +121,6 @@ def _anchor_value(key: str, value: Any, base: Path) -> Any:
     if key == "recipe" and isinstance(value, dict):
         return {k: anchor_path(k, v, base) for k, v in value.items()}
     return anchor_path(key, value, base)
-
-
-def _resources(raw: Any, path: Path) -> dict[str, float]:
-    """``resources: {cpus: 1, gpus: 0}`` -> non-negative numbers per run; unknown sub-keys fail, naming the key."""
-    if raw is None:
-        return dict(_RESOURCES)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: 'resources' must be a mapping, e.g. resources: {{cpus: 1, gpus: 0}}")
-    out = dict(_RESOURCES)
-    for key, value in raw.items():
-        if key not in _RESOURCES:
-            raise ConfigError(f"{path}: unknown resources key {key!r}; expected some of {sorted(_RESOURCES)}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise ConfigError(f"{path}: resources.{key} must be a number >= 0 (got {value!r})")
-        out[key] = float(value)
-    return out
 
 
 def _get(cfg: dict, dotted: str) -> Any:
@@ -166,7 +165,6 @@ def expand(spec: GridSpec) -> list[GridRun]:
     for key in spec.trial_keys:
         if not isinstance(_get(base, key), int):
             raise ConfigError(f"{spec.source}: trial key {key!r} must name an integer config key, e.g. train.seed")
-    from oncotransfer.models.backbones import get_backbone
     names = spec.grid.get("model.backbone", [spec.base.model.backbone])
     names += [r["model.backbone"] for r in spec.grid.get("recipe", []) if "model.backbone" in r]
     for name in names:
@@ -186,49 +184,6 @@ def expand(spec: GridSpec) -> list[GridRun]:
     return runs
 
 
-def _data_key(cfg: ExperimentConfig) -> str:
-    from oncotransfer.models.backbones import get_backbone
-    size = cfg.data.image_size or get_backbone(cfg.model.backbone).input_size
-    return json.dumps([to_dict(cfg.data), size, cfg.split.group_duplicates], sort_keys=True)
-
-
-def run_one(cfg: ExperimentConfig, run_dir: Path, run_reports: bool = False,
-            memo: dict[str, Any] | None = None) -> None:
-    """Train and evaluate one grid run into ``run_dir``: the code every executor runs. ``memo`` maps
-    ``_data_key`` to loaded data, so runs sharing a data config in one process decode the images once."""
-    from oncotransfer.evaluate.report import evaluate_run
-    from oncotransfer.models.backbones import get_backbone
-    from oncotransfer.train.data import load_data
-    from oncotransfer.experiments.run import run_experiment
-    memo = {} if memo is None else memo
-    key = _data_key(cfg)
-    if key not in memo:
-        size = cfg.data.image_size or get_backbone(cfg.model.backbone).input_size
-        memo[key] = load_data(cfg.data, size, cfg.train.num_workers, phash=cfg.split.group_duplicates)
-    run_experiment(cfg, run_dir, data=memo[key], report=False)
-    evaluate_run(run_dir, plots=run_reports)
-
-
-def pending_runs(grid_dir: Path, runs: list[GridRun]) -> list[GridRun]:
-    """The runs still to do: a finished run (``rundir.run_finished``) must come from the same config."""
-    todo = []
-    for run in runs:
-        run_dir = grid_dir / "runs" / run.run_id
-        if run_finished(run_dir):
-            _check_same(run, run_dir)
-        else:
-            todo.append(run)
-    return todo
-
-
-def _check_same(run: GridRun, run_dir: Path) -> None:
-    """A finished run is reused only if it was made from the same config (an edited grid must not reuse it)."""
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else None
-    if saved != to_dict(run.cfg):
-        raise ConfigError(f"{run_dir}: a finished run with a different config; the grid changed since it ran. "
-                          "Give the grid a new name or output_dir (or delete that folder) and run again")
-
-
 def _counting(on_run_end: Callable[[GridRun, Path], None] | None, progress: Progress, total: int,
               done: int) -> Callable[[GridRun, Path], None]:
     """``on_run_end`` that also reports each finished run to ``progress``."""
@@ -243,7 +198,9 @@ def _counting(on_run_end: Callable[[GridRun, Path], None] | None, progress: Prog
     return counted
 
 
-EXECUTORS: dict[str, Callable[..., None]] = {"local": run_local, "ray": run_ray}
+EXECUTORS: dict[str, Callable[..., Executor]] = {"local": local_executor, "ray": ray_executor}
+"""Executor factories ``(spec, pending runs, *, workers=None, **options) -> schedule.Executor``; they check
+their options and start nothing."""
 
 
 def grid_dir_for(spec: GridSpec) -> Path:
@@ -256,7 +213,6 @@ def run_grid(spec: GridSpec, executor: str = "local", *, grid_dir: str | Path | 
     """Run (or resume) every run of the grid, then write results.csv, summaries, figure, tables and report.
     ``options`` (e.g. ``address`` for ray) go to the executor; ``None`` values are dropped. ``progress`` hears
     of finished runs ("runs", done, total), counting those finished before."""
-    from oncotransfer.experiments.results import write_results
     if executor not in EXECUTORS:
         raise ConfigError(f"--executor {executor!r}: unknown executor; valid: {', '.join(sorted(EXECUTORS))}")
     options = {k: v for k, v in options.items() if v is not None}
@@ -275,7 +231,44 @@ def run_grid(spec: GridSpec, executor: str = "local", *, grid_dir: str | Path | 
     if base_train.save_every_epoch:  # per-epoch resume state costs as much as a head epoch; a run is the unit
         runs = [GridRun(r.cell, r.trial, r.values, r.cfg.model_copy(update={"train": r.cfg.train.model_copy(
             update={"save_every_epoch": False})})) for r in runs]
+    todo = pending_runs(out, runs, expect_report=spec.run_reports)
     if progress:
-        on_run_end = _counting(on_run_end, progress, len(runs), len(runs) - len(pending_runs(out, runs)))
-    EXECUTORS[executor](spec, out, runs, workers=workers, on_run_end=on_run_end, log=log, **options)
+        on_run_end = _counting(on_run_end, progress, len(runs), len(runs) - len(todo))
+    runner = EXECUTORS[executor](spec, todo, workers=workers, **options)
+    if todo:
+        _execute(runner, out, len(runs), todo, on_run_end, log or (lambda s: None))
     return write_results(spec, out, runs)
+
+
+def _execute(runner: Executor, grid_dir: Path, n_runs: int, todo: list[GridRun],
+             on_run_end: Callable[[GridRun, Path], None] | None, say: Callable[[str], None]) -> None:
+    """The one scheduling loop of every executor. Runs are written into ``runs/.partial/RUN_ID`` and renamed
+    into ``runs/RUN_ID`` when whole, so an interrupted grid holds only whole runs, each reported to
+    ``on_run_end``; rerunning it does the rest."""
+    partial = grid_dir / "runs" / ".partial"
+    shutil.rmtree(partial, ignore_errors=True)  # left by a grid that was killed
+    partial.mkdir(parents=True)
+    order = LeadersFirst(todo)
+    inflight, done = 0, n_runs - len(todo)
+    try:
+        say(runner.start(len(todo)))
+        while order.ready or inflight:
+            while order.ready and (runner.slots is None or inflight < runner.slots):
+                run = order.ready.popleft()
+                # a leader fills a feature cache while its group waits: it may use the cores the waiting idles
+                runner.submit(run, partial / run.run_id, alone=order.is_leader(run) and inflight == 0)
+                inflight += 1
+            run, seconds, node = runner.wait()
+            inflight -= 1
+            run_dir = grid_dir / "runs" / run.run_id
+            if run_dir.exists():  # an unfinished run left by an older version, or one whose report is missing
+                shutil.rmtree(run_dir)
+            os.replace(partial / run.run_id, run_dir)
+            done += 1
+            say(f"[{done}/{n_runs}] {run.run_id} {run.values} {seconds:.1f} s" + (f" on {node}" if node else ""))
+            order.finished(run)
+            if on_run_end:
+                on_run_end(run, run_dir)
+    finally:  # an error or Ctrl-C: moved runs stay, the unfinished ones are redone on the next call
+        runner.stop()
+        shutil.rmtree(partial, ignore_errors=True)

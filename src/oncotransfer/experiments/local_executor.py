@@ -4,69 +4,145 @@ A run that trains a head on cached features uses one core (a tiny head gains not
 so a grid of such runs keeps every core busy only by running several at once: by default it uses one worker
 process per core. Grids of fine-tuning or uncached runs default to one run at a time with all cores.
 
-Workers train into ``runs/.partial/RUN_ID`` and the parent moves a finished run into ``runs/RUN_ID``, so an
-interrupted grid holds only whole runs, each reported to ``on_run_end``; rerunning it does the rest. Every run
-executes ``grid.run_one``, the code of the Ray executor too, so where a run executes does not change its
-numbers.
+Both execute ``runs.run_one``, the code of the Ray executor too, so where a run executes does not change its
+numbers; ``grid.run_grid`` drives them (``schedule.Executor``). Pool workers end with the grid, at once and
+quietly, even when it is killed with SIGKILL and cannot stop them.
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
 import queue
-import shutil
+import signal
+import threading
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any
 
+import torch
+
+from oncotransfer.config import ExperimentConfig
 from oncotransfer.errors import ConfigError
-from oncotransfer.experiments.schedule import LeadersFirst, cache_group
+from oncotransfer.experiments.runs import GridRun, GridSpec, run_one
+from oncotransfer.experiments.schedule import Executor, Finished, cache_group
+from oncotransfer.runtime import usable_cores
 
-if TYPE_CHECKING:
-    from oncotransfer.config import ExperimentConfig
-    from oncotransfer.experiments.grid import GridRun, GridSpec
-
-_MEMO: dict[str, Any] = {}  # per worker process: loaded data sets, keyed by grid._data_key
+_MEMO: dict[str, Any] = {}  # per worker process: loaded data sets, keyed by runs.data_key
 
 
 def default_workers(runs: list[GridRun]) -> int:
     """One worker per core when every run trains a head on cached features; otherwise one."""
-    from oncotransfer.runtime import usable_cores
     if runs and all(cache_group(r.cfg) is not None for r in runs):
         return max(1, min(usable_cores(), len(runs)))
     return 1
 
 
-def run_local(spec: GridSpec, grid_dir: Path, runs: list[GridRun], *, workers: int | None = None,
-              on_run_end: Callable[[GridRun, Path], None] | None = None,
-              log: Callable[[str], None] | None = None) -> None:
-    """Run the pending runs, ``workers`` at a time (default: ``default_workers``); finished runs are skipped.
-    The on-disk feature cache is shared, so the grid costs one feature pass per backbone and data set."""
-    from oncotransfer.experiments.grid import pending_runs, run_one
+def local_executor(spec: GridSpec, todo: list[GridRun], *, workers: int | None = None) -> Executor:
+    """``workers`` runs at once (default: ``default_workers``): a pool of worker processes, or this process
+    when one run at a time is all there is to do. The on-disk feature cache is shared, so the grid costs one
+    feature pass per backbone and data set."""
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers {workers}: give a whole number >= 1, or leave it out (one per core for "
                           "frozen runs on cached features, else 1)")
-    say = log or (lambda s: None)
-    todo = pending_runs(grid_dir, runs)
     n = workers or default_workers(todo)
     if n > 1 and len(todo) > 1:
-        return _run_pool(spec, grid_dir, runs, todo, n, on_run_end, say)
-    loaded: dict[str, Any] = {}  # one process: runs sharing a data config decode the images once
-    for done, run in enumerate(todo, start=len(runs) - len(todo) + 1):
-        run_dir = grid_dir / "runs" / run.run_id
+        return PoolExecutor(n, spec.run_reports)
+    return InProcessExecutor(spec.run_reports)
+
+
+class InProcessExecutor:
+    """One run at a time in this process; runs sharing a data config decode the images once."""
+    slots = 1
+
+    def __init__(self, run_reports: bool):
+        self.run_reports = run_reports
+        self._memo: dict[str, Any] = {}
+        self._next: list[tuple[GridRun, Path]] = []
+
+    def start(self, n_runs: int) -> str:
+        return f"local: {n_runs} run(s) to do in this process"
+
+    def submit(self, run: GridRun, work_dir: Path, alone: bool) -> None:
+        self._next.append((run, work_dir))
+
+    def wait(self) -> Finished:
+        run, work_dir = self._next.pop(0)
         t0 = time.perf_counter()
-        run_one(run.cfg, run_dir, spec.run_reports, loaded)
-        say(f"[{done}/{len(runs)}] {run.run_id} {run.values} {time.perf_counter() - t0:.1f} s")
-        if on_run_end:
-            on_run_end(run, run_dir)
+        run_one(run.cfg, work_dir, self.run_reports, self._memo)
+        return Finished(run, time.perf_counter() - t0)
+
+    def stop(self) -> None:
+        self._next.clear()
+
+
+class PoolExecutor:
+    """``workers`` worker processes; a run that may fill a feature cache alone gets every core."""
+
+    def __init__(self, workers: int, run_reports: bool):
+        self.slots = workers
+        self.run_reports = run_reports
+        self._cores = usable_cores()
+        self._pool: Any = None
+        self._lifeline: tuple[Connection, Connection] | None = None  # workers end when its write end closes
+        self._ended: queue.Queue = queue.Queue()
+
+    def start(self, n_runs: int) -> str:
+        # forkserver, not fork: forking a process whose torch thread pools run can hang the child. The server
+        # imports the training code once and lives as long as this process, so later pools start at once.
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["oncotransfer.experiments.local_executor"])
+        self._lifeline = ctx.Pipe(duplex=False)  # (read end: every worker's copy, write end: this process only)
+        self._pool = ctx.Pool(self.slots, initializer=_end_with_parent, initargs=(self._lifeline[0],))
+        return f"local: {n_runs} run(s) to do in {self.slots} worker processes"
+
+    def submit(self, run: GridRun, work_dir: Path, alone: bool) -> None:
+        threads = self._cores if alone else max(1, self._cores // self.slots)
+        self._pool.apply_async(_work, (run.cfg, str(work_dir), self.run_reports, threads, os.getcwd(),
+                                       dict(os.environ)),
+                               callback=lambda s, r=run: self._ended.put((r, s, None)),
+                               error_callback=lambda e, r=run: self._ended.put((r, 0.0, e)))
+
+    def wait(self) -> Finished:
+        run, seconds, error = self._ended.get()
+        if error is not None:
+            raise error
+        return Finished(run, seconds)
+
+    def stop(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+        if self._lifeline is not None:
+            for end in self._lifeline:
+                end.close()
+            self._lifeline = None
+
+
+def _end_with_parent(lifeline: Connection) -> None:
+    """Pool worker set-up: the worker ends the moment the grid process does, even one killed with SIGKILL that
+    cannot stop its pool, instead of finishing a run nobody waits for and dying on a BrokenPipeError traceback.
+
+    ``lifeline`` is the read end of a pipe whose only write end the grid holds: it reads end-of-file when the
+    grid is gone. (The worker's parent is the fork server, not the grid, and the fork server outlives the grid
+    while any worker lives, so a parent-death signal would never come.)"""
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # writing to a dead grid's pipe ends the worker silently
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the grid stops the pool
+    threading.Thread(target=_watch, args=(lifeline,), daemon=True, name="grid-lifeline").start()
+
+
+def _watch(lifeline: Connection) -> None:
+    try:
+        lifeline.recv_bytes()  # the grid never writes: this returns only by end-of-file
+    except (EOFError, OSError):
+        pass
+    os._exit(0)
 
 
 def _work(cfg: ExperimentConfig, work_dir: str, run_reports: bool, threads: int, cwd: str,
           env: dict[str, str]) -> float:
     """One run in a worker process, in the parent's working folder and environment; returns its seconds."""
-    import torch
-
-    from oncotransfer.experiments.grid import run_one
     os.chdir(cwd)  # the fork server started earlier and may sit elsewhere, with older variables
     os.environ.clear()
     os.environ.update(env)
@@ -74,49 +150,3 @@ def _work(cfg: ExperimentConfig, work_dir: str, run_reports: bool, threads: int,
     t0 = time.perf_counter()
     run_one(cfg, Path(work_dir), run_reports, _MEMO)
     return time.perf_counter() - t0
-
-
-def _run_pool(spec: GridSpec, grid_dir: Path, runs: list[GridRun], todo: list[GridRun], workers: int,
-              on_run_end: Callable[[GridRun, Path], None] | None, say: Callable[[str], None]) -> None:
-    from oncotransfer.runtime import usable_cores
-    cores = usable_cores()
-    partial = grid_dir / "runs" / ".partial"
-    shutil.rmtree(partial, ignore_errors=True)  # left by a grid that was killed
-    order = LeadersFirst(todo)
-    finished: queue.Queue = queue.Queue()
-    inflight: dict[str, GridRun] = {}
-    done = len(runs) - len(todo)
-    say(f"local: {len(todo)} run(s) to do in {workers} worker processes")
-    # forkserver, not fork: forking a process whose torch thread pools run can hang the child. The server
-    # imports the training code once and lives as long as this process, so later pools start at once.
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["oncotransfer.experiments.grid", "oncotransfer.experiments.run"])
-    pool = ctx.Pool(workers)
-    try:
-        while order.ready or inflight:
-            while order.ready and len(inflight) < workers:
-                run = order.ready.popleft()
-                # a leader fills a feature cache while its group waits: give it the cores the waiting would idle
-                threads = cores if order.is_leader(run) and len(inflight) == 0 else max(1, cores // workers)
-                inflight[run.run_id] = run
-                pool.apply_async(_work, (run.cfg, str(partial / run.run_id), spec.run_reports, threads,
-                                         os.getcwd(), dict(os.environ)),
-                                 callback=lambda s, r=run: finished.put((r, s, None)),
-                                 error_callback=lambda e, r=run: finished.put((r, 0.0, e)))
-            run, seconds, error = finished.get()
-            del inflight[run.run_id]
-            if error is not None:
-                raise error
-            run_dir = grid_dir / "runs" / run.run_id
-            if run_dir.exists():  # a half-made run left by an interrupted one-process grid
-                shutil.rmtree(run_dir)
-            os.replace(partial / run.run_id, run_dir)
-            done += 1
-            say(f"[{done}/{len(runs)}] {run.run_id} {run.values} {seconds:.1f} s")
-            order.finished(run)
-            if on_run_end:
-                on_run_end(run, run_dir)
-    finally:  # an error or Ctrl-C: moved runs stay, the unfinished ones are redone on the next call
-        pool.terminate()
-        pool.join()
-        shutil.rmtree(partial, ignore_errors=True)

@@ -14,6 +14,7 @@ from oncotransfer.evaluate.metrics import summarise
 from oncotransfer.evaluate.plots import save_figure
 from oncotransfer.evaluate.render import frame_table, write_report
 from oncotransfer.io import atomic_write_bytes
+from oncotransfer.rundir import run_finished
 
 _METRICS = ("accuracy", "balanced_accuracy", "roc_auc")
 
@@ -34,7 +35,7 @@ def collect(grid_dir: Path, runs: list) -> pd.DataFrame:
     rows = []
     for run in runs:
         d = grid_dir / "runs" / run.run_id
-        if not (d / "metrics.json").is_file():
+        if not run_finished(d):
             continue
         m = json.loads((d / "metrics.json").read_text())
         info = json.loads((d / "run.json").read_text())
