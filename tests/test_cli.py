@@ -152,6 +152,21 @@ def test_ctrl_c_names_how_to_continue_the_interrupted_command(args, run_dir, nee
     assert ("--resume" in err) == (args[0] == "train")
 
 
+def test_ctrl_c_inside_a_real_command_names_the_run_to_resume(tmp_path, monkeypatch, capsys):
+    """Through typer itself (which turns Ctrl-C into Exit(130)): the hint still names the run directory."""
+    import oncotransfer.experiments.stages as stages
+
+    def interrupted(*a, **kw):
+        e = KeyboardInterrupt()
+        e.run_dir = Path("runs/cut-short")
+        raise e
+    monkeypatch.setattr(stages, "run_config", interrupted)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {path: demo:osteosarcoma}\n")
+    code, _, err = run_main(monkeypatch, capsys, "train", str(cfg))
+    assert code == 130 and "--resume runs/cut-short" in err and "Traceback" not in err
+
+
 def test_help_imports_no_training_code():
     """`oncotransfer --help` must stay instant: no torch, models or training modules behind it."""
     code = ("import sys; sys.argv = ['oncotransfer', '--help']\n"

@@ -374,6 +374,13 @@ def main() -> None:
     except KeyboardInterrupt as e:
         err.print(interrupted_hint(sys.argv[1:], getattr(e, "run_dir", None)), highlight=False, soft_wrap=True)
         sys.exit(130)
+    except SystemExit as e:
+        # typer turns Ctrl-C inside a command into Exit(130) (then sys.exit): the interrupt is that Exit's cause
+        interrupt = getattr(e.__context__, "__cause__", None)
+        if e.code == 130 and isinstance(interrupt, KeyboardInterrupt):
+            err.print(interrupted_hint(sys.argv[1:], getattr(interrupt, "run_dir", None)), highlight=False,
+                      soft_wrap=True)
+        raise
 
 
 def interrupted_hint(args: list[str], run_dir: Optional[Path] = None) -> str:
