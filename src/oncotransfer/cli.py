@@ -32,10 +32,12 @@ def data_demo() -> None:
 
 @data_app.command("inspect")
 def data_inspect(path: str = typer.Argument(..., help="class-per-folder tree, manifest CSV, or demo:NAME"),
-                 patient_regex: Optional[str] = typer.Option(None, help="regex on file names giving the patient id")) -> None:
+                 patient_regex: Optional[str] = typer.Option(None, help="regex on file names giving the patient id"),
+                 max_pixels: Optional[int] = typer.Option(None, min=1, help="refuse images whose header declares "
+                                                          "more pixels (default 64,000,000)")) -> None:
     """Counts per class and patient, sizes, modes, unreadable files and duplicates."""
     from oncotransfer.data.inspect import inspect_dataset, render
-    render(inspect_dataset(path, patient_regex), console)
+    render(inspect_dataset(path, patient_regex, -1 if max_pixels is None else max_pixels), console)
 
 
 @models_app.command("list")
@@ -139,6 +141,11 @@ def evaluate(run_dir: Path = typer.Argument(..., help="run directory"),
         from oncotransfer.infer.predict import evaluate_on
         metrics = evaluate_on(run_dir, data, fold=fold)
         name = "report_external"
+        if metrics.get("overlap"):
+            from oncotransfer.data.overlap import overlap_line
+            ov = metrics["overlap"]
+            for line in [overlap_line(ov)] * bool(ov["overlapping"]) + ov["notes"]:
+                err.print(f"warning: {line}", highlight=False, soft_wrap=True)
     console.print(f"accuracy: {metrics['pooled']['accuracy']:.4f}")
     console.print(f"report: {Path(run_dir) / (name + '.html')}")
 

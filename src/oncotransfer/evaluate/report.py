@@ -324,6 +324,11 @@ def _context(metrics: dict[str, Any], info: dict[str, Any], cfg: dict[str, Any],
     lines = protocol_lines(protocol, n_folds)
     if metrics.get("scored_by"):
         lines.insert(0, {"text": f"Scored by: {metrics['scored_by']}", "level": ""})
+    if metrics.get("overlap"):
+        from oncotransfer.data.overlap import overlap_line
+        ov = metrics["overlap"]
+        lines.insert(1, {"text": overlap_line(ov), "level": "warn" if ov["overlapping"] or ov["notes"] else ""})
+        lines[2:2] = [{"text": note, "level": "warn"} for note in ov["notes"]]
     if cal:
         lines.append({"text": "Temperature scaling fitted on the validation subset of each fold; test folds "
                               "never used" if cal["ece_after"] is not None else
@@ -345,7 +350,8 @@ def _context(metrics: dict[str, Any], info: dict[str, Any], cfg: dict[str, Any],
 
 
 def evaluate_run(run_dir: str | Path, predictions: pd.DataFrame | None = None,
-                 out_name: str = "report", plots: bool = True, scored_by: str | None = None) -> dict[str, Any]:
+                 out_name: str = "report", plots: bool = True, scored_by: str | None = None,
+                 overlap: dict[str, Any] | None = None) -> dict[str, Any]:
     """Metrics per fold and pooled, plots and the Markdown/HTML report for one run directory.
 
     ``predictions`` replaces predictions.csv (e.g. an external test set); with an ``out_name`` other than
@@ -383,6 +389,8 @@ def evaluate_run(run_dir: str | Path, predictions: pd.DataFrame | None = None,
                "folds": fold_summary(list(per_fold.values()), keys), "calibration": calibration}
     if scored_by:
         metrics["scored_by"] = scored_by
+    if overlap is not None:  # external data vs the run's training images (evaluate.external)
+        metrics["overlap"] = overlap
     sfx = "" if out_name == "report" else f"_{slug(out_name)}"
     (run / f"metrics{sfx}.json").write_text(json.dumps(metrics, indent=2))
     if not plots:

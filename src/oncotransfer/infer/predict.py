@@ -232,7 +232,7 @@ def _checkpoint_digest(run_dir: Path) -> str:
 
 
 def predictions_on(run_dir: str | Path, data_path: str, engine: Engine = "auto", fold: int | None = None,
-                   predictor: "Predictor | None" = None) -> pd.DataFrame:
+                   predictor: "Predictor | None" = None, hashes: bool = False) -> pd.DataFrame:
     """Score a labelled data set (class folders, manifest, demo:NAME) in the format of RUN/predictions.csv:
     ``prob_<class>`` uncalibrated and, when temperatures exist, ``cal_prob_<class>`` (both averaged over the
     fold models of an ensemble). With temperatures the scores come from PyTorch (one pass gives both)."""
@@ -245,7 +245,7 @@ def predictions_on(run_dir: str | Path, data_path: str, engine: Engine = "auto",
     if unknown:
         raise DataError(f"{data_path}: classes {unknown} are not among the model's classes {pred.classes}; "
                         "name the class folders (or manifest labels) as in training")
-    images, ok, failed, _ = decode_many(m.paths, pred.size)
+    images, ok, failed, phashes = decode_many(m.paths, pred.size, phash=hashes)
     if not ok:
         raise DataError(f"{data_path}: none of the {len(m)} images could be read, e.g. {next(iter(failed.values()))}")
     if pred.ensemble.calibrated:
@@ -260,6 +260,9 @@ def predictions_on(run_dir: str | Path, data_path: str, engine: Engine = "auto",
     if cal is not None:
         for c, name in enumerate(pred.classes):
             df[f"cal_prob_{name}"] = cal[:, c]
+    if hashes:  # for the overlap check of evaluate_on (sha256, and pHash as the splits compute it)
+        df["sha256"] = [m.sha256[i] for i in ok]
+        df["phash"] = phashes
     return df
 
 
@@ -267,10 +270,12 @@ def evaluate_on(run_dir: str | Path, data_path: str, engine: Engine = "auto", fo
     """``evaluate RUN --data OTHER``: score the run's model (the ensemble of its fold models by default) on
     other labelled data; writes metrics_report_external.json and report_external.html/md."""
     from oncotransfer.evaluate.report import evaluate_run
+    from oncotransfer.evaluate.external import overlap_checked
     pred = Predictor.from_run(run_dir, engine, fold)
-    df = predictions_on(run_dir, data_path, predictor=pred)
+    df = predictions_on(run_dir, data_path, predictor=pred, hashes=True)
+    df, overlap = overlap_checked(run_dir, df, [m["fold"] for m in pred.members], pred.size)
     return evaluate_run(run_dir, predictions=df, out_name="report_external",
-                        scored_by=f"{pred.describe()} on {data_path}")
+                        scored_by=f"{pred.describe()} on {data_path}", overlap=overlap)
 
 
 def run_predict(run_dir: str | Path, paths: list[str], out: str | Path, tta: bool = False, explain: bool = False,

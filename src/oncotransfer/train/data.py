@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from oncotransfer.config import DataConfig
+from oncotransfer.data.checks import check_classes_present, check_label_conflicts
 from oncotransfer.data.images import decode_many
 from oncotransfer.data.manifest import Manifest, drop, duplicate_groups, load_manifest
 from oncotransfer.errors import DataError
@@ -19,16 +20,21 @@ class LoadedData:
     """uint8 (N, 3, S, S): decoded and resized once for the whole run."""
     dup_groups: np.ndarray
     warnings: list[str]
+    phashes: np.ndarray | None = None
+    """uint64 perceptual hash per (kept) image when computed; saved in split.csv for overlap checks."""
 
 
 def load_data(cfg: DataConfig, size: int, workers: int = 2, phash: bool = True) -> LoadedData:
     manifest = load_manifest(cfg.path, cfg.patient_regex)
+    check_label_conflicts(manifest.paths, manifest.labels, manifest.classes, manifest.sha256)
     images, ok, failed, hashes = decode_many(manifest.paths, size, workers, phash=phash)
-    warnings = [f"skipped unreadable image: {why}" for why in failed.values()]
+    warnings = list(manifest.notes) + [f"skipped unreadable image: {why}" for why in
+                                       list(manifest.skipped.values()) + list(failed.values())]
     if failed:
         manifest = drop(manifest, failed)
     if len(manifest) == 0:
         raise DataError(f"{cfg.path}: none of the images could be read")
+    check_classes_present(manifest.labels, manifest.classes, failed, str(cfg.path))
     present = set(manifest.labels.tolist())
     if len(present) < 2:
         raise DataError(f"{cfg.path}: after skipping unreadable files only one class is left")
@@ -36,4 +42,4 @@ def load_data(cfg: DataConfig, size: int, workers: int = 2, phash: bool = True) 
     n_dup = len(groups) - len(np.unique(groups))
     if n_dup:
         warnings.append(f"{n_dup} image(s) are identical or near-identical to another (pHash distance <= 4)")
-    return LoadedData(manifest, images, groups, warnings)
+    return LoadedData(manifest, images, groups, warnings, hashes if phash else None)

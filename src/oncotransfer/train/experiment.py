@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from oncotransfer.config import ExperimentConfig, load_config, save_config, to_dict
 from oncotransfer.data.augment import Augmenter, describe
+from oncotransfer.data.overlap import data_warning_lines, split_frame
 from oncotransfer.data.splits import Fold, make_split
 from oncotransfer.errors import CheckpointError
 from oncotransfer.models.backbones import get_backbone, with_normalisation
@@ -34,6 +35,7 @@ from oncotransfer.train.fold_outputs import (FITTED_ON, NO_VAL_NOTE, batch_outpu
 from oncotransfer.train.inputs import cached_inputs, image_inputs
 from oncotransfer.train.tail_inputs import tail_inputs
 from oncotransfer.train.loop import FitState, fit, make_loss, make_optimizer
+from oncotransfer.train.preflight import check_before_run
 from oncotransfer.train.schedule import Schedule, make_schedule
 
 
@@ -76,16 +78,19 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
     spec = get_backbone(cfg.model.backbone)
     size = cfg.data.image_size or spec.input_size
     data = data or load_data(cfg.data, size, cfg.train.num_workers, phash=cfg.split.group_duplicates)
+    m = data.manifest
+    split = make_split(m, cfg.split, data.dup_groups)
+    check_before_run(cfg, m.classes, resume)
     if not resume:
         if main:
             run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
         run_dir = Path(D.broadcast(str(run_dir) if main else None))
-    m = data.manifest
-    split = make_split(m, cfg.split, data.dup_groups)
     if main:
-        split.to_frame(m).to_csv(run_dir / "split.csv", index=False)
+        split_frame(split, m, data.phashes).to_csv(run_dir / "split.csv", index=False)
+        for line in data_warning_lines(data.warnings, m.skipped, run_dir / "run.json"):
+            say(line)
     say(f"{len(m)} images, {len(m.classes)} classes, split {cfg.split.kind}: {len(split.folds)} fold(s), "
         f"{'grouped by ' + split.grouped_by if split.grouped_by else 'IMAGE-LEVEL'}")
     device = D.local_device(pick_device(cfg.train.device))
