@@ -18,7 +18,7 @@ from oncotransfer.config import ExperimentConfig, load_config, save_config, to_d
 from oncotransfer.data.augment import Augmenter, describe
 from oncotransfer.data.overlap import data_warning_lines, split_frame
 from oncotransfer.data.splits import Fold, make_split
-from oncotransfer.errors import CheckpointError
+from oncotransfer.errors import CheckpointError, OncoError
 from oncotransfer.models.backbones import get_backbone, with_normalisation
 from oncotransfer.models.classifier import Classifier, create_classifier, feature_width
 from oncotransfer.models.heads import create_head
@@ -35,7 +35,7 @@ from oncotransfer.train.fold_outputs import (FITTED_ON, NO_VAL_NOTE, batch_outpu
 from oncotransfer.train.inputs import cached_inputs, image_inputs
 from oncotransfer.train.tail_inputs import tail_inputs
 from oncotransfer.train.loop import FitState, fit, make_loss, make_optimizer
-from oncotransfer.train.preflight import check_before_run
+from oncotransfer.train.preflight import check_before_run, remove_unstarted
 from oncotransfer.train.schedule import Schedule, make_schedule
 
 
@@ -112,6 +112,10 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
                 save_fold_tensors(run_dir, fold.index, model, fold0_state)
     except KeyboardInterrupt as e:
         e.run_dir = run_dir  # so the CLI can name the directory that --resume continues
+        raise
+    except OncoError:
+        if main and not resume:
+            remove_unstarted(run_dir)  # e.g. weights that cannot be had: no folder holding only config.yaml
         raise
     if not main:
         return RunResult(run_dir, {}, m.classes)

@@ -29,3 +29,11 @@ def check_before_run(cfg: ExperimentConfig, classes: list[str], resume: bool = F
         if bad is not None:
             raise ConfigError(f"{key} {str(value)!r}: {str(bad)!r} is a file, not a folder; point {key} at a "
                               "folder (it is created if missing)")
+
+
+def remove_unstarted(run_dir: Path) -> None:
+    """Remove a new run folder that holds nothing but its config and split (no epoch was saved)."""
+    import shutil
+    run_dir = Path(run_dir)
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {"config.yaml", "split.csv"}:
+        shutil.rmtree(run_dir, ignore_errors=True)
