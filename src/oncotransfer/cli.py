@@ -146,6 +146,12 @@ def evaluate(run_dir: Path = typer.Argument(..., help="run directory"),
             ov = metrics["overlap"]
             for line in [overlap_line(ov)] * bool(ov["overlapping"]) + ov["notes"]:
                 err.print(f"warning: {line}", highlight=False, soft_wrap=True)
+        skipped = list((metrics.get("skipped") or {}).values())
+        if skipped:
+            err.print(f"warning: {len(skipped)} file(s) of {data} skipped as unreadable, not scored"
+                      + (f" (first 10 of {len(skipped)} below)" if len(skipped) > 10 else ":"), highlight=False)
+            for why in skipped[:10]:
+                err.print(f"  {why}", highlight=False, soft_wrap=True)
     console.print(f"accuracy: {metrics['pooled']['accuracy']:.4f}")
     console.print(f"report: {Path(run_dir) / (name + '.html')}")
 

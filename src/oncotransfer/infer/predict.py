@@ -263,6 +263,7 @@ def predictions_on(run_dir: str | Path, data_path: str, engine: Engine = "auto",
     if hashes:  # for the overlap check of evaluate_on (sha256, and pHash as the splits compute it)
         df["sha256"] = [m.sha256[i] for i in ok]
         df["phash"] = phashes
+    df.attrs["skipped"] = {**m.skipped, **{m.paths[i]: why for i, why in failed.items()}}
     return df
 
 
@@ -273,9 +274,11 @@ def evaluate_on(run_dir: str | Path, data_path: str, engine: Engine = "auto", fo
     from oncotransfer.evaluate.external import overlap_checked
     pred = Predictor.from_run(run_dir, engine, fold)
     df = predictions_on(run_dir, data_path, predictor=pred, hashes=True)
+    skipped = df.attrs.get("skipped") or {}
     df, overlap = overlap_checked(run_dir, df, [m["fold"] for m in pred.members], pred.size)
-    return evaluate_run(run_dir, predictions=df, out_name="report_external",
-                        scored_by=f"{pred.describe()} on {data_path}", overlap=overlap)
+    metrics = evaluate_run(run_dir, predictions=df, out_name="report_external",
+                           scored_by=f"{pred.describe()} on {data_path}", overlap=overlap)
+    return {**metrics, "skipped": skipped} if skipped else metrics
 
 
 def run_predict(run_dir: str | Path, paths: list[str], out: str | Path, tta: bool = False, explain: bool = False,
