@@ -6,7 +6,7 @@ Each case runs ``python -m oncotransfer.cli ...`` in a subprocess and is judged:
   silent     - a silent wrong result: exit 0 where an error was due, an error or warning that does not name what
                it should, a run folder left behind by a failed validation, or a file written outside output_dir
 Prints one row per case and the totals.  Usage: PYTHONPATH=src python benchmarks/faults_ingest.py [--quick]
-(--quick leaves out the cases that train a model).
+(--quick leaves out the cases that train a model; --only=TEXT runs the cases whose name holds TEXT).
 """
 from __future__ import annotations
 
@@ -143,6 +143,21 @@ def build(t: Path, quick: bool) -> list[Case]:
         (d / "empty_class").mkdir()
         cases.append(Case("train prints skipped files", ["train", config(t, d)], False,
                           ("4 file(s) skipped as unreadable", "broken0.png", "run.json", "'empty_class'")))
+        # OTHER: the run's own 12 readable images, 3 new ones and a bomb header (RUN: the run trained above)
+        other = t / "other"
+        for f in sorted(d.rglob("*.png")):
+            if not f.name.startswith("broken"):
+                (other / f.parent.name).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, other / f.parent.name / f.name)
+        for i, f in enumerate(sorted((d / "b").glob("b*.png"))[:3]):
+            Image.open(f).transpose(Image.Transpose.ROTATE_90).save(other / "b" / f"new{i}.png")
+        (other / "a" / "bomb.png").write_bytes(png_header(30000, 30000))
+        cases += [Case("evaluate --data half training images", ["evaluate", "RUN", "--data", str(other)], False,
+                       ("12 of 15 images overlap the run's training", "clean remainder (3 images)", "bomb.png")),
+                  Case("evaluate --data /dev/null", ["evaluate", "RUN", "--data", "/dev/null"], True,
+                       ("not a regular file",)),
+                  Case("evaluate --data unknown class", ["evaluate", "RUN", "--data", str(t / "allbad")], True,
+                       ("not among the model's classes",))]
     return cases
 
 
@@ -151,6 +166,8 @@ def run_case(c: Case, t: Path) -> tuple[str, str]:
            "OMP_NUM_THREADS": "1"}
     runs = t / "runs"
     before = set(runs.iterdir()) if runs.is_dir() else set()
+    if "RUN" in c.args:  # the newest run folder, trained by an earlier case
+        c.args = [str(max(before, key=lambda p: p.stat().st_mtime)) if a == "RUN" else a for a in c.args]
     try:
         p = subprocess.run([sys.executable, "-m", "oncotransfer.cli", *c.args], capture_output=True, text=True,
                            env=env, timeout=TIMEOUT, cwd=t)
@@ -183,13 +200,16 @@ def main() -> int:
         cases = build(t, quick)
         counts = {"ok": 0, "traceback": 0, "hang": 0, "silent": 0}
         t0 = time.time()
+        only = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--only=")), None)
         for c in cases:
+            if only and only not in c.name and not (c.args and c.args[0] == "evaluate" and "train prints" in only):
+                continue
             verdict, detail = run_case(c, t)
             counts[verdict] += 1
             print(f"{verdict:9s} | {c.name[:48]:48s} | {detail}", flush=True)
-        print(f"\ncases {len(cases)}, tracebacks {counts['traceback']}, hangs {counts['hang']}, "
+        print(f"\ncases {sum(counts.values())}, tracebacks {counts['traceback']}, hangs {counts['hang']}, "
               f"silent wrong results {counts['silent']} ({time.time() - t0:.0f} s)")
-        return 0 if counts["ok"] == len(cases) else 1
+        return 0 if counts["traceback"] + counts["hang"] + counts["silent"] == 0 else 1
 
 
 if __name__ == "__main__":
