@@ -155,3 +155,15 @@ def test_unreadable_permissions_are_named(tmp_path):
     finally:
         secret.chmod(0o644)
     assert any("secret.png" in w for w in data.warnings)
+
+
+def test_a_fifo_named_like_an_image_is_skipped_not_read(tmp_path):
+    """Opening a FIFO blocks until a writer comes: it must be named, never hashed or decoded."""
+    two_classes(tmp_path)
+    os.mkfifo(tmp_path / "b" / "pipe.png")
+    m = load_manifest(tmp_path)
+    assert str(tmp_path / "b" / "pipe.png") not in m.paths
+    assert "not a regular file" in m.skipped[str(tmp_path / "b" / "pipe.png")]
+    (tmp_path / "manifest.csv").write_text("path,label\na/a0.png,a\nb/pipe.png,b\n")
+    with pytest.raises(DataError, match="not readable image files, e.g. .*pipe.png"):
+        load_manifest(tmp_path / "manifest.csv")
