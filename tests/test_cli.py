@@ -237,3 +237,10 @@ def test_data_inspect_hostile_files_one_line(case, tmp_path, monkeypatch, capsys
     code, out, err = run_main(monkeypatch, capsys, "data", "inspect", str(tmp_path))
     assert code == 0 and "Traceback" not in err
     assert "x.png" in out and ("too large" if case == "bomb-header" else "unreadable") in out
+
+
+def test_positive_classes_naming_every_class_stops_before_training(tmp_path, monkeypatch, capsys):
+    cfg = _tiny_cfg(tmp_path, _tiny_data(tmp_path / "img"))
+    code, _, err = run_main(monkeypatch, capsys, "train", str(cfg), "--set", "evaluate.positive_classes=[a,b]")
+    assert_one_line_error(code, err, "evaluate.positive_classes", "names every class")
+    assert not (tmp_path / "runs").exists()

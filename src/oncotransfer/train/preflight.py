@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from oncotransfer.config import ExperimentConfig
-from oncotransfer.errors import ConfigError
+from oncotransfer.errors import ConfigError, DataError
 
 
 def _not_a_folder(path: str | Path) -> Path | None:
@@ -17,10 +17,23 @@ def _not_a_folder(path: str | Path) -> Path | None:
     return None
 
 
+def _check_positive(classes: list[str], positive: list[str] | None) -> None:
+    """What ``evaluate.metrics.resolve_positive`` would refuse after training, refused before it (the same
+    messages; not imported from there because train sits below evaluate in the layers)."""
+    if not positive:
+        return
+    unknown = [p for p in positive if p not in classes]
+    if unknown:
+        raise DataError(f"evaluate.positive_classes: unknown class name(s) {unknown}; valid class names are {classes}")
+    if set(classes) <= set(positive):
+        pos = [c for c in classes if c in positive]
+        raise DataError(f"evaluate.positive_classes: {pos} names every class, so nothing is negative; "
+                        f"leave at least one of {classes} out")
+
+
 def check_before_run(cfg: ExperimentConfig, classes: list[str], resume: bool = False) -> None:
     """evaluate.positive_classes against the data's classes; output_dir and train.cache_dir must be folders."""
-    from oncotransfer.evaluate.metrics import resolve_positive
-    resolve_positive(classes, cfg.evaluate.positive_classes)  # one line naming the key and the valid classes
+    _check_positive(classes, cfg.evaluate.positive_classes)
     checks = [("train.cache_dir", cfg.train.cache_dir)] + ([] if resume else [("output_dir", cfg.output_dir)])
     for key, value in checks:
         if value is None:
