@@ -178,3 +178,97 @@ def test_help_imports_no_training_code():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "Usage" in out.stdout
     assert "HEAVY []" in out.stderr, out.stderr
+
+
+# -- issue 12: data and config faults are caught before any training, and leave no run folder -------------------
+
+def _tiny_data(root: Path) -> Path:
+    from synthetic import colour_images
+    return colour_images(root, per_class=4, size=32)
+
+
+def _tiny_cfg(tmp_path: Path, data: Path, extra: str = "") -> Path:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"name: t\ndata: {{path: '{data}', image_size: 32}}\noutput_dir: '{tmp_path / 'runs'}'\n"
+                   "split: {kind: holdout, test_size: 0.25, val_size: 0.0, group_by_patient: false, "
+                   "group_duplicates: false, allow_image_level_split: true}\n"
+                   "model: {backbone: efficientnet_lite0, weights: none, freeze: frozen}\n"
+                   f"train: {{epochs: 2, batch_size: 4, feature_engine: torch, cache_dir: '{tmp_path / 'cache'}', "
+                   "num_workers: 0}\nevaluate: {bootstrap: 0}\n" + extra)
+    return cfg
+
+
+@pytest.mark.parametrize("override,needles", [
+    ("split.seed=-1", ["split.seed", "greater than or equal to 0"]),
+    (f"train.seed={2**70}", ["train.seed", "4294967295"]),
+    ("model.head.hidden=[0]", ["model.head.hidden.0"]),
+    ("model.head.hidden=[100,-3]", ["model.head.hidden.1"]),
+    ("name=../../x", ["'name'", "plain folder name"]),
+    ("name=a/b", ["'name'", "plain folder name"]),
+    ("evaluate.positive_classes=[nope]", ["evaluate.positive_classes", "nope", "valid class names"]),
+    ("output_dir=FILE", ["output_dir", "is a file, not a folder"]),
+    ("train.cache_dir=FILE/sub", ["train.cache_dir", "is a file, not a folder"]),
+])
+def test_bad_values_stop_before_training_and_leave_no_run_folder(override, needles, tmp_path, monkeypatch, capsys):
+    cfg = _tiny_cfg(tmp_path, _tiny_data(tmp_path / "img"))
+    (tmp_path / "FILE").write_text("a file where a folder must go")
+    override = override.replace("FILE", str(tmp_path / "FILE"))
+    code, _, err = run_main(monkeypatch, capsys, "train", str(cfg), "--set", override)
+    assert_one_line_error(code, err, *needles)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    assert not (tmp_path.parent.parent / "x").exists()
+
+
+def test_empty_label_cell_fails_at_load_time_without_a_run_folder(tmp_path, monkeypatch, capsys):
+    data = _tiny_data(tmp_path / "img")
+    rows = [f"{c}/{c}{i}.png,{c}" for c in ("a", "b") for i in range(4)]
+    rows[2] = "a/a2.png,"
+    (data / "manifest.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    code, _, err = run_main(monkeypatch, capsys, "train", str(_tiny_cfg(tmp_path, data)))
+    assert_one_line_error(code, err, "manifest.csv", "empty label cell on line(s) 4")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_weights_failure_removes_the_new_run_folder(tmp_path, monkeypatch, capsys):
+    cfg = _tiny_cfg(tmp_path, _tiny_data(tmp_path / "img"))
+    code, _, err = run_main(monkeypatch, capsys, "train", str(cfg), "--set", f"model.weights=file:{tmp_path}/no.st")
+    assert code == 2 and "Traceback" not in err
+    assert not any((tmp_path / "runs").iterdir())
+
+
+def test_train_prints_skipped_files_on_the_terminal(tmp_path, monkeypatch, capsys):
+    data = _tiny_data(tmp_path / "img")
+    for i in range(5):
+        (data / "a" / f"broken{i}.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+    (data / "c").mkdir()
+    code, out, err = run_main(monkeypatch, capsys, "train", str(_tiny_cfg(tmp_path, data)))
+    assert code == 0, err
+    text = " ".join(err.split())   # the terminal wraps long lines
+    line = text[text.index("warning: 5 file(s) skipped"):][:300]
+    assert "5 file(s)" in line and "broken0.png" in line and "and 2 more" in line and "run.json" in line
+    assert "class folder 'c'" in text
+
+
+@pytest.mark.parametrize("case", ["bomb-header", "dev-null", "garbage"])
+def test_data_inspect_hostile_files_one_line(case, tmp_path, monkeypatch, capsys):
+    import struct
+    import zlib
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))  # noqa: E731
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    if case == "dev-null":
+        code, _, err = run_main(monkeypatch, capsys, "data", "inspect", "/dev/null")
+        assert_one_line_error(code, err, "/dev/null", "not a regular file")
+        return
+    _tiny_data(tmp_path)
+    (tmp_path / "a" / "x.png").write_bytes(bomb if case == "bomb-header" else os.urandom(300))
+    code, out, err = run_main(monkeypatch, capsys, "data", "inspect", str(tmp_path))
+    assert code == 0 and "Traceback" not in err
+    assert "x.png" in out and ("too large" if case == "bomb-header" else "unreadable") in out
+
+
+def test_positive_classes_naming_every_class_stops_before_training(tmp_path, monkeypatch, capsys):
+    cfg = _tiny_cfg(tmp_path, _tiny_data(tmp_path / "img"))
+    code, _, err = run_main(monkeypatch, capsys, "train", str(cfg), "--set", "evaluate.positive_classes=[a,b]")
+    assert_one_line_error(code, err, "evaluate.positive_classes", "names every class")
+    assert not (tmp_path / "runs").exists()

@@ -51,13 +51,15 @@ def data_demo() -> None:
 def data_inspect(path: str = typer.Argument(..., help="class-per-folder tree, manifest CSV, or demo:NAME"),
                  patient_regex: Optional[str] = typer.Option(None, help="regex on file names giving the patient id"),
                  dicom_frames: str = typer.Option("middle", help="multi-frame DICOM: middle | all | index:N"),
+                 max_pixels: Optional[int] = typer.Option(None, min=1, help="refuse images whose header declares "
+                                                          "more pixels (default 64,000,000)"),
                  json_: bool = typer.Option(False, "--json", help=_JSON_HELP)) -> None:
     """Counts per class and patient, sizes, modes, unreadable files and duplicates; DICOM header facts."""
     from oncotransfer.cli_output import inspect_summary
     from oncotransfer.config import validate
     from oncotransfer.data.inspect import inspect_dataset
     validate({"data": {"dicom_frames": dicom_frames}}, "--dicom-frames")  # a bad value is one line
-    rep = inspect_dataset(path, patient_regex, dicom_frames)
+    rep = inspect_dataset(path, patient_regex, dicom_frames, -1 if max_pixels is None else max_pixels)
     emit_json(inspect_summary(rep)) if json_ else print_inspect(console, rep)
 
 
@@ -173,6 +175,17 @@ def evaluate(run_dir: Path = typer.Argument(..., help="run directory"),
         from oncotransfer.infer.predict import evaluate_on
         metrics = evaluate_on(run_dir, data, fold=fold, slide_aggregate=aggregate)
         name = "report_external"
+        if metrics.get("overlap"):
+            from oncotransfer.data.overlap import overlap_line
+            ov = metrics["overlap"]
+            for line in [overlap_line(ov)] * bool(ov["overlapping"]) + ov["notes"]:
+                err.print(f"warning: {line}", highlight=False, soft_wrap=True)
+        skipped = list((metrics.get("skipped") or {}).values())
+        if skipped:
+            err.print(f"warning: {len(skipped)} file(s) of {data} skipped as unreadable, not scored"
+                      + (f" (first 10 of {len(skipped)} below)" if len(skipped) > 10 else ":"), highlight=False)
+            for why in skipped[:10]:
+                err.print(f"  {why}", highlight=False, soft_wrap=True)
     report = Path(run_dir) / (name + ".html")
     if json_:
         emit_json({"run_dir": run_dir, "report": report, **metrics})
@@ -278,7 +291,7 @@ def predict(run_dir: Path = typer.Argument(..., help="run directory"),
             magnification: Optional[float] = typer.Option(None, help="--slide: tile magnification instead of --mpp"),
             mpp_source: Optional[float] = typer.Option(None, help=f"--slide: {_MPP_SOURCE_HELP}"),
             min_tissue: Optional[float] = typer.Option(None, help="--slide: least tissue fraction of a tile"),
-            max_pixels: int = typer.Option(40_000_000, "--max-pixels", min=1, help="images declaring more "
+            max_pixels: int = typer.Option(64_000_000, "--max-pixels", min=1, help="images declaring more "
                                            "pixels are refused before decoding")) -> None:
     """Class probabilities for new images (or, with --slide, whole slides); exit 1 if any input failed."""
     if slide:
@@ -338,7 +351,7 @@ def serve(run_dir: Path = typer.Argument(..., help="run directory"),
                                         "get 503 with Retry-After"),
           timeout: float = typer.Option(30.0, "--timeout", min=0.1, help="seconds from upload to answer; 504 "
                                         "beyond"),
-          max_pixels: int = typer.Option(40_000_000, "--max-pixels", min=1, help="images declaring more pixels "
+          max_pixels: int = typer.Option(64_000_000, "--max-pixels", min=1, help="images declaring more pixels "
                                          "are refused (413) before decoding"),
           max_decode_mb: float = typer.Option(1024.0, "--max-decode-mb", min=1, help="decoded image memory "
                                               "of all requests in flight; 503 beyond"),

@@ -194,7 +194,10 @@ def print_inspect(out: Stream, rep: Any) -> None:
     out.print(f"{m.root}: {len(m)} images, {len(m.classes)} classes"
               + (f", {len(rep.per_patient)} patients" if rep.per_patient else ", no patient ids"))
     table(out, ["class", "images"], [[c, n] for c, n in rep.per_class.items()])
-    out.print(f"class imbalance (largest / smallest): {rep.imbalance:.2f}")
+    out.print(f"class imbalance (largest / smallest): {rep.imbalance:.2f}"
+              + (f" (class(es) {rep.empty_classes} have no readable image)" if rep.empty_classes else ""))
+    for note in m.notes:
+        out.print(f"warning: {note}")
     if rep.per_patient:
         table(out, ["patient", *m.classes], [[p, *[row[c] for c in m.classes]] for p, row in rep.per_patient.items()])
     out.print("image sizes: " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in rep.sizes.most_common(5)))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -12,6 +12,20 @@ from oncotransfer.errors import ConfigError
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+"""numpy, torch and scikit-learn all accept seeds in 0..2**32-1."""
+SplitSeed = Annotated[int, Field(ge=0, le=2**31 - 1)]
+"""Folds use seed + k (k < 50) as scikit-learn random_state, which must stay below 2**32."""
+
+
+def _run_name(v: str) -> str:
+    """Names become folder names under output_dir: a separator or '..' would write outside it."""
+    if not v.strip() or any(c in v for c in "/\\\0") or ".." in v:
+        raise ValueError("must be a plain folder name: no '/', '\\', '..' or empty name (it names a folder "
+                         "under output_dir)")
+    return v
 
 
 class DataConfig(_Strict):
@@ -42,13 +56,13 @@ class SplitConfig(_Strict):
     group_by_patient: bool = True
     group_duplicates: bool = True
     allow_image_level_split: bool = False
-    seed: int = 0
+    seed: SplitSeed = 0
 
 
 class HeadConfig(_Strict):
     kind: str = "paper_dense"
     """paper_dense | linear | mlp, or any head registered in ``models.heads.HEADS``."""
-    hidden: list[int] = Field(default_factory=lambda: [100])
+    hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [100])
     dropout: float = Field(default=0.0, ge=0, lt=1)
     sigmoid: bool = False
     """Binary tasks only: one logit with a sigmoid and binary cross-entropy."""
@@ -93,7 +107,7 @@ class AugmentConfig(_Strict):
     shift: float = Field(default=0.0, ge=0, lt=1)
     brightness: float = Field(default=0.0, ge=0, lt=1)
     fill: Literal["nearest", "constant", "reflect"] = "nearest"
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _copies(self) -> "AugmentConfig":
@@ -128,7 +142,7 @@ class TrainConfig(_Strict):
     batch_size: int = Field(default=32, ge=1, le=4096)
     early_stop_patience: int | None = Field(default=None, ge=1)
     class_weights: bool = False
-    seed: int = 0
+    seed: Seed = 0
     feature_cache: bool = True
     """Frozen base: compute backbone features once per image (and per augmented view)."""
     cache_dir: str | None = None
@@ -169,6 +183,11 @@ class StageConfig(_Strict):
     evaluate: EvaluateConfig | None = None
     init_from: str | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _run_name(v)
+
 
 class ExperimentConfig(_Strict):
     name: str = "experiment"
@@ -181,6 +200,11 @@ class ExperimentConfig(_Strict):
     stages: list[StageConfig] = Field(default_factory=list)
     compare_direct: bool = False
     output_dir: str = "runs"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _run_name(v)
 
     @model_validator(mode="after")
     def _train_combinations(self) -> "ExperimentConfig":

@@ -90,3 +90,12 @@ def test_checkpoint_of_another_backbone_is_a_clear_error(tmp_path):
     res = run_config(cfg.model_copy(update={"stages": cfg.stages[:1]}))
     with pytest.raises(WeightsError, match="efficientnet_lite0 backbone, but model.backbone is 'mobilenet_v2'"):
         create_classifier("mobilenet_v2", f"run:{res.run_dir}", HeadConfig(), 2)
+
+
+def test_a_first_stage_that_cannot_start_leaves_no_folder(tmp_path):
+    from oncotransfer.errors import DataError
+    cfg = _cfg(tmp_path)
+    bad = cfg.stages[0].model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"positive_classes": ["w"]})})
+    with pytest.raises(DataError, match="evaluate.positive_classes: unknown class name"):
+        run_config(cfg.model_copy(update={"stages": [bad, *cfg.stages[1:]]}))
+    assert not any((tmp_path / "runs").iterdir())

@@ -13,11 +13,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from oncotransfer.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
-# The refusal threshold of `predict` and `serve`: 40 megapixels (e.g. 7300 x 5500) holds every camera and
-# microscope tile we know of, and the decode of a 40 MP PNG or TIFF peaks near 6 bytes a pixel (native
-# decode + RGB copy) = 240 MB. Pillow's own bomb limit (89 MP warning, 179 MP error) lets a 79 KB PNG of
-# 9000 x 9000 px through at about 0.45 GB a request.
-MAX_PIXELS = 40_000_000
+# The one refusal threshold (ingestion, `predict`, `serve`), so whatever a model trained on it can also score:
+# 64 megapixels (8000 x 8000) holds every camera and microscope tile we know of, and the decode of a 64 MP PNG
+# or TIFF peaks near 6 bytes a pixel (native decode + RGB copy) = 384 MB. Pillow's own bomb limit (89 MP
+# warning, 179 MP error) lets a 79 KB PNG of 9000 x 9000 px through at about 0.45 GB a request.
+MAX_PIXELS = 64_000_000
 
 
 class ImageReadError(DataError):
@@ -157,19 +157,26 @@ def phash64(img: Image.Image) -> int:
     return int(str(imagehash.phash(img)), 16)
 
 
-def decode_many(paths: list[str], size: int, workers: int = 2, phash: bool = False
+def decode_many(paths: list[str], size: int, workers: int = 2, phash: bool = False, max_pixels: int | None = -1
                 ) -> tuple[torch.Tensor, list[int], dict[int, str], np.ndarray | None]:
     """Decode and resize every image once, in parallel threads (Pillow releases the GIL).
 
     Returns (uint8 tensor (M, 3, size, size) of the readable ones, their indices, {index: error}, and the
-    readable images' perceptual hashes as uint64 when ``phash``).
+    readable images' perceptual hashes as uint64 when ``phash``). A file that is not a regular file or whose
+    header declares more than ``max_pixels`` (-1: the ingestion limit, ``data.safety``) is refused undecoded.
     """
+    from oncotransfer.data.safety import decode_failure, ingest_max_pixels, probe
+    limit = ingest_max_pixels() if max_pixels == -1 else max_pixels
+
     def one(i: int):
         try:
+            probe(paths[i], limit)
             img, t = decode_for_model(paths[i], size)
             return i, t, (phash64(img) if phash else 0), None
         except ImageReadError as e:
             return i, None, 0, str(e)
+        except Exception as e:  # noqa: BLE001 - hostile bytes can break a decoder plugin in any way
+            return i, None, 0, decode_failure(str(paths[i]), e)
     ok, tensors, hashes, failed = [], [], [], {}
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for i, t, h, err in pool.map(one, range(len(paths))):

@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from oncotransfer.data.dicom import is_dicom_path
 from oncotransfer.data.dicom_rows import summarise
 from oncotransfer.data.images import ImageReadError, open_rgb, phash64
 from oncotransfer.data.manifest import Manifest, duplicate_groups, load_manifest
+from oncotransfer.data.safety import decode_failure, ingest_max_pixels, probe
 
 
 @dataclass
@@ -31,30 +31,42 @@ class InspectReport:
 
     @property
     def imbalance(self) -> float:
-        counts = [c for c in self.per_class.values() if c]
-        return max(counts) / min(counts) if counts else float("nan")
+        """Largest / smallest class; infinite when a class has no readable image (not 1.00 from skipping it)."""
+        counts = list(self.per_class.values())
+        if not counts or not max(counts):
+            return float("nan")
+        return max(counts) / min(counts) if min(counts) else float("inf")
+
+    @property
+    def empty_classes(self) -> list[str]:
+        return [c for c, n in self.per_class.items() if n == 0]
 
 
-def inspect_dataset(path: str | Path, patient_regex: str | None = None, dicom_frames: str = "middle"
-                    ) -> InspectReport:
+def inspect_dataset(path: str | Path, patient_regex: str | None = None, dicom_frames: str = "middle",
+                    max_pixels: int | None = -1) -> InspectReport:
+    """Every file is read once: the header first (refused above ``max_pixels``, -1: the ingestion limit, before
+    any decoding), then decoded for its pHash; a file that fails is named with its reason, never a traceback."""
     m = load_manifest(str(path), patient_regex, min_classes=1, dicom_frames=dicom_frames)
+    limit = ingest_max_pixels() if max_pixels == -1 else max_pixels
     sizes, modes, unreadable, ok, hashes = Counter(), Counter(), {}, [], []
     unreadable.update({_rel(m, p): why.split(": ", 1)[-1] for p, why in m.skipped.items()})
     for i, p in enumerate(m.paths):
         try:
             if is_dicom_path(p):  # decoded size; the DICOM mode is the photometric interpretation (below)
-                img = open_rgb(p)
+                img = open_rgb(p, max_pixels=limit)
                 sizes[img.size] += 1
                 modes["DICOM"] += 1
+                hashes.append(phash64(img))
             else:
-                with Image.open(p) as raw:
-                    sizes[raw.size] += 1
-                    modes[raw.mode] += 1
-                img = open_rgb(p, draft_size=256)
-            hashes.append(phash64(img))
+                w, h, mode = probe(p, limit)
+                hashes.append(phash64(open_rgb(p, draft_size=256)))
+                sizes[(w, h)] += 1
+                modes[mode] += 1
             ok.append(i)
-        except (ImageReadError, OSError, Image.UnidentifiedImageError) as e:
+        except ImageReadError as e:
             unreadable[m.relpath(i)] = str(e).split(": ", 1)[-1]
+        except Exception as e:  # noqa: BLE001 - hostile bytes can break a decoder plugin in any way
+            unreadable[m.relpath(i)] = decode_failure(p, e).split(": ", 1)[-1]
     sub = m.subset(ok)
     names = [sub.relpath(i) for i in range(len(sub))]
     exact = duplicate_groups(sub.sha256)

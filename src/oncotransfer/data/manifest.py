@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from oncotransfer.data.checks import check_csv, check_listed_files, empty_class_note, scan_class_folder
 from oncotransfer.data.dicom import is_dicom_path
 from oncotransfer.data.dicom_rows import expand_rows
 from oncotransfer.data.groups import UnionFind
 from oncotransfer.data.images import IMAGE_SUFFIXES
+from oncotransfer.data.safety import regular_file_problem
 from oncotransfer.errors import DataError
 from oncotransfer.io import sha256_file
 
@@ -27,6 +29,8 @@ class Manifest:
     sha256: list[str]
     skipped: dict[str, str] = field(default_factory=dict)
     """path -> reason for files left out (unreadable, truncated)."""
+    notes: list[str] = field(default_factory=list)
+    """Warnings found while listing the data (an empty class folder, a symlinked folder not followed)."""
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -35,7 +39,7 @@ class Manifest:
         idx = np.asarray(idx, dtype=int)
         return Manifest(self.root, [self.paths[i] for i in idx], self.labels[idx], self.classes,
                         None if self.patients is None else self.patients[idx],
-                        [self.sha256[i] for i in idx], dict(self.skipped))
+                        [self.sha256[i] for i in idx], dict(self.skipped), list(self.notes))
 
     def relpath(self, i: int) -> str:
         p = Path(self.paths[i])
@@ -66,14 +70,18 @@ def _patients_from_regex(paths: list[str], regex: str) -> np.ndarray:
     return np.array(out, dtype=object)
 
 
-def _from_folders(root: Path) -> tuple[list[str], list[str]]:
+def _from_folders(root: Path, skipped: dict[str, str] | None = None, notes: list[str] | None = None
+                  ) -> tuple[list[str], list[str]]:
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     paths, labels = [], []
     for d in class_dirs:
-        for f in sorted(d.rglob("*")):
-            if f.is_file() and (f.suffix.lower() in IMAGE_SUFFIXES or is_dicom_path(f)):
-                paths.append(str(f))
-                labels.append(d.name)
+        found, bad, extra = scan_class_folder(d)
+        paths += found
+        labels += [d.name] * len(found)
+        if skipped is not None:
+            skipped.update(bad)
+        if notes is not None:
+            notes += extra + ([empty_class_note(d)] if not found else [])
     if not paths:
         loose = [f for f in root.iterdir() if f.is_file() and (f.suffix.lower() in IMAGE_SUFFIXES or is_dicom_path(f))]
         hint = (" (images lie in the folder itself: put them in one sub-folder per class)" if loose else "")
@@ -90,11 +98,10 @@ def _from_csv(csv: Path) -> tuple[list[str], list[str], list[str] | None]:
     missing = {"path", "label"} - set(df.columns)
     if missing:
         raise DataError(f"{csv}: missing column(s) {sorted(missing)}; expected path,label[,patient]")
+    check_csv(df, csv)
     base = csv.parent
     paths = [str(p if Path(p).is_absolute() else base / p) for p in df["path"]]
-    absent = [p for p in paths if not Path(p).is_file()]
-    if absent:
-        raise DataError(f"{csv}: {len(absent)} listed file(s) do not exist, e.g. {absent[0]!r}")
+    check_listed_files(paths, csv)
     patients = list(df["patient"]) if "patient" in df.columns and (df["patient"] != "").all() else None
     return paths, list(df["label"]), patients
 
@@ -123,7 +130,11 @@ def load_manifest(path: str | Path, patient_regex: str | None = None, min_classe
         raise DataError("data.path is not set; this config names no data: pass it with --data PATH (or --set "
                         "data.path=PATH): a folder of class sub-folders, a manifest CSV or demo:NAME")
     p = resolve_data_path(str(path))
-    patients = None
+    patients, skipped, notes = None, {}, []
+    if not p.is_dir() and regular_file_problem(p):
+        raise DataError(f"{p}: {regular_file_problem(p)}; give a folder of class sub-folders or a manifest CSV")
+    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+        raise DataError(f"{p}: is an image, not a data set; give its folder of class sub-folders or a manifest CSV")
     if p.is_file():
         paths, labels, patients = _from_csv(p)
         root = p.parent
@@ -133,17 +144,18 @@ def load_manifest(path: str | Path, patient_regex: str | None = None, min_classe
     else:
         if not any(p.iterdir()):
             raise DataError(f"{p}: the folder is empty; expected one sub-folder of images per class")
-        paths, labels = _from_folders(p)
+        paths, labels = _from_folders(p, skipped, notes)
         root = p
     if patient_regex:
         patients = list(_patients_from_regex(paths, patient_regex))
-    sha, skipped = None, {}
+    sha = None
     if any(is_dicom_path(f) for f in paths):
         rows = expand_rows(paths, labels, patients, dicom_frames, sha256_file)
-        paths, labels, patients, sha, skipped = rows.paths, rows.labels, rows.patients, rows.sha256, rows.skipped
+        paths, labels, patients, sha = rows.paths, rows.labels, rows.patients, rows.sha256
+        skipped.update(rows.skipped)
         if not paths:
-            raise DataError(f"{p}: none of the {len(skipped)} DICOM object(s) is usable, e.g. "
-                            f"{next(iter(skipped.values()))}")
+            raise DataError(f"{p}: none of the {len(rows.skipped)} DICOM object(s) is usable, e.g. "
+                            f"{next(iter(rows.skipped.values()))}")
     classes = sorted(set(labels))
     if len(classes) < min_classes:
         raise DataError(f"{p}: found only {len(classes)} class ({classes}); a classifier needs at least "
@@ -151,7 +163,15 @@ def load_manifest(path: str | Path, patient_regex: str | None = None, min_classe
     index = {c: i for i, c in enumerate(classes)}
     return Manifest(root, paths, np.array([index[c] for c in labels]), classes,
                     None if patients is None else np.array(patients, dtype=object),
-                    sha if sha is not None else [sha256_file(f) for f in paths], skipped)
+                    sha if sha is not None else [_sha256_or_marker(f) for f in paths], skipped, notes)
+
+
+def _sha256_or_marker(path: str) -> str:
+    """A file that cannot be opened (permissions) gets a unique marker; decoding then names it as unreadable."""
+    try:
+        return sha256_file(path)
+    except OSError as e:
+        return f"unreadable:{path}:{e.strerror}"
 
 
 def drop(manifest: Manifest, failed: dict[int, str]) -> Manifest:

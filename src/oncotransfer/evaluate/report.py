@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from oncotransfer.data.overlap import overlap_line
 from oncotransfer.errors import CheckpointError, DataError
 from oncotransfer.io import write_json
 from oncotransfer.evaluate.metrics import classification_metrics, fold_summary
@@ -170,6 +171,10 @@ def protocol_section(r: ReportInputs) -> dict[str, Any]:
     if r.metrics.get("scored_by"):
         lines.insert(0, {"text": f"Scored by: {r.metrics['scored_by']}", "level": ""})
     cal = r.metrics.get("calibration")
+    if r.metrics.get("overlap"):
+        ov = r.metrics["overlap"]
+        lines.insert(1, {"text": overlap_line(ov), "level": "warn" if ov["overlapping"] or ov["notes"] else ""})
+        lines[2:2] = [{"text": note, "level": "warn"} for note in ov["notes"]]
     if cal:
         lines.append({"text": "Temperature scaling fitted on the validation subset of each fold; test folds "
                               "never used" if cal["ece_after"] is not None else
@@ -293,7 +298,7 @@ def _figures(run: Path, metrics: dict[str, Any], info: dict[str, Any], y_true: n
 
 def evaluate_run(run_dir: str | Path, predictions: pd.DataFrame | None = None,
                  out_name: str = "report", plots: bool = True, scored_by: str | None = None,
-                 slide_aggregate: str = "mean") -> dict[str, Any]:
+                 slide_aggregate: str = "mean", overlap: dict[str, Any] | None = None) -> dict[str, Any]:
     """Metrics per fold and pooled, plots and the Markdown/HTML report for one run directory.
 
     ``predictions`` replaces predictions.csv (e.g. an external test set); with an ``out_name`` other than
@@ -334,6 +339,8 @@ def evaluate_run(run_dir: str | Path, predictions: pd.DataFrame | None = None,
                "folds": fold_summary(list(per_fold.values()), keys), "calibration": calibration}
     if scored_by:
         metrics["scored_by"] = scored_by
+    if overlap is not None:  # external data vs the run's training images (evaluate.external)
+        metrics["overlap"] = overlap
     sfx = "" if out_name == "report" else f"_{slug(out_name)}"
     slides = slide_metrics(predictions, classes, slide_aggregate, kw["positive_classes"], kw["bootstrap"],
                            run / f"slide_predictions{sfx}.csv")

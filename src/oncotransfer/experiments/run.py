@@ -11,9 +11,11 @@ import pandas as pd
 
 from oncotransfer.config import ExperimentConfig, load_saved_config, save_config, to_dict
 from oncotransfer.data.augment import Augmenter, describe
+from oncotransfer.data.overlap import data_warning_lines, split_frame
 from oncotransfer.data.splits import make_split, splitter
-from oncotransfer.errors import CheckpointError
+from oncotransfer.errors import CheckpointError, OncoError
 from oncotransfer.evaluate.report import evaluate_run
+from oncotransfer.experiments.preflight import check_before_run, remove_unstarted
 from oncotransfer.io import write_json
 from oncotransfer.models.backbones import get_backbone
 from oncotransfer.models.checkpoint import checkpoint_meta, write_checkpoint
@@ -70,16 +72,19 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
     head_factory(cfg.model.head.kind)
     size = cfg.data.image_size or spec.input_size
     data = data or load_data(cfg.data, size, cfg.train.num_workers, phash=cfg.split.group_duplicates)
+    m = data.manifest
+    split = make_split(m, cfg.split, data.dup_groups)
+    check_before_run(cfg, m.classes, resume)
     if not resume:
         if main:
             run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
         run_dir = Path(D.broadcast(str(run_dir) if main else None))
-    m = data.manifest
-    split = make_split(m, cfg.split, data.dup_groups)
     if main:
-        split.to_frame(m).to_csv(run_dir / "split.csv", index=False)
+        split_frame(split, m, data.phashes).to_csv(run_dir / "split.csv", index=False)
+        for line in data_warning_lines(data.warnings, m.skipped, run_dir / "run.json"):
+            say(line)
     say(f"{len(m)} images, {len(m.classes)} classes, split {cfg.split.kind}: {len(split.folds)} fold(s), "
         f"{'grouped by ' + split.grouped_by if split.grouped_by else 'IMAGE-LEVEL'}")
     device = D.local_device(pick_device(cfg.train.device))
@@ -102,6 +107,10 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
                 save_fold_tensors(run_dir, fold.index, model, fold0_state)
     except KeyboardInterrupt as e:
         e.run_dir = run_dir  # so the CLI can name the directory that --resume continues
+        raise
+    except OncoError:
+        if main and not resume:
+            remove_unstarted(run_dir)  # e.g. weights that cannot be had: no folder holding only config.yaml
         raise
     if not main:
         return RunResult(run_dir, {}, m.classes)

@@ -7,8 +7,9 @@ from typing import Callable
 from pydantic import BaseModel
 
 from oncotransfer.config import ExperimentConfig, StageConfig, save_config, to_dict, validate
-from oncotransfer.errors import ConfigError
+from oncotransfer.errors import ConfigError, OncoError
 from oncotransfer.evaluate.multistage import write_multistage_report
+from oncotransfer.experiments.preflight import remove_unstarted
 from oncotransfer.experiments.run import RunResult, new_run_dir, run_experiment
 from oncotransfer.progress import Progress, prefixed
 from oncotransfer.train import distributed as D
@@ -66,8 +67,13 @@ def run_stages(cfg: ExperimentConfig, log: Callable[[str], None] | None = None,
     for i, stage in enumerate(cfg.stages):
         say(f"stage {i + 1}/{len(cfg.stages)}: {stage.name}")
         sub = stage_config(cfg, stage, init)
-        res = run_experiment(sub, parent / f"stage{i + 1}_{stage.name}", log=log,
-                             progress=prefixed(progress, f"{stage.name}: "))
+        try:
+            res = run_experiment(sub, parent / f"stage{i + 1}_{stage.name}", log=log,
+                                 progress=prefixed(progress, f"{stage.name}: "))
+        except OncoError:
+            if main and not results:
+                remove_unstarted(parent)  # the first stage could not start: no folder holding only config.yaml
+            raise
         results.append(res)
         init = f"run:{res.run_dir}"
     if main:

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from oncotransfer.config import DataConfig
+from oncotransfer.data.checks import check_classes_present, check_label_conflicts
 from oncotransfer.data.dicom import FRAME_TAG
 from oncotransfer.data.dicom_rows import join_frames
 from oncotransfer.data.images import decode_many
@@ -21,16 +22,21 @@ class LoadedData:
     """uint8 (N, 3, S, S): decoded and resized once for the whole run."""
     dup_groups: np.ndarray
     warnings: list[str]
+    phashes: np.ndarray | None = None
+    """uint64 perceptual hash per (kept) image when computed; saved in split.csv for overlap checks."""
 
 
 def load_data(cfg: DataConfig, size: int, workers: int = 2, phash: bool = True) -> LoadedData:
     manifest = load_manifest(cfg.path, cfg.patient_regex, dicom_frames=cfg.dicom_frames)
+    check_label_conflicts(manifest.paths, manifest.labels, manifest.classes, manifest.sha256)
     images, ok, failed, hashes = decode_many(manifest.paths, size, workers, phash=phash)
-    warnings = [f"skipped unreadable image: {why}" for why in [*manifest.skipped.values(), *failed.values()]]
+    warnings = list(manifest.notes) + [f"skipped unreadable image: {why}" for why in
+                                       list(manifest.skipped.values()) + list(failed.values())]
     if failed:
         manifest = drop(manifest, failed)
     if len(manifest) == 0:
         raise DataError(f"{cfg.path}: none of the images could be read")
+    check_classes_present(manifest.labels, manifest.classes, failed, str(cfg.path))
     present = set(manifest.labels.tolist())
     if len(present) < 2:
         raise DataError(f"{cfg.path}: after skipping unreadable files only one class is left")
@@ -40,4 +46,4 @@ def load_data(cfg: DataConfig, size: int, workers: int = 2, phash: bool = True) 
         warnings.append(f"{n_dup} image(s) are identical or near-identical to another (pHash distance <= 4)")
     if any(FRAME_TAG in p for p in manifest.paths):  # data.dicom_frames: all -> a cine loop's frames stay together
         groups = join_frames(manifest.paths, groups)
-    return LoadedData(manifest, images, groups, warnings)
+    return LoadedData(manifest, images, groups, warnings, hashes if phash else None)

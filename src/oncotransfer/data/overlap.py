@@ -1,0 +1,148 @@
+"""Overlap of an external set with a run's own training images (byte sha256 and the splits' pHash rule), and the
+split table that keeps both hashes so the check needs no access to the training images later."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from oncotransfer.data.checks import skipped_summary
+from oncotransfer.data.manifest import Manifest
+
+NEAR_BITS = 4
+"""Hamming distance of 64-bit pHashes at or below which two images count as near-identical: the threshold the
+splits group duplicates by (``duplicate_groups``' ``max_distance``)."""
+
+
+def split_frame(split, manifest: Manifest, phashes: np.ndarray | None) -> pd.DataFrame:
+    """``split.to_frame`` plus each image's sha256 and (when computed) pHash as 16 hex digits."""
+    df = split.to_frame(manifest)
+    idx = df["index"].to_numpy(dtype=int)
+    df["sha256"] = [manifest.sha256[i] for i in idx]
+    if phashes is not None:
+        df["phash"] = [f"{int(phashes[i]):016x}" for i in idx]
+    return df
+
+
+def data_warning_lines(warnings: list[str], skipped: dict[str, str], full_list: Path) -> list[str]:
+    """Terminal lines for a run's data warnings: skipped files as one counted line, the rest as they are."""
+    lines = [w if w.startswith("warning") else f"warning: {w}" for w in warnings
+             if not w.startswith("skipped unreadable image:")]
+    line = skipped_summary(skipped, str(full_list))
+    return ([line] if line else []) + lines
+
+
+def hamming_min(a: np.ndarray, b: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """For each uint64 hash in ``a`` the smallest Hamming distance to any hash in ``b`` (65 when ``b`` is empty)."""
+    a, b = np.asarray(a, dtype=np.uint64), np.asarray(b, dtype=np.uint64)
+    out = np.full(len(a), 65, dtype=int)
+    if len(b) == 0:
+        return out
+    for s in range(0, len(a), chunk):
+        x = a[s:s + chunk, None] ^ b[None, :]
+        bits = np.unpackbits(x.view(np.uint8).reshape(x.shape[0], x.shape[1], 8), axis=2).sum(axis=2)
+        out[s:s + chunk] = bits.min(axis=1)
+    return out
+
+
+@dataclass
+class Reference:
+    """The images that trained or selected the model: their sha256 and pHashes (where known)."""
+    sha256: set[str]
+    phash: np.ndarray | None
+    n: int
+    notes: list[str] = field(default_factory=list)
+
+
+def _data_root(run_dir: Path) -> Path | None:
+    import yaml
+    from oncotransfer.data.manifest import resolve_data_path
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        p = resolve_data_path(((cfg.get("data") or {}).get("path")))
+    except Exception:  # noqa: BLE001 - a moved or missing data set: the check says so instead
+        return None
+    return p.parent if p.is_file() else p
+
+
+def training_reference(run_dir: str | Path, folds: list[int] | None = None, size: int = 224) -> Reference:
+    """Train and validation rows of ``folds`` (all folds: None) in RUN/split.csv, plus the test rows of a fold
+    that selected its epoch on them. Hashes come from split.csv; a run written before they were saved there
+    hashes its training files again, if they are still where the run found them."""
+    from oncotransfer.data.images import decode_many
+    from oncotransfer.data.manifest import sha256_file
+    run_dir = Path(run_dir)
+    split = pd.read_csv(run_dir / "split.csv", dtype={"path": str, "sha256": str, "phash": str})
+    if folds is not None:
+        split = split[split["fold"].isin(folds)]
+    with_val = set(split.loc[split["subset"] == "val", "fold"])
+    used = split["subset"].isin(["train", "val"]) | ((split["subset"] == "test") & ~split["fold"].isin(with_val))
+    rows = split[used].drop_duplicates("index")
+    notes: list[str] = []
+    need_sha, need_phash = "sha256" not in rows.columns, "phash" not in rows.columns
+    files: list[str] = []
+    if need_sha or need_phash:
+        root = _data_root(run_dir)
+        files = [str(p if Path(p).is_absolute() else (root / p if root else Path(p))) for p in rows["path"]]
+        present = [f for f in files if Path(f).is_file()]
+        if len(present) < len(files):
+            notes.append(f"{len(files) - len(present)} of the run's {len(files)} training images are no longer at "
+                         f"{root}: they could not be compared" + (" by pHash" if not need_sha else ""))
+        files = present
+    sha = set(rows["sha256"]) if not need_sha else {sha256_file(f) for f in files}
+    if not need_phash:
+        ph = np.array([int(h, 16) for h in rows["phash"]], dtype=np.uint64)
+    elif files:
+        ph = decode_many(files, size, phash=True)[3]
+    else:
+        ph = None
+    if ph is None:
+        notes.append("near-identical images (pHash) not checked: the run saved no pHashes and its images are gone")
+    return Reference(sha, ph, len(rows), notes)
+
+
+@dataclass
+class Overlap:
+    identical: np.ndarray
+    """bool per external row: byte-identical to a training image."""
+    near: np.ndarray
+    """bool per external row: not identical, but within NEAR_BITS of a training image's pHash."""
+    reference: Reference
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.identical | self.near
+
+    def summary(self, paths: list[str], clean: dict | None) -> dict:
+        n_bad = int(self.mask.sum())
+        return {"n": int(len(self.mask)), "overlapping": n_bad, "identical": int(self.identical.sum()),
+                "near_identical": int(self.near.sum()), "reference_images": self.reference.n,
+                "near_bits": NEAR_BITS, "examples": [p for p, b in zip(paths, self.mask) if b][:5],
+                "clean": clean, "notes": list(self.reference.notes)}
+
+
+def find_overlap(sha256: list[str], phash: np.ndarray | None, ref: Reference) -> Overlap:
+    identical = np.array([h in ref.sha256 for h in sha256], dtype=bool)
+    near = np.zeros(len(sha256), dtype=bool)
+    if phash is not None and ref.phash is not None and len(ref.phash):
+        near = (hamming_min(phash, ref.phash) <= NEAR_BITS) & ~identical
+    return Overlap(identical, near, ref)
+
+
+def overlap_line(ov: dict) -> str:
+    """One sentence for the terminal and the report's protocol block."""
+    if not ov["overlapping"]:
+        return (f"Overlap with the run's training images: none of {ov['n']} images (byte hash, and pHash within "
+                f"{ov['near_bits']} bits, against {ov['reference_images']} train/validation images)")
+    text = (f"{ov['overlapping']} of {ov['n']} images overlap the run's training/validation images "
+            f"({ov['identical']} byte-identical, {ov['near_identical']} near-identical, pHash within "
+            f"{ov['near_bits']} bits), e.g. {', '.join(ov['examples'][:3])}: the full-set score is inflated")
+    c = ov.get("clean")
+    if c:
+        text += (f"; on the clean remainder ({c['n']} images) accuracy {c['accuracy']:.4f}, balanced accuracy "
+                 f"{c['balanced_accuracy']:.4f}")
+    else:
+        text += "; no clean remainder to score"
+    return text
