@@ -90,14 +90,20 @@ def _from_folders(root: Path, skipped: dict[str, str] | None = None, notes: list
     return paths, labels
 
 
-def _from_csv(csv: Path) -> tuple[list[str], list[str], list[str] | None]:
+def read_table(csv: Path, required: set[str], expected: str, what: str = "CSV") -> pd.DataFrame:
+    """A CSV as strings (empty cells stay ""); unreadable or missing ``required`` columns is one line."""
     try:
         df = pd.read_csv(csv, dtype=str, keep_default_na=False)
     except Exception as e:
-        raise DataError(f"{csv}: cannot read CSV ({str(e)[:80]})") from None
-    missing = {"path", "label"} - set(df.columns)
+        raise DataError(f"{csv}: cannot read {what} ({str(e)[:80]})") from None
+    missing = required - set(df.columns)
     if missing:
-        raise DataError(f"{csv}: missing column(s) {sorted(missing)}; expected path,label[,patient]")
+        raise DataError(f"{csv}: missing column(s) {sorted(missing)}; expected {expected}")
+    return df
+
+
+def _from_csv(csv: Path) -> tuple[list[str], list[str], list[str] | None]:
+    df = read_table(csv, {"path", "label"}, "path,label[,patient]")
     check_csv(df, csv)
     base = csv.parent
     paths = [str(p if Path(p).is_absolute() else base / p) for p in df["path"]]

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from oncotransfer.data.manifest import read_table
 from oncotransfer.errors import ConfigError, DataError, MissingExtraError
 
 # What OpenSlide 4 reads (DICOM WSI is left to the DICOM reader).
@@ -263,13 +264,7 @@ def find_slides(source: str | Path) -> list[Path]:
 def read_labels(csv: str | Path) -> dict[str, tuple[str, str | None]]:
     """slide (file stem or file name) -> (label, patient or None) from a CSV with columns slide,label[,patient]."""
     csv = Path(csv)
-    try:
-        df = pd.read_csv(csv, dtype=str, keep_default_na=False)
-    except Exception as e:
-        raise DataError(f"{csv}: cannot read labels CSV ({str(e)[:80]})") from None
-    missing = {"slide", "label"} - set(df.columns)
-    if missing:
-        raise DataError(f"{csv}: missing column(s) {sorted(missing)}; expected slide,label[,patient]")
+    df = read_table(csv, {"slide", "label"}, "slide,label[,patient]", "labels CSV")
     out = {}
     for r in df.itertuples(index=False):
         patient = getattr(r, "patient", "") or None
