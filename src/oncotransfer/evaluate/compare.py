@@ -14,6 +14,7 @@ from oncotransfer.evaluate.plots import add_roc_curve, plot_confusion, roc_axes,
 from oncotransfer.evaluate.report import (
     data_uri, fmt, fmt_ci, fmt_mean_sd, prediction_arrays, protocol_lines, render, slug,
 )
+from oncotransfer.io import atomic_write_text
 
 _MD = """# Comparison: {{ labels|join(' vs ') }}
 
@@ -123,7 +124,7 @@ def write_comparison(run_dir: str | Path, sections: list[tuple[str, dict[str, An
               for line in protocol_lines(m.get("protocol") or {}, len(m["per_fold"])) if line["level"] == "danger"]
     ctx = {"labels": labels, "rows": _rows(metrics_list), "alerts": alerts,
            "plots": [{"title": t, "file": p.relative_to(run).as_posix(), "uri": data_uri(p)} for t, p in plots]}
-    (run / "comparison.md").write_text(render(_MD, html=False, **ctx))
+    atomic_write_text(run / "comparison.md", render(_MD, html=False, **ctx))
     out = run / "comparison.html"
-    out.write_text(render(_HTML, html=True, **ctx))
+    atomic_write_text(out, render(_HTML, html=True, **ctx))
     return out

@@ -1,7 +1,6 @@
 """The parent report of a multistage run: each stage's curves and metrics, and multistage vs direct."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,8 @@ import pandas as pd
 
 from oncotransfer.evaluate.compare import write_comparison
 from oncotransfer.evaluate.report import data_uri, fmt, fmt_ci, render
+from oncotransfer.io import atomic_write_text
+from oncotransfer.rundir import read_checkpoint_meta, read_run_info
 
 _TEMPLATE = """{% if is_html %}<!doctype html><html><head><meta charset="utf-8"><title>{{ name }}</title>
 <style>{{ css }}</style></head><body>{% endif %}
@@ -48,9 +49,9 @@ def _stage(parent: Path, res) -> dict[str, Any]:
     info = res.metrics.get("protocol", {}) or {}
     pooled = res.metrics["pooled"]
     hist = res.run_dir / "plots" / "history.png"
-    run = json.loads((res.run_dir / "run.json").read_text())
-    meta = res.run_dir / "checkpoint" / "meta.json"
-    size = json.loads(meta.read_text()).get("preprocessing", {}).get("size", "?") if meta.is_file() else "?"
+    run = read_run_info(res.run_dir).content()
+    meta = res.run_dir / "checkpoint"
+    size = read_checkpoint_meta(meta).preprocessing.get("size", "?") if (meta / "meta.json").is_file() else "?"
     return {"size": size, "name": res.run_dir.name, "n": run.get("n_images", "?"), "classes": ", ".join(res.classes),
             "split": info.get("split"), "image_level": info.get("image_level"),
             "accuracy": fmt_ci(pooled["accuracy"], pooled.get("accuracy_ci95")),
@@ -81,9 +82,9 @@ def write_multistage_report(parent: Path, results: list, direct=None) -> Path:
                 f"backbone sees another scale; set data.image_size once at the top level for all stages"
                 for i, (a, b) in enumerate(zip(stages, stages[1:])) if a["size"] != b["size"]]
     ctx = {"name": parent.name, "stages": stages, "comparison": comparison, "warnings": warnings}
-    (parent / "report.md").write_text(render(_TEMPLATE, html=False, is_html=False, **ctx))
+    atomic_write_text(parent / "report.md", render(_TEMPLATE, html=False, is_html=False, **ctx))
     out = parent / "report.html"
-    out.write_text(render(_TEMPLATE, html=True, is_html=True, **ctx))
+    atomic_write_text(out, render(_TEMPLATE, html=True, is_html=True, **ctx))
     if (final.run_dir / "checkpoint").is_dir():
         shutil.copytree(final.run_dir / "checkpoint", parent / "checkpoint", dirs_exist_ok=True)
     return out

@@ -12,6 +12,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from oncotransfer.errors import DataError
 from oncotransfer.evaluate.calibration import expected_calibration_error, reliability_bins
+from oncotransfer.io import atomic_path
 
 _HISTORY_COLUMNS = ("fold", "epoch", "train_loss", "train_acc", "val_loss", "val_acc")
 _COLOURS = {"train": "tab:blue", "val": "tab:orange"}
@@ -160,6 +161,6 @@ def plot_reliability(y_true: Sequence[Any] | np.ndarray, before: np.ndarray, aft
 def save_figure(fig: Figure, path: str | Path) -> Path:
     """Write ``fig`` as an image (format from the suffix), creating the parent folder."""
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110, bbox_inches="tight")
+    with atomic_path(out) as tmp:  # a kill mid-write leaves the old image or none, never half a PNG
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format=out.suffix.lstrip(".") or None)
     return out

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import math
 import re
 from pathlib import Path
@@ -18,6 +17,8 @@ from oncotransfer.evaluate.metrics import classification_metrics, fold_summary
 from oncotransfer.evaluate.calibration import expected_calibration_error
 from oncotransfer.evaluate.plots import (as_indices, plot_confusion, plot_history, plot_reliability, plot_roc,
                                          save_figure)
+from oncotransfer.io import atomic_write_text
+from oncotransfer.rundir import mark_unfinished, read_run_info, write_metrics
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#222}
@@ -249,10 +250,7 @@ def _read_run(run: Path, need_predictions: bool) -> tuple[dict[str, Any], dict[s
     if missing:
         raise CheckpointError(f"{run}: no {' or '.join(missing)}; this is not a finished run, "
                               "train first (oncotransfer train CONFIG) and evaluate its run directory")
-    try:
-        info = json.loads((run / "run.json").read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{run / 'run.json'}: not valid JSON ({e.msg}); re-run training to rewrite it") from None
+    info = read_run_info(run).content()
     cfg_path = run / "config.yaml"
     cfg_text = cfg_path.read_text() if cfg_path.is_file() else ""
     cfg = yaml.safe_load(cfg_text) if cfg_text else {}
@@ -384,9 +382,10 @@ def evaluate_run(run_dir: str | Path, predictions: pd.DataFrame | None = None,
     if scored_by:
         metrics["scored_by"] = scored_by
     sfx = "" if out_name == "report" else f"_{slug(out_name)}"
-    (run / f"metrics{sfx}.json").write_text(json.dumps(metrics, indent=2))
+    # The metrics file goes last (rundir.run_finished): a kill or a full disk part-way leaves none.
+    mark_unfinished(run, sfx[1:])
     if not plots:
-        return metrics
+        return write_metrics(run, metrics, report=False, suffix=sfx[1:])
 
     figures: list[tuple[str, Path]] = []
     hist_path = run / "history.csv"
@@ -407,9 +406,9 @@ def evaluate_run(run_dir: str | Path, predictions: pd.DataFrame | None = None,
         plot_reliability(y_true, y_prob, cal_prob, classes, n_bins), run / f"plots/reliability{sfx}.png")))
 
     ctx = _context(metrics, info, cfg, cfg_text, figures, run)
-    (run / f"{out_name}.md").write_text(render(_MD, html=False, **ctx))
-    (run / f"{out_name}.html").write_text(render(_HTML, html=True, **ctx))
-    return metrics
+    atomic_write_text(run / f"{out_name}.md", render(_MD, html=False, **ctx))
+    atomic_write_text(run / f"{out_name}.html", render(_HTML, html=True, **ctx))
+    return write_metrics(run, metrics, report=True, suffix=sfx[1:])
 
 
 def write_comparison(run_dir: str | Path, sections: list[tuple[str, dict[str, Any], pd.DataFrame]]) -> Path:

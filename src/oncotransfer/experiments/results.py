@@ -13,6 +13,8 @@ from oncotransfer.data.augment import describe
 from oncotransfer.evaluate.metrics import summarise
 from oncotransfer.evaluate.plots import save_figure
 from oncotransfer.evaluate.report import data_uri, fmt, render
+from oncotransfer.io import atomic_to_csv, atomic_write_text
+from oncotransfer.rundir import read_metrics, read_run_info, run_finished
 
 _METRICS = ("accuracy", "balanced_accuracy", "roc_auc")
 
@@ -33,10 +35,10 @@ def collect(grid_dir: Path, runs: list) -> pd.DataFrame:
     rows = []
     for run in runs:
         d = grid_dir / "runs" / run.run_id
-        if not (d / "metrics.json").is_file():
+        if not run_finished(d):
             continue
-        m = json.loads((d / "metrics.json").read_text())
-        info = json.loads((d / "run.json").read_text())
+        m = read_metrics(d).content()
+        info = read_run_info(d).content()
         row = {"cell": run.cell, **{k: _label(k, v, run.cfg) for k, v in run.values.items()}, "trial": run.trial}
         row.update({k: m["pooled"].get(k) for k in _METRICS})
         ci = m["pooled"].get("accuracy_ci95") or [None, None]
@@ -62,7 +64,7 @@ def cell_ensemble(run_dirs: list[str]) -> dict[str, Any] | None:
     rows = frames[0][["fold", "path", "label"]]
     if any(not f[["fold", "path", "label"]].equals(rows) for f in frames[1:]):
         return None
-    classes = json.loads((Path(run_dirs[0]) / "run.json").read_text())["classes"]
+    classes = read_run_info(run_dirs[0]).classes
     cal = [f"cal_prob_{c}" for c in classes]
     calibrated = all(set(cal) <= set(f.columns) and f[cal].notna().all().all() for f in frames)
     probs = [f[cal].to_numpy(float) if calibrated else prediction_arrays(f, classes)[1] for f in frames]
@@ -176,20 +178,20 @@ def write_results(spec, grid_dir: Path, runs: list) -> pd.DataFrame:
     """Write results.csv, summary.csv/.md, figure3.png, table1.md and report.html; return the summary."""
     keys = list(spec.grid)
     results = collect(grid_dir, runs)
-    results.to_csv(grid_dir / "results.csv", index=False)
+    atomic_to_csv(results, grid_dir / "results.csv", index=False)
     if results.empty:
         return pd.DataFrame()
     summary = summarise_cells(results, keys)
-    summary.to_csv(grid_dir / "summary.csv", index=False)
-    (grid_dir / "summary.md").write_text(f"# Grid {spec.name}\n\n" + markdown_table(summary))
+    atomic_to_csv(summary, grid_dir / "summary.csv", index=False)
+    atomic_write_text(grid_dir / "summary.md", f"# Grid {spec.name}\n\n" + markdown_table(summary))
     table = comparison(results, keys)
-    (grid_dir / "comparison.md").write_text(f"# Grid {spec.name}: comparison\n\n" + markdown_table(table))
+    atomic_write_text(grid_dir / "comparison.md", f"# Grid {spec.name}: comparison\n\n" + markdown_table(table))
     fig = figure3(summary, spec.base)
     png = save_figure(fig, grid_dir / "figure3.png") if fig is not None else None
     t1 = table1(summary, keys)
     if t1 is not None:
-        (grid_dir / "table1.md").write_text("# Accuracy by augmentation setting (mean ± sd over trials)\n\n"
-                                            + markdown_table(t1))
+        atomic_write_text(grid_dir / "table1.md", "# Accuracy by augmentation setting (mean ± sd over trials)\n\n"
+                          + markdown_table(t1))
     html = render(_HTML, html=True, name=spec.name, n_runs=len(results), n_cells=results["cell"].nunique(),
                   trials=spec.trials, trial_keys=", ".join(spec.trial_keys),
                   seconds=f"{float(results['seconds'].sum()):.1f} s",
@@ -199,5 +201,5 @@ def write_results(spec, grid_dir: Path, runs: list) -> pd.DataFrame:
                   figure=data_uri(png) if png else "",
                   results_html=results.drop(columns=["run_dir"]).to_html(index=False,
                                                                          float_format=lambda x: f"{x:.4f}"))
-    (grid_dir / "report.html").write_text(html)
+    atomic_write_text(grid_dir / "report.html", html)
     return summary
