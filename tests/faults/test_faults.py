@@ -26,6 +26,7 @@ from oncotransfer.rundir import read_metrics, run_finished
 from synthetic import colour_images
 
 SEED = 12  # the kill times are random but repeatable
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork server and /proc: Linux only")
 
 
 @pytest.fixture(scope="module")
