@@ -117,7 +117,8 @@ def test_damaged_onnx_export_in_cache_is_exported_again(tmp_path, caplog):
     np.testing.assert_allclose(out, net(x).detach().numpy(), atol=1e-5)
 
 
-def test_damaged_activation_array_is_dropped_and_recomputed(tmp_path, caplog):
+@pytest.mark.parametrize("keep", [0, 100])  # empty (np.load raises EOFError) or cut inside the data
+def test_damaged_activation_array_is_dropped_and_recomputed(tmp_path, caplog, keep):
     from oncotransfer.train.activations import ActivationCache
     cache = ActivationCache(tmp_path, {"model": "m"})
     shas = [f"s{i}" for i in range(5)]
@@ -126,7 +127,7 @@ def test_damaged_activation_array_is_dropped_and_recomputed(tmp_path, caplog):
         return np.stack([np.full((2, 3, 3), float(i), np.float16) for i in idx])
     cache.get({"v": 0}, shas, compute)
     npy = next(tmp_path.rglob("*.npy"))
-    npy.write_bytes(npy.read_bytes()[:100])
+    npy.write_bytes(npy.read_bytes()[:keep])
     with caplog.at_level(logging.WARNING, "oncotransfer.cache"):
         arr, rows = cache.get({"v": 0}, shas, compute)
     assert "damaged" in caplog.text

@@ -86,7 +86,7 @@ class ActivationCache:
                 raise ValueError("row count differs from the index")
         except FileNotFoundError:
             return [], None  # another process replaced the entry between our reads: computed again
-        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+        except (OSError, ValueError, EOFError, KeyError, TypeError, json.JSONDecodeError) as e:  # EOF: empty file
             # A damaged entry is recomputed, not trusted; its new file replaces the index.
             log.warning(f"warning: activation cache entry {index} is damaged ({str(e).splitlines()[0][:120]}); "
                         "dropped, its activations are recomputed")
