@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from oncotransfer.cli_output import Stream, emit_json, print_inspect, reporter, table
-from oncotransfer.errors import OncoError
+from oncotransfer.errors import OncoError, os_error_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn a folder of medical images into a validated classifier by transfer learning.")
@@ -384,6 +384,12 @@ def main() -> None:
     except OncoError as e:
         err.print(f"error: {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except OSError as e:  # full disk, read-only or forbidden folder, a file where a folder belongs
+        line = os_error_line(e)
+        if line is None:
+            raise
+        err.print(f"error: {line}", highlight=False, soft_wrap=True)
+        sys.exit(1)
     except KeyboardInterrupt as e:
         err.print(interrupted_hint(sys.argv[1:], getattr(e, "run_dir", None)), highlight=False, soft_wrap=True)
         sys.exit(130)

@@ -8,6 +8,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from oncotransfer.errors import ConfigError
+from oncotransfer.io import atomic_write_text
 
 
 class _Strict(BaseModel):
@@ -381,7 +382,7 @@ def to_dict(cfg: BaseModel) -> dict[str, Any]:
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def with_updates(cfg: ExperimentConfig, updates: dict[str, Any]) -> ExperimentConfig:

@@ -1,4 +1,5 @@
 """User-facing errors: each carries one line that says what was wrong, where, and how to fix it."""
+import errno
 
 
 class OncoError(Exception):
@@ -27,3 +28,32 @@ class CheckpointError(OncoError):
 
 class MissingExtraError(OncoError):
     """An optional dependency is not installed."""
+
+
+class RunLayoutError(CheckpointError):
+    """A run directory was written by a newer oncotransfer, in a layout this version cannot read."""
+
+
+_OS_HINTS = {
+    "ENOSPC": "the disk is full: free some space, or point output_dir / train.cache_dir (ONCOTRANSFER_CACHE) "
+              "at a disk with room, then run again (train --resume RUN_DIR continues a run)",
+    "EDQUOT": "the disk quota is used up: free some space or write elsewhere, then run again",
+    "EROFS": "the file system is read-only: choose a writable output_dir / train.cache_dir (ONCOTRANSFER_CACHE)",
+    "EACCES": "permission denied: choose a folder you may write to (output_dir, train.cache_dir, "
+              "ONCOTRANSFER_CACHE) or fix its permissions",
+    "EPERM": "operation not permitted: choose a folder you may write to",
+    "ENOTDIR": "a file stands where a folder is needed: give a folder path (output_dir, train.cache_dir, "
+               "ONCOTRANSFER_CACHE) or move that file away",
+    "EEXIST": "a file stands where a folder is needed: give a folder path or move that file away",
+    "EISDIR": "a folder stands where a file is needed: give a file path",
+}
+
+
+def os_error_line(e: OSError) -> str | None:
+    """One line for a storage error the user can fix (full disk, read-only or forbidden folder, a file where a
+    folder should be), naming the path and what to do; None for other OS errors."""
+    name = errno.errorcode.get(e.errno or 0, "")
+    if name not in _OS_HINTS:
+        return None
+    where = e.filename or "a file"
+    return f"cannot write {where}: {e.strerror or name}; {_OS_HINTS[name]}"

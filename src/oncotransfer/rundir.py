@@ -1,17 +1,181 @@
-"""Leaf module: what a finished run directory is. (Typed run.json / meta.json / metrics.json models: issue 13.)"""
+"""Leaf module: the typed run directory. ``run.json`` (``RunInfo``), ``checkpoint/meta.json``
+(``CheckpointMeta``) and ``metrics.json`` (``Metrics``) are written atomically and read here alone, and
+``run_finished`` says what a finished run directory is.
+
+Layouts: 1 is every run directory written before the files carried a ``layout`` field (read as is: the keys
+are the same); 2 adds ``layout`` to each file and writes ``metrics.json`` last, after the plots and reports,
+recording in ``report`` whether they were written. A run directory of a newer layout is refused in one line.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from oncotransfer.errors import CheckpointError, RunLayoutError
+from oncotransfer.io import write_json
+
+LAYOUT = 2
+RUN_INFO, METRICS, META = "run.json", "metrics.json", "meta.json"
 
 
-def run_finished(run_dir: str | Path, expect_report: bool = False) -> bool:
-    """True when the run's results are complete: its metrics.json holds the whole pooled result (a file cut
-    short by a kill or a full disk does not parse, so the run is not counted as finished) and, with
-    ``expect_report``, its report.html (the last file a reported run writes) is there too."""
-    path = Path(run_dir) / "metrics.json"
+class _RunFile(BaseModel):
+    """Known keys typed; unknown ones kept as they are, so files from other versions round-trip."""
+    model_config = ConfigDict(extra="allow")
+    layout: int = 1  # missing: written before layouts were numbered (layout 1)
+    _bookkeeping: ClassVar[set[str]] = {"layout"}
+
+    def content(self) -> dict[str, Any]:
+        """The file's keys as a plain dict, without the layout bookkeeping (what callers had from json.loads)."""
+        return self.model_dump(exclude_unset=True, exclude=self._bookkeeping)
+
+
+class RunInfo(_RunFile):
+    """``run.json``: what the run was (data, protocol, device) and how it went (best epochs, time, warnings)."""
+    name: str | None = None
+    classes: list[str] | None = None
+    n_images: int | None = None
+    protocol: dict[str, Any] | None = None
+    best_epochs: dict[str, int | None] | None = None
+    seconds: float | None = None
+    device: str | None = None
+    precision: str | None = None
+    weights: str | None = None
+    backbone: str | None = None
+    warnings: list[Any] | None = None
+    skipped: dict[str, str] | None = None
+    checkpoint: str | None = None
+    temperatures: dict[str, float | None] | None = None
+    calibration: dict[str, Any] | None = None
+    processes: int | None = None
+
+
+class CheckpointMeta(_RunFile):
+    """``checkpoint/meta.json``: everything needed to rebuild the classifier beside ``model.safetensors``."""
+    format: str = "oncotransfer-checkpoint/1"
+    version: str | None = None
+    classes: list[str]
+    backbone: dict[str, Any]
+    head: dict[str, Any] | None = None
+    freeze: str | None = None
+    weights: dict[str, Any] | None = None
+    preprocessing: dict[str, Any]
+    config: dict[str, Any] | None = None
+    fold: int | None = None
+    n_folds: int | None = None
+    temperature: float | None = None
+    folds: list[dict[str, Any]] | None = None
+
+
+class Metrics(_RunFile):
+    """``metrics.json``: the top-level blocks typed, the nested metrics dicts as ``evaluate.metrics`` makes them."""
+    name: str | None = None
+    classes: list[str] | None = None
+    protocol: dict[str, Any] | None = None
+    pooled: dict[str, Any]
+    per_fold: dict[str, dict[str, Any]] | None = None
+    folds: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
+    scored_by: str | None = None
+    report: bool | None = None  # layout 2: report.md/.html (and plots) were written before this file
+    _bookkeeping: ClassVar[set[str]] = {"layout", "report"}
+
+
+def _read(path: Path, model: type[_RunFile], run_dir: Path) -> Any:
     try:
-        complete = "pooled" in json.loads(path.read_text())
-    except (OSError, ValueError):
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{run_dir}: no {path.name}; this is not a finished run, train first "
+                              "(oncotransfer train CONFIG) and give its run directory") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({getattr(e, 'msg', e)}); the file is damaged: "
+                              "re-run training (or `train --resume RUN_DIR`) to rewrite it") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object; re-run training to rewrite it")
+    layout = raw.get("layout", 1)
+    if isinstance(layout, int) and not isinstance(layout, bool) and layout > LAYOUT:
+        raise RunLayoutError(f"{run_dir}: written by a newer oncotransfer (run directory layout {layout}; this "
+                             f"version reads layouts up to {LAYOUT}): upgrade oncotransfer "
+                             "(pip install -U oncotransfer) to read it")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise CheckpointError(f"{path}: {key}: {err['msg']}; the file is damaged or was edited by hand: "
+                              "re-run training to rewrite it") from None
+
+
+def _dump(obj: _RunFile | dict[str, Any], model: type[_RunFile]) -> dict[str, Any]:
+    """The keys given (validated), plus ``layout``: files keep the content they always had."""
+    data = obj.model_dump(exclude_unset=True) if isinstance(obj, BaseModel) else dict(obj)
+    data.pop("layout", None)
+    model.model_validate(data)  # a writer bug fails here, before a file exists
+    return {"layout": LAYOUT, **data}
+
+
+def read_run_info(run_dir: str | Path) -> RunInfo:
+    run_dir = Path(run_dir)
+    return _read(run_dir / RUN_INFO, RunInfo, run_dir)
+
+
+def write_run_info(run_dir: str | Path, info: RunInfo | dict[str, Any]) -> dict[str, Any]:
+    data = _dump(info, RunInfo)
+    write_json(Path(run_dir) / RUN_INFO, data)
+    return data
+
+
+def read_checkpoint_meta(checkpoint_dir: str | Path) -> CheckpointMeta:
+    """``meta.json`` in ``checkpoint_dir`` (``RUN/checkpoint`` or a bare checkpoint folder)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    return _read(checkpoint_dir / META, CheckpointMeta, checkpoint_dir)
+
+
+def write_checkpoint_meta(checkpoint_dir: str | Path, meta: CheckpointMeta | dict[str, Any]) -> dict[str, Any]:
+    data = _dump(meta, CheckpointMeta)
+    write_json(Path(checkpoint_dir) / META, data)
+    return data
+
+
+def metrics_file(run_dir: str | Path, suffix: str = "") -> Path:
+    """``metrics.json``, or ``metrics_<suffix>.json`` for an evaluation on other data."""
+    return Path(run_dir) / (f"metrics_{suffix}.json" if suffix else METRICS)
+
+
+def read_metrics(run_dir: str | Path, suffix: str = "") -> Metrics:
+    run_dir = Path(run_dir)
+    return _read(metrics_file(run_dir, suffix), Metrics, run_dir)
+
+
+def write_metrics(run_dir: str | Path, metrics: Metrics | dict[str, Any], report: bool, suffix: str = "") -> dict:
+    """Write the metrics file last of a run's results: with it in place, the run is finished (``run_finished``)."""
+    data = _dump(metrics, Metrics)
+    data["report"] = report
+    write_json(metrics_file(run_dir, suffix), data)
+    return data
+
+
+def mark_unfinished(run_dir: str | Path, suffix: str = "") -> None:
+    """Remove the metrics file before results are rewritten, so a kill part-way leaves no finished marker
+    beside old or half-replaced results."""
+    metrics_file(run_dir, suffix).unlink(missing_ok=True)
+
+
+def run_finished(run_dir: str | Path, report: bool = False) -> bool:
+    """True when the run's results are complete: ``metrics.json`` is in place (written last, atomically) and
+    holds the pooled result; with ``report=True`` its report must have been written too. A layout-1 run
+    (metrics written before the report) counts as reported when report.md and report.html are both there.
+    A run directory of a newer layout raises ``RunLayoutError`` rather than being redone over."""
+    try:
+        m = read_metrics(run_dir)
+    except RunLayoutError:
+        raise
+    except (CheckpointError, OSError):
         return False
-    return complete and (not expect_report or (Path(run_dir) / "report.html").is_file())
+    if not report:
+        return True
+    if m.layout >= 2:
+        return bool(m.report)
+    return all((Path(run_dir) / f).is_file() for f in ("report.md", "report.html"))

@@ -1,8 +1,8 @@
 """Leaf module: usable cores, ONNX export and ONNX Runtime sessions on CPU (about 2x PyTorch eager here)."""
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from oncotransfer.errors import MissingExtraError
+from oncotransfer.io import atomic_write_bytes
 
 
 def usable_cores() -> int:
@@ -25,20 +26,17 @@ def export_onnx(module: nn.Module, path: Path, size: int, opset: int = 17, dynam
     was_training = module.training
     module.eval()
     dummy = torch.zeros(2, 3, size, size)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".onnx")
-    os.close(fd)
+    buf = io.BytesIO()  # exported in memory, then written by Python: a full disk is an OSError naming the file
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings on timm's shape asserts are harmless here
             # The legacy TorchScript exporter: the dynamo one is slower to export and needs onnxscript.
-            torch.onnx.export(module, (dummy,), tmp, opset_version=opset, input_names=["input"],
+            torch.onnx.export(module, (dummy,), buf, opset_version=opset, input_names=["input"],
                               output_names=["output"], dynamo=False,
                               dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None)
-        os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         module.train(was_training)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

@@ -28,6 +28,7 @@ from skimage.morphology import remove_small_objects
 
 from oncotransfer.data.images import IMAGE_SUFFIXES
 from oncotransfer.errors import DataError
+from oncotransfer.io import atomic_path, atomic_write_bytes
 
 Box = tuple[int, int, int, int]
 POLARITIES = ("auto", "dark", "bright")
@@ -258,7 +259,7 @@ def _write_png(path: Path, rgb_or_gray: np.ndarray) -> None:
     ok, buf = cv2.imencode(".png", a)
     if not ok:
         raise DataError(f"could not encode {path.name} as PNG: check the image data")
-    buf.tofile(str(path))
+    atomic_write_bytes(path, buf.tobytes())
 
 
 def _qc_tile(img8: np.ndarray, boxes: list[Box], caption: str) -> np.ndarray:
@@ -381,7 +382,7 @@ def extract_cells(raw_dir: str | Path, out_dir: str | Path, params: CellParams =
         eg = ", ".join(p for p, _ in skipped[:3])
         raise DataError(f"none of the image files in {raw} could be read (e.g. {eg}): check they are valid images")
     manifest = out / MANIFEST_NAME
-    with manifest.open("w", newline="") as fh:
+    with atomic_path(manifest) as tmp, tmp.open("w", newline="") as fh:  # written last, whole or not at all
         writer = csv.DictWriter(fh, fieldnames=["path", "label", "source", "y0", "x0", "y1", "x1"])
         writer.writeheader()
         writer.writerows(rows)

@@ -1,7 +1,6 @@
 """The parent report of a multistage run: each stage's curves and metrics, and multistage vs direct."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -10,15 +9,16 @@ import pandas as pd
 
 from oncotransfer.evaluate.compare import write_comparison
 from oncotransfer.evaluate.render import fmt, fmt_ci, write_report
+from oncotransfer.rundir import read_checkpoint_meta, read_run_info
 
 
 def _stage(parent: Path, index: int, res) -> dict[str, Any]:
     info = res.metrics.get("protocol", {}) or {}
     pooled = res.metrics["pooled"]
     hist = res.run_dir / "plots" / "history.png"
-    run = json.loads((res.run_dir / "run.json").read_text())
-    meta = res.run_dir / "checkpoint" / "meta.json"
-    size = json.loads(meta.read_text()).get("preprocessing", {}).get("size", "?") if meta.is_file() else "?"
+    run = read_run_info(res.run_dir).content()
+    meta = res.run_dir / "checkpoint"
+    size = read_checkpoint_meta(meta).preprocessing.get("size", "?") if (meta / "meta.json").is_file() else "?"
     return {"index": index, "size": size, "name": res.run_dir.name, "n": run.get("n_images", "?"),
             "classes": ", ".join(res.classes),
             "split": info.get("split"), "image_level": info.get("image_level"),

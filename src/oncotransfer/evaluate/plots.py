@@ -12,8 +12,8 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from oncotransfer.errors import DataError
-from oncotransfer.io import atomic_write_bytes
 from oncotransfer.evaluate.calibration import expected_calibration_error, reliability_bins
+from oncotransfer.io import atomic_write_bytes
 
 _HISTORY_COLUMNS = ("fold", "epoch", "train_loss", "train_acc", "val_loss", "val_acc")
 _COLOURS = {"train": "tab:blue", "val": "tab:orange"}

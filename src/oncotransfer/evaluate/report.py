@@ -4,7 +4,6 @@ The run report is ``SECTIONS``: each a Markdown template under ``evaluate/templa
 builds its context from the run (``ReportInputs``); ``evaluate.render`` turns them into both files."""
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +15,13 @@ import yaml
 
 from oncotransfer.data.overlap import overlap_line
 from oncotransfer.errors import CheckpointError, DataError
-from oncotransfer.io import write_json
 from oncotransfer.evaluate.metrics import classification_metrics, fold_summary
 from oncotransfer.evaluate.calibration import expected_calibration_error
 from oncotransfer.evaluate.slides import attach_slides, slide_metrics
 from oncotransfer.evaluate.plots import (as_indices, plot_confusion, plot_history, plot_reliability, plot_roc,
                                          save_figure)
 from oncotransfer.evaluate.render import fmt, fmt_ci, fmt_mean_sd, slug, write_report
+from oncotransfer.rundir import mark_unfinished, read_run_info, write_metrics
 
 
 def prediction_arrays(predictions: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -117,10 +116,7 @@ def _read_run(run: Path, need_predictions: bool) -> tuple[dict[str, Any], dict[s
     if missing:
         raise CheckpointError(f"{run}: no {' or '.join(missing)}; this is not a finished run, "
                               "train first (oncotransfer train CONFIG) and evaluate its run directory")
-    try:
-        info = json.loads((run / "run.json").read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{run / 'run.json'}: not valid JSON ({e.msg}); re-run training to rewrite it") from None
+    info = read_run_info(run).content()
     cfg_path = run / "config.yaml"
     cfg_text = cfg_path.read_text() if cfg_path.is_file() else ""
     cfg = yaml.safe_load(cfg_text) if cfg_text else {}
@@ -346,11 +342,11 @@ def evaluate_run(run_dir: str | Path, predictions: pd.DataFrame | None = None,
                            run / f"slide_predictions{sfx}.csv")
     if slides:
         metrics["slides"] = slides
+    # The metrics file goes last (rundir.run_finished): a kill or a full disk part-way leaves none.
+    mark_unfinished(run, sfx[1:])
     if plots:
         figures = _figures(run, metrics, info, y_true, y_prob, cal_prob, n_bins, sfx)
         inputs = ReportInputs(metrics, info, cfg, cfg_text, figures, run)
         write_report(run, out_name, f"Evaluation report: {metrics['name']}",
                      [(template, context(inputs)) for template, context in SECTIONS])
-    # metrics.json last: a run directory is finished once its metrics file is in place
-    write_json(run / f"metrics{sfx}.json", metrics)
-    return metrics
+    return write_metrics(run, metrics, report=plots, suffix=sfx[1:])

@@ -13,8 +13,8 @@ from oncotransfer.data.augment import describe
 from oncotransfer.evaluate.metrics import summarise
 from oncotransfer.evaluate.plots import save_figure
 from oncotransfer.evaluate.render import frame_table, write_report
-from oncotransfer.io import atomic_write_bytes
-from oncotransfer.rundir import run_finished
+from oncotransfer.io import atomic_to_csv, atomic_write_bytes
+from oncotransfer.rundir import read_metrics, read_run_info, run_finished
 
 _METRICS = ("accuracy", "balanced_accuracy", "roc_auc")
 
@@ -37,8 +37,8 @@ def collect(grid_dir: Path, runs: list) -> pd.DataFrame:
         d = grid_dir / "runs" / run.run_id
         if not run_finished(d):
             continue
-        m = json.loads((d / "metrics.json").read_text())
-        info = json.loads((d / "run.json").read_text())
+        m = read_metrics(d).content()
+        info = read_run_info(d).content()
         row = {"cell": run.cell, **{k: _label(k, v, run.cfg) for k, v in run.values.items()}, "trial": run.trial}
         row.update({k: m["pooled"].get(k) for k in _METRICS})
         ci = m["pooled"].get("accuracy_ci95") or [None, None]
@@ -64,7 +64,7 @@ def cell_ensemble(run_dirs: list[str]) -> dict[str, Any] | None:
     rows = frames[0][["fold", "path", "label"]]
     if any(not f[["fold", "path", "label"]].equals(rows) for f in frames[1:]):
         return None
-    classes = json.loads((Path(run_dirs[0]) / "run.json").read_text())["classes"]
+    classes = read_run_info(run_dirs[0]).classes
     cal = [f"cal_prob_{c}" for c in classes]
     calibrated = all(set(cal) <= set(f.columns) and f[cal].notna().all().all() for f in frames)
     probs = [f[cal].to_numpy(float) if calibrated else prediction_arrays(f, classes)[1] for f in frames]
@@ -158,11 +158,11 @@ def write_results(spec, grid_dir: Path, runs: list) -> pd.DataFrame:
     source, sections under evaluate/templates/grid/); return the summary."""
     keys = list(spec.grid)
     results = collect(grid_dir, runs)
-    atomic_write_bytes(grid_dir / "results.csv", results.to_csv(index=False).encode())
+    atomic_to_csv(results, grid_dir / "results.csv", index=False)
     if results.empty:
         return pd.DataFrame()
     summary = summarise_cells(results, keys)
-    atomic_write_bytes(grid_dir / "summary.csv", summary.to_csv(index=False).encode())
+    atomic_to_csv(summary, grid_dir / "summary.csv", index=False)
     _write_table(grid_dir / "summary.md", f"Grid {spec.name}", summary, keys)
     table = comparison(results, keys)
     _write_table(grid_dir / "comparison.md", f"Grid {spec.name}: comparison", table, keys)

@@ -16,11 +16,12 @@ from oncotransfer.data.splits import make_split, splitter
 from oncotransfer.errors import CheckpointError, OncoError
 from oncotransfer.evaluate.report import evaluate_run
 from oncotransfer.experiments.preflight import check_before_run, remove_unstarted
-from oncotransfer.io import write_json
+from oncotransfer.io import atomic_to_csv
 from oncotransfer.models.backbones import get_backbone
 from oncotransfer.models.checkpoint import checkpoint_meta, write_checkpoint
 from oncotransfer.models.heads import head_factory
 from oncotransfer.progress import Progress, prefixed
+from oncotransfer.rundir import mark_unfinished, write_run_info
 from oncotransfer.train import distributed as D
 from oncotransfer.train.data import LoadedData, load_data
 from oncotransfer.train.device import pick_device, precision_label
@@ -65,6 +66,8 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
         if main and not (run_dir / "config.yaml").is_file():
             raise CheckpointError(f"--resume {run_dir}: not a run directory (no config.yaml)")
         cfg = D.broadcast(load_saved_config(run_dir / "config.yaml") if main else None)
+        if main:  # results are rewritten: until the new metrics.json is in place the run is not finished
+            mark_unfinished(run_dir)
     t0 = time.perf_counter()
     # Everything that can fail on bad input runs before a run directory exists, so none is left half-made.
     spec = get_backbone(cfg.model.backbone)
@@ -82,7 +85,7 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
             save_config(cfg, run_dir / "config.yaml")
         run_dir = Path(D.broadcast(str(run_dir) if main else None))
     if main:
-        split_frame(split, m, data.phashes).to_csv(run_dir / "split.csv", index=False)
+        atomic_to_csv(split_frame(split, m, data.phashes), run_dir / "split.csv", index=False)
         for line in data_warning_lines(data.warnings, m.skipped, run_dir / "run.json"):
             say(line)
     say(f"{len(m)} images, {len(m.classes)} classes, split {cfg.split.kind}: {len(split.folds)} fold(s), "
@@ -115,8 +118,8 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
     if not main:
         return RunResult(run_dir, {}, m.classes)
     history = pd.concat(histories)[["fold", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]]
-    history.to_csv(run_dir / "history.csv", index=False)
-    pd.concat(preds).to_csv(run_dir / "predictions.csv", index=False)
+    atomic_to_csv(history, run_dir / "history.csv", index=False)
+    atomic_to_csv(pd.concat(preds), run_dir / "predictions.csv", index=False)
     if cfg.evaluate.calibrate and all(t is None for t in temps.values()):
         warnings.append(NO_VAL_NOTE)
     meta = checkpoint_meta(fold0, m.classes, cfg.model.head.model_dump(), to_dict(cfg),
@@ -128,7 +131,7 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
                 "image_level": split.image_level, "selection_on_test": split.selection_on_test,
                 "augment": describe(cfg.augment), "zoom_mode": cfg.augment.zoom_mode if cfg.augment.zoom else None,
                 "feature_cache": "; ".join(sorted(modes))}
-    write_json(run_dir / "run.json", {
+    write_run_info(run_dir, {
         "name": cfg.name, "classes": m.classes, "n_images": len(m), "protocol": protocol,
         "best_epochs": best_epochs, "seconds": time.perf_counter() - t0, "device": str(device),
         "precision": precision_label(device, cfg.train.fast_cpu), "weights": cfg.model.weights,

@@ -11,6 +11,7 @@ from oncotransfer.errors import ConfigError, OncoError
 from oncotransfer.evaluate.multistage import write_multistage_report
 from oncotransfer.experiments.preflight import remove_unstarted
 from oncotransfer.experiments.run import RunResult, new_run_dir, run_experiment
+from oncotransfer.io import atomic_write_text
 from oncotransfer.progress import Progress, prefixed
 from oncotransfer.train import distributed as D
 
@@ -77,7 +78,7 @@ def run_stages(cfg: ExperimentConfig, log: Callable[[str], None] | None = None,
         results.append(res)
         init = f"run:{res.run_dir}"
     if main:
-        (parent / "stages.txt").write_text("\n".join(str(r.run_dir.name) for r in results) + "\n")
+        atomic_write_text(parent / "stages.txt", "\n".join(str(r.run_dir.name) for r in results) + "\n")
     final = results[-1]
     if cfg.compare_direct:
         say("direct: the last stage straight from the first stage's starting weights")

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from oncotransfer.errors import ConfigError, MissingExtraError, OncoError
+from oncotransfer.rundir import read_metrics
 
 ARTEFACTS = ("config.yaml", "metrics.json", "report.md", "report.html", "history.csv", "predictions.csv",
              "comparison.md", "comparison.html", "stages.txt")
@@ -119,7 +120,8 @@ def _log_one(client, exp_id: str, run: Path, name: str, tags: dict[str, str], lo
             last = (run / "stages.txt").read_text().split()
             metrics_file = run / last[-1] / "metrics.json" if last else metrics_file
         if metrics_file.is_file():
-            metrics += [Metric(k, v, 0, 0) for k, v in final_metrics(json.loads(metrics_file.read_text())).items()]
+            content = read_metrics(metrics_file.parent).content()
+            metrics += [Metric(k, v, 0, 0) for k, v in final_metrics(content).items()]
         for i in range(0, len(params), 100):
             client.log_batch(rid, params=params[i:i + 100])
         for i in range(0, len(metrics), 1000):

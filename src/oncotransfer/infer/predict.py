@@ -13,6 +13,7 @@ from PIL import Image
 from oncotransfer.data.images import (IMAGE_SUFFIXES, MAX_PIXELS, ImageReadError, decode_for_model, normalise,
                                      resize_uint8)
 from oncotransfer.errors import CheckpointError, ConfigError, DataError
+from oncotransfer.io import atomic_to_csv, atomic_write_bytes
 
 Engine = Literal["auto", "torch", "onnx"]
 ONNX_NAME = "model.onnx"
@@ -311,7 +312,7 @@ def run_predict(run_dir: str | Path, paths: list[str], out: str | Path, tta: boo
     df, errors = pred.predict_paths(paths, tta=tta, max_pixels=max_pixels)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out, index=False)
+    atomic_to_csv(df, out, index=False)
     if explain and len(df):
         from oncotransfer.infer.explain import heatmap, overlay_png
         folder = out.parent / f"{out.stem}_explain"
@@ -325,5 +326,5 @@ def run_predict(run_dir: str | Path, paths: list[str], out: str | Path, tta: boo
             while name in used:  # same file name in two folders: keep both overlays
                 name += "_"
             used.add(name)
-            (folder / f"{name}.png").write_bytes(overlay_png(img, heat))
+            atomic_write_bytes(folder / f"{name}.png", overlay_png(img, heat))
     return df, errors

@@ -17,8 +17,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from oncotransfer.errors import DataError
+from oncotransfer.errors import CheckpointError, DataError
 from oncotransfer.evaluate.slides import aggregate, describe_aggregate, parse_aggregate
+from oncotransfer.io import sha256_file
+from oncotransfer.rundir import read_checkpoint_meta
 
 
 class TileModel:
@@ -57,7 +59,6 @@ class TileModel:
 
 def _export_current(run_dir: Path, meta: dict) -> dict | None:
     """export/model.json when the ONNX export holds exactly the run's models, else None."""
-    import hashlib
     try:
         info = json.loads((run_dir / "export" / "model.json").read_text())
     except (OSError, ValueError):
@@ -66,11 +67,7 @@ def _export_current(run_dir: Path, meta: dict) -> dict | None:
         return None
     folds = meta.get("folds") or [{"fold": int(meta.get("fold") or 0), "temperature": meta.get("temperature")}]
     members = [{"fold": int(f["fold"]), "temperature": f.get("temperature")} for f in folds]
-    h = hashlib.sha256()
-    with open(run_dir / "checkpoint" / "model.safetensors", "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    ok = (info.get("classes") == meta.get("classes") and info.get("checkpoint_digest") in (None, h.hexdigest())
+    ok = (info.get("classes") == meta.get("classes") and info.get("checkpoint_digest") in (None, sha256_file(run_dir / "checkpoint" / "model.safetensors"))
           and info.get("members") in (None, members))
     return info if ok else None
 
@@ -79,12 +76,10 @@ def tile_model(run_dir: str | Path, log: Callable[[str], None] | None = None) ->
     """The run's ``TileModel``: its ONNX export of every fold model (the ensemble), exported now (parity
     checked against PyTorch, as ``oncotransfer export``) when missing or stale."""
     run_dir = Path(run_dir)
-    meta_path = run_dir / "checkpoint" / "meta.json"
-    if not meta_path.is_file():
-        from oncotransfer.errors import CheckpointError
+    if not (run_dir / "checkpoint" / "meta.json").is_file():
         raise CheckpointError(f"{run_dir}: no checkpoint (checkpoint/model.safetensors + meta.json); give a run "
                               "directory written by `oncotransfer train`")
-    meta = json.loads(meta_path.read_text())
+    meta = read_checkpoint_meta(run_dir / "checkpoint").content()
     info = _export_current(run_dir, meta)
     if info is None:
         from oncotransfer.infer.export import export_run

@@ -3,7 +3,6 @@
 Rebuilding a classifier from them is ``models.factory.load_classifier``."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -11,7 +10,8 @@ from safetensors.torch import load_file
 
 from oncotransfer import __version__
 from oncotransfer.errors import CheckpointError
-from oncotransfer.io import atomic_save_tensors, write_json
+from oncotransfer.io import atomic_save_tensors
+from oncotransfer.rundir import read_checkpoint_meta, write_checkpoint_meta
 
 
 def checkpoint_meta(model, classes: list[str], head_cfg: dict, config: dict, extra: dict | None = None) -> dict:
@@ -28,7 +28,7 @@ def write_checkpoint(run_dir: Path, model, meta: dict) -> Path:
     """Write ``checkpoint/model.safetensors`` and ``checkpoint/meta.json`` atomically."""
     out = Path(run_dir) / "checkpoint"
     atomic_save_tensors(model.state_dict(), out / "model.safetensors", {"format": meta["format"]})
-    write_json(out / "meta.json", meta)
+    write_checkpoint_meta(out, meta)
     return out
 
 
@@ -38,7 +38,7 @@ def read_checkpoint(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]
     if not (ckpt / "meta.json").is_file() or not (ckpt / "model.safetensors").is_file():
         raise CheckpointError(f"{run_dir}: no checkpoint (checkpoint/model.safetensors + meta.json); "
                               "give a run directory written by `oncotransfer train`")
-    meta = json.loads((ckpt / "meta.json").read_text())
+    meta = read_checkpoint_meta(ckpt).content()
     return load_file(str(ckpt / "model.safetensors")), meta
 
 

@@ -9,6 +9,7 @@ being loaded, so memory stays bounded.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -18,8 +19,11 @@ import numpy as np
 import torch
 
 from oncotransfer.data.images import normalise
+from oncotransfer.io import atomic_write_bytes
 from oncotransfer.runtime import run_session
 from oncotransfer.train.features import cache_digest, default_cache_dir, onnx_session
+
+log = logging.getLogger("oncotransfer.cache")
 
 
 @torch.inference_mode()
@@ -85,8 +89,13 @@ class ActivationCache:
             arr = np.load(index.parent / info["file"], mmap_mode="r")
             if arr.shape[0] != len(info["shas"]):
                 raise ValueError("row count differs from the index")
-        except (OSError, ValueError, KeyError, json.JSONDecodeError):
-            return [], None  # a damaged entry is recomputed, not trusted
+        except FileNotFoundError:
+            return [], None  # another process replaced the entry between our reads: computed again
+        except (OSError, ValueError, EOFError, KeyError, TypeError, json.JSONDecodeError) as e:  # EOF: empty file
+            # A damaged entry is recomputed, not trusted; its new file replaces the index.
+            log.warning(f"warning: activation cache entry {index} is damaged ({str(e).splitlines()[0][:120]}); "
+                        "dropped, its activations are recomputed")
+            return [], None
         return info["shas"], arr
 
     def get(self, view_key: dict, shas: list[str], compute: Callable[[list[int]], np.ndarray],
@@ -125,6 +134,11 @@ class ActivationCache:
         os.close(fd)
         try:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+            # Reserve the blocks now: writing a memory map on a full disk kills the process (SIGBUS) instead of
+            # raising, so a full disk must fail here, as an OSError naming the file.
+            if hasattr(os, "posix_fallocate"):
+                with open(tmp, "r+b") as f:
+                    os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
             for s in range(0, n_old, 4096):
                 out[s:min(s + 4096, n_old)] = old_arr[s:s + 4096]
             at = n_old
@@ -138,10 +152,8 @@ class ActivationCache:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        fd, tmp = tempfile.mkstemp(dir=index.parent, prefix=f".{index.stem}.", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"file": name, "shas": known + added, "view": view_key, "shape": list(shape)}, f)
-        os.replace(tmp, index)
+        atomic_write_bytes(index, json.dumps({"file": name, "shas": known + added, "view": view_key,
+                                              "shape": list(shape)}).encode())
         if old_name and old_name != name:
             (index.parent / old_name).unlink(missing_ok=True)
         return np.load(index.parent / name, mmap_mode="r")

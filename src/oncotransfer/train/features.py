@@ -3,18 +3,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
 
 from oncotransfer.data.images import normalise
-from oncotransfer.io import atomic_save_tensors
+from oncotransfer.errors import MissingExtraError
+from oncotransfer.io import atomic_save_tensors, read_tensors
 from oncotransfer.runtime import export_onnx, ort_session, run_session
 from oncotransfer.train import distributed as D
 from oncotransfer.train.device import autocast
+
+log = logging.getLogger("oncotransfer.cache")
 
 
 def default_cache_dir() -> Path:
@@ -66,10 +69,19 @@ def extract_features_onnx(session, images: torch.Tensor, mean: tuple, std: tuple
 
 
 def onnx_session(path: Path, module: torch.nn.Module, size: int, device: torch.device, threads: int | None = None):
-    """An ONNX Runtime session of ``module`` at ``size`` px, exported to ``path`` once and reused after."""
-    if not path.is_file():
-        export_onnx(module.cpu().eval(), path, size)
-        module.to(device)
+    """An ONNX Runtime session of ``module`` at ``size`` px, exported to ``path`` once and reused after.
+    A cached export that does not load (cut short, damaged) is dropped with a warning and exported again."""
+    if path.is_file():
+        try:
+            return ort_session(path, threads=threads)
+        except MissingExtraError:
+            raise
+        except Exception as e:  # onnxruntime raises its own error types for a damaged model file
+            log.warning(f"warning: cached ONNX export {path} does not load ({str(e).splitlines()[0][:120]}); "
+                        "dropped and exported again")
+            path.unlink(missing_ok=True)
+    export_onnx(module.cpu().eval(), path, size)
+    module.to(device)
     return ort_session(path, threads=threads)
 
 
@@ -113,10 +125,7 @@ class FeatureCache:
         main = D.is_main()
         have: dict[str, torch.Tensor] = {}
         if main and path.is_file():
-            with safe_open(str(path), "pt") as f:
-                known = json.loads(f.metadata()["shas"])
-                feats = f.get_tensor("features")
-            have = {s: feats[i] for i, s in enumerate(known)}
+            have = _read_entry(path)
         missing = D.broadcast([i for i, s in enumerate(shas) if s not in have] if main else None)
         self.hits += len(shas) - len(missing)
         self.misses += len(missing)
@@ -130,6 +139,22 @@ class FeatureCache:
             atomic_save_tensors({"features": torch.stack([have[k] for k in keys])}, path,
                                 {"shas": json.dumps(keys), "view": json.dumps(view_key, sort_keys=True)})
         return D.broadcast(torch.stack([have[s] for s in shas]))
+
+
+def _read_entry(path: Path) -> dict[str, torch.Tensor]:
+    """Rows of one cache file by image hash; a file that does not load (cut short by a kill before writes were
+    atomic, damaged on disk) or whose rows disagree with its index is dropped with a warning and recomputed."""
+    try:
+        tensors, metadata = read_tensors(path)  # one read: another process may rename a new version over it
+        known, feats = json.loads(metadata["shas"]), tensors["features"]
+        if feats.ndim != 2 or feats.shape[0] != len(known):
+            raise ValueError(f"{feats.shape[0]} rows for {len(known)} images")
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        log.warning(f"warning: feature cache entry {path} is damaged ({str(e).splitlines()[0][:120]}); "
+                    "dropped, its features are recomputed")
+        path.unlink(missing_ok=True)
+        return {}
+    return {s: feats[i] for i, s in enumerate(known)}
 
 
 def cache_digest(obj: dict) -> str:
