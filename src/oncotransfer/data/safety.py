@@ -9,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from oncotransfer.data.dicom import is_dicom_path, probe_dicom, split_frame
 from oncotransfer.data.images import MAX_PIXELS, ImageReadError
 
 DEFAULT_MAX_PIXELS = MAX_PIXELS
@@ -59,6 +60,12 @@ def probe(path: str | Path, limit: int | None) -> tuple[int, int, str]:
     """(width, height, mode) from the header only; ImageReadError (one line, naming the file) when the file is
     not a regular file, not an image, or declares more than ``limit`` pixels."""
     name = str(path)
+    if is_dicom_path(path):  # DICOM (``file#frame=K`` included): Rows x Columns from its header
+        why = regular_file_problem(split_frame(path)[0])
+        if why:
+            raise ImageReadError(f"{name}: {why}")
+        w, h, _ = probe_dicom(path, limit)
+        return w, h, "DICOM"
     why = regular_file_problem(path)
     if why:
         raise ImageReadError(f"{name}: {why}")
