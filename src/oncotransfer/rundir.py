@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import pandas as pd
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -179,3 +182,25 @@ def run_finished(run_dir: str | Path, report: bool = False) -> bool:
     if m.layout >= 2:
         return bool(m.report)
     return all((Path(run_dir) / f).is_file() for f in ("report.md", "report.html"))
+
+
+def predictions_table(paths: Sequence[str], probs: np.ndarray, classes: Sequence[str], *,
+                      labels: Sequence[str] | None = None, fold: int | None = None,
+                      calibrated: np.ndarray | None = None) -> pd.DataFrame:
+    """The one layout of a predictions table (``predictions.csv``, ``predict``'s CSV, external scoring):
+    [fold,] path, [label,] pred, ``prob_<class>`` per class, and ``cal_prob_<class>`` when calibrated
+    probabilities exist. ``probs``: (N, C) in ``classes`` order."""
+    probs = np.asarray(probs).reshape(len(paths), len(classes))
+    cols: dict[str, Any] = {} if fold is None else {"fold": fold}
+    cols["path"] = list(paths)
+    if labels is not None:
+        cols["label"] = list(labels)
+    cols["pred"] = [classes[k] for k in probs.argmax(1)] if len(probs) else []
+    df = pd.DataFrame(cols)
+    for c, name in enumerate(classes):
+        df[f"prob_{name}"] = probs[:, c]
+    if calibrated is not None:
+        calibrated = np.asarray(calibrated)
+        for c, name in enumerate(classes):
+            df[f"cal_prob_{name}"] = calibrated[:, c]
+    return df

@@ -14,6 +14,7 @@ from oncotransfer.data.images import (IMAGE_SUFFIXES, MAX_PIXELS, ImageReadError
                                      resize_uint8)
 from oncotransfer.errors import CheckpointError, ConfigError, DataError
 from oncotransfer.io import atomic_to_csv, atomic_write_bytes
+from oncotransfer.rundir import predictions_table
 
 Engine = Literal["auto", "torch", "onnx"]
 ONNX_NAME = "model.onnx"
@@ -211,10 +212,7 @@ class Predictor:
         return self.frame(ok, probs), errors
 
     def frame(self, paths: list[str], probs: np.ndarray) -> pd.DataFrame:
-        df = pd.DataFrame({"path": paths, "pred": [self.classes[k] for k in probs.argmax(1)] if len(probs) else []})
-        for c, name in enumerate(self.classes):
-            df[f"prob_{name}"] = probs[:, c] if len(probs) else []
-        return df
+        return predictions_table(paths, probs, self.classes)
 
 
 def _export_members(run_dir: Path) -> list[dict] | None:
@@ -270,14 +268,8 @@ def predictions_on(run_dir: str | Path, data_path: str, engine: Engine = "auto",
         probs, cal = pred.probability_pair(pred.normalised(images))
     else:
         probs, cal = pred.predict_uint8(images), None
-    df = pd.DataFrame({"fold": 0, "path": [m.relpath(i) for i in ok],
-                       "label": [m.classes[m.labels[i]] for i in ok],
-                       "pred": [pred.classes[k] for k in probs.argmax(1)]})
-    for c, name in enumerate(pred.classes):
-        df[f"prob_{name}"] = probs[:, c]
-    if cal is not None:
-        for c, name in enumerate(pred.classes):
-            df[f"cal_prob_{name}"] = cal[:, c]
+    df = predictions_table([m.relpath(i) for i in ok], probs, pred.classes, fold=0,
+                           labels=[m.classes[m.labels[i]] for i in ok], calibrated=cal)
     if hashes:  # for the overlap check of evaluate_on (sha256, and pHash as the splits compute it)
         df["sha256"] = [m.sha256[i] for i in ok]
         df["phash"] = phashes

@@ -15,6 +15,7 @@ from oncotransfer.data.splits import Fold
 from oncotransfer.models.classifier import Classifier
 from oncotransfer.models.factory import classifier_for
 from oncotransfer.progress import Progress
+from oncotransfer.rundir import predictions_table
 from oncotransfer.train import distributed as D
 from oncotransfer.train.activations import ActivationCache
 from oncotransfer.train.checkpoint import load_fit_state, save_fit_state
@@ -144,13 +145,6 @@ def fold_predictions(model, data: LoadedData, fold: Fold, cfg: ExperimentConfig,
     m = data.manifest
     module, fast = _fold_module(model, cfg)
     _, _, probs, cal = batch_outputs(module, model.head, model._inputs.test(), device, fast, temperature)
-    probs = probs.numpy()
-    df = pd.DataFrame({"fold": fold.index, "path": [m.relpath(i) for i in fold.test],
-                       "label": [m.classes[m.labels[i]] for i in fold.test],
-                       "pred": [m.classes[k] for k in probs.argmax(1)]})
-    for c, name in enumerate(m.classes):
-        df[f"prob_{name}"] = probs[:, c]
-    if cal is not None:
-        for c, name in enumerate(m.classes):
-            df[f"cal_prob_{name}"] = cal.numpy()[:, c]
-    return df
+    return predictions_table([m.relpath(i) for i in fold.test], probs.numpy(), m.classes, fold=fold.index,
+                             labels=[m.classes[m.labels[i]] for i in fold.test],
+                             calibrated=None if cal is None else cal.numpy())
