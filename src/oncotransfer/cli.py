@@ -188,7 +188,7 @@ def evaluate(run_dir: Path = typer.Argument(..., help="run directory"),
                 err.print(f"  {why}", highlight=False, soft_wrap=True)
     report = Path(run_dir) / (name + ".html")
     if json_:
-        emit_json({"run_dir": run_dir, "report": report, **metrics})
+        emit_json({**metrics, "run_dir": run_dir, "report": report})  # the report's path, not metrics' flag
         return
     console.print(f"accuracy: {metrics['pooled']['accuracy']:.4f}")
     if metrics.get("slides"):

@@ -131,7 +131,7 @@ def test_kill_9_of_the_grid_leaves_no_workers_and_resumes_to_the_same_results(tm
         assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr[-2000:]
         assert how == "kill" or code == 130, (code, stderr[-2000:])
         whole = [p for p in runs.iterdir() if not p.name.startswith(".")]
-        assert all(run_finished(p, expect_report=True) for p in whole), "a half-made run is in runs/"
+        assert all(run_finished(p, report=True) for p in whole), "a half-made run is in runs/"
 
     resumed: list[str] = []
     run_grid(load_grid(grid_file), workers=1, on_run_end=lambda r, d: resumed.append(r.run_id))
@@ -140,7 +140,7 @@ def test_kill_9_of_the_grid_leaves_no_workers_and_resumes_to_the_same_results(tm
     # a run killed between its metrics and its report is not finished: the next call redoes it, and only it
     victim = runs / "c001_t1"
     (victim / "report.html").unlink()
-    assert not run_finished(victim, expect_report=True) and run_finished(victim)
+    assert not run_finished(victim, report=True) and run_finished(victim)
     spec = load_grid(grid_file)
     redone: list[str] = []
     run_grid(spec, workers=1, on_run_end=lambda r, d: redone.append(r.run_id))

@@ -229,10 +229,11 @@ def test_read_only_disk_and_cache_path_that_is_a_file_are_one_line(world, server
     blocker = small_disk.parent / "cache_file"
     blocker.write_text("not a folder")
     log = small_disk.parent / "file.log"
-    assert server.run(["train", cfg, "--set", f"train.cache_dir={blocker}"], log) == 1
+    # refused by the pre-run check (a config error, exit 2) before any run folder or cache is touched
+    assert server.run(["train", cfg, "--set", f"train.cache_dir={blocker}"], log) == 2
     text = log.read_text()
     _no_traceback(text)
-    assert "a file stands where a folder is needed" in text and str(blocker) in text
+    assert "is a file, not a folder" in text and str(blocker) in text
     assert not any(run_finished(d) for d in run_dirs(small_disk / "out"))
 
 
