@@ -46,7 +46,12 @@ def test_finished_means_metrics_in_place_and_its_report_when_asked(tmp_path):
     write_metrics(tmp_path, {"pooled": POOLED}, report=False)
     assert run_finished(tmp_path) and not run_finished(tmp_path, report=True)
     write_metrics(tmp_path, {"pooled": POOLED}, report=True)
+    assert not run_finished(tmp_path, report=True)  # the flag alone is not enough: the report files must exist
+    for f in ("report.md", "report.html"):
+        (tmp_path / f).write_text("x")
     assert run_finished(tmp_path, report=True)
+    (tmp_path / "report.html").unlink()  # removed since: the run is redone
+    assert not run_finished(tmp_path, report=True) and run_finished(tmp_path)
     mark_unfinished(tmp_path)
     assert not run_finished(tmp_path)
     (tmp_path / "metrics.json").write_text('{"pooled": {"accuracy": 0.7')  # cut short

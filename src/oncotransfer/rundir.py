@@ -179,8 +179,9 @@ def run_finished(run_dir: str | Path, report: bool = False) -> bool:
         return False
     if not report:
         return True
-    if m.layout >= 2:
-        return bool(m.report)
+    if m.layout >= 2 and not m.report:
+        return False  # written by a run that made no report (a grid without run_reports)
+    # and the files themselves: a report removed since (or a layout-1 run killed before it) is not finished
     return all((Path(run_dir) / f).is_file() for f in ("report.md", "report.html"))
 
 
