@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from oncotransfer.cli_output import Stream, emit_json, print_inspect, reporter, table
+from oncotransfer.cli_slides import MPP_SOURCE_HELP, slides_app
 from oncotransfer.errors import OncoError, os_error_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -15,7 +16,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, help="Inspect data sets; list the built-in demo sets.")
 models_app = typer.Typer(no_args_is_help=True, help="Backbones and weights.")
 cells_app = typer.Typer(no_args_is_help=True, help="Cell-line microscopy preprocessing.")
-slides_app = typer.Typer(no_args_is_help=True, help="Whole-slide images: tissue tiles at a physical resolution.")
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 app.add_typer(cells_app, name="cells")
@@ -216,26 +216,6 @@ def cells_extract(raw_dir: Path, out_dir: Path,
     console.print(result.summary())
 
 
-_MPP_SOURCE_HELP = "level-0 µm/px for slides whose files record none (e.g. 0.25 for a 40x scan)"
-
-
-@slides_app.command("tile")
-def slides_tile(slides: Path = typer.Argument(..., help="one slide (SVS, NDPI, MRXS, pyramidal TIFF...) or a folder"),
-                out_dir: Path = typer.Argument(..., help="folder for tiles/, thumbnails/, manifest.csv"),
-                tile_size: int = typer.Option(224, help="tile side in pixels"),
-                mpp: Optional[float] = typer.Option(None, help="tile resolution in µm/px (default 0.5)"),
-                magnification: Optional[float] = typer.Option(None, help="tile magnification instead of --mpp"),
-                mpp_source: Optional[float] = typer.Option(None, help=_MPP_SOURCE_HELP),
-                labels: Optional[Path] = typer.Option(None, help="CSV slide,label[,patient]; tiles inherit them"),
-                min_tissue: float = typer.Option(0.5, help="least tissue fraction of a kept tile"),
-                overwrite: bool = typer.Option(False, help="replace an existing OUT/manifest.csv")) -> None:
-    """Find tissue (Otsu on a low-resolution level), cut non-overlapping tiles, write manifest.csv for train."""
-    from oncotransfer.data.slides import tile_slides
-    result = tile_slides(slides, out_dir, tile_size, mpp, magnification, mpp_source, labels, min_tissue, overwrite,
-                         log=lambda s: err.print(s, highlight=False, soft_wrap=True))
-    console.print(result.summary(), highlight=False, soft_wrap=True)
-    if result.failed:
-        raise typer.Exit(1)
 
 
 @app.command("grid")
@@ -289,7 +269,7 @@ def predict(run_dir: Path = typer.Argument(..., help="run directory"),
             tile_size: Optional[int] = typer.Option(None, help="--slide: tile px (default: as in training)"),
             mpp: Optional[float] = typer.Option(None, help="--slide: tile µm/px (default: as in training, else 0.5)"),
             magnification: Optional[float] = typer.Option(None, help="--slide: tile magnification instead of --mpp"),
-            mpp_source: Optional[float] = typer.Option(None, help=f"--slide: {_MPP_SOURCE_HELP}"),
+            mpp_source: Optional[float] = typer.Option(None, help=f"--slide: {MPP_SOURCE_HELP}"),
             min_tissue: Optional[float] = typer.Option(None, help="--slide: least tissue fraction of a tile"),
             max_pixels: int = typer.Option(64_000_000, "--max-pixels", min=1, help="images declaring more "
                                            "pixels are refused before decoding")) -> None:
