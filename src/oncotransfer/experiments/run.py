@@ -117,30 +117,34 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
         raise
     if not main:
         return RunResult(run_dir, {}, m.classes)
-    history = pd.concat(histories)[["fold", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]]
-    atomic_to_csv(history, run_dir / "history.csv", index=False)
-    atomic_to_csv(pd.concat(preds), run_dir / "predictions.csv", index=False)
-    if cfg.evaluate.calibrate and all(t is None for t in temps.values()):
-        warnings.append(NO_VAL_NOTE)
-    meta = checkpoint_meta(fold0, m.classes, cfg.model.head.model_dump(), to_dict(cfg),
-                           {"fold": 0, "n_folds": len(split.folds), "temperature": temps.get("0"),
-                            "folds": [{"fold": f.index, "file": fold_file(f.index), "temperature": temps[str(f.index)]}
-                                      for f in split.folds]})
-    write_checkpoint(run_dir, fold0, meta)
-    protocol = {"split": cfg.split.kind, "folds": len(split.folds), "grouped_by": split.grouped_by,
-                "image_level": split.image_level, "selection_on_test": split.selection_on_test,
-                "augment": describe(cfg.augment), "zoom_mode": cfg.augment.zoom_mode if cfg.augment.zoom else None,
-                "feature_cache": "; ".join(sorted(modes))}
-    write_run_info(run_dir, {
-        "name": cfg.name, "classes": m.classes, "n_images": len(m), "protocol": protocol,
-        "best_epochs": best_epochs, "seconds": time.perf_counter() - t0, "device": str(device),
-        "precision": precision_label(device, cfg.train.fast_cpu), "weights": cfg.model.weights,
-        "backbone": cfg.model.backbone, "warnings": warnings, "skipped": m.skipped,
-        "checkpoint": f"fold 0 of {len(split.folds)}" + (" (folds 1.. in checkpoint/folds/)" if len(split.folds) > 1
-                                                           else ""),
-        "temperatures": temps, "calibration": {"fitted_on": FITTED_ON, "enabled": cfg.evaluate.calibrate},
-        "processes": D.world_size()})
-    metrics = {}
-    if report:
-        metrics = evaluate_run(run_dir)
-    return RunResult(run_dir, metrics, m.classes)
+    try:  # Ctrl-C while the results are written: the run is resumable too (its folds are saved)
+        history = pd.concat(histories)[["fold", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]]
+        atomic_to_csv(history, run_dir / "history.csv", index=False)
+        atomic_to_csv(pd.concat(preds), run_dir / "predictions.csv", index=False)
+        if cfg.evaluate.calibrate and all(t is None for t in temps.values()):
+            warnings.append(NO_VAL_NOTE)
+        meta = checkpoint_meta(fold0, m.classes, cfg.model.head.model_dump(), to_dict(cfg),
+                               {"fold": 0, "n_folds": len(split.folds), "temperature": temps.get("0"),
+                                "folds": [{"fold": f.index, "file": fold_file(f.index), "temperature": temps[str(f.index)]}
+                                          for f in split.folds]})
+        write_checkpoint(run_dir, fold0, meta)
+        protocol = {"split": cfg.split.kind, "folds": len(split.folds), "grouped_by": split.grouped_by,
+                    "image_level": split.image_level, "selection_on_test": split.selection_on_test,
+                    "augment": describe(cfg.augment), "zoom_mode": cfg.augment.zoom_mode if cfg.augment.zoom else None,
+                    "feature_cache": "; ".join(sorted(modes))}
+        write_run_info(run_dir, {
+            "name": cfg.name, "classes": m.classes, "n_images": len(m), "protocol": protocol,
+            "best_epochs": best_epochs, "seconds": time.perf_counter() - t0, "device": str(device),
+            "precision": precision_label(device, cfg.train.fast_cpu), "weights": cfg.model.weights,
+            "backbone": cfg.model.backbone, "warnings": warnings, "skipped": m.skipped,
+            "checkpoint": f"fold 0 of {len(split.folds)}" + (" (folds 1.. in checkpoint/folds/)" if len(split.folds) > 1
+                                                               else ""),
+            "temperatures": temps, "calibration": {"fitted_on": FITTED_ON, "enabled": cfg.evaluate.calibrate},
+            "processes": D.world_size()})
+        metrics = {}
+        if report:
+            metrics = evaluate_run(run_dir)
+        return RunResult(run_dir, metrics, m.classes)
+    except KeyboardInterrupt as e:
+        e.run_dir = run_dir
+        raise
