@@ -170,6 +170,12 @@ class EvaluateConfig(_Strict):
     """Temperature scaling per fold, fitted on the fold's validation subset only (none without one)."""
     ece_bins: int = Field(default=15, ge=1, le=100)
     """Equal-width confidence bins of the expected calibration error and the reliability diagram."""
+    ood: str = "knn"
+    """Out-of-distribution detector fitted on each fold's training features: knn | mahalanobis | energy (any name
+    in ``models.ood.DETECTORS``), or none."""
+    ood_pass_rate: float = Field(default=0.95, ge=0.5, lt=1)
+    """Share of each fold's validation images that score at or under the detector's threshold (the rest of the
+    validation images, and anything scoring higher, are flagged out of distribution)."""
 
 
 class StageConfig(_Strict):

@@ -25,7 +25,9 @@ from oncotransfer.rundir import mark_unfinished, write_run_info
 from oncotransfer.train import distributed as D
 from oncotransfer.train.data import LoadedData, load_data
 from oncotransfer.train.device import pick_device, precision_label
-from oncotransfer.train.fold import fold_predictions, fold_temperature, train_fold
+from oncotransfer.models.ood import detector_fitter
+from oncotransfer.train.fold import fold_ood, fold_predictions, fold_temperature, train_fold
+from oncotransfer.train.ood import save_run_ood
 from oncotransfer.train.fold_outputs import FITTED_ON, NO_VAL_NOTE, fold_file, save_fold_tensors, state_snapshot
 from oncotransfer.train.loop import FitState
 
@@ -73,6 +75,8 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
     spec = get_backbone(cfg.model.backbone)
     splitter(cfg.split.kind)  # unknown plug-in names fail here, before any work
     head_factory(cfg.model.head.kind)
+    if cfg.evaluate.ood != "none":
+        detector_fitter(cfg.evaluate.ood)
     size = cfg.data.image_size or spec.input_size
     data = data or load_data(cfg.data, size, cfg.train.num_workers, phash=cfg.split.group_duplicates)
     m = data.manifest
@@ -92,7 +96,7 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
         f"{'grouped by ' + split.grouped_by if split.grouped_by else 'IMAGE-LEVEL'}")
     device = D.local_device(pick_device(cfg.train.device))
     aug = Augmenter(cfg.augment)
-    histories, preds, best_epochs, modes, fold0, fold0_state, temps = [], [], {}, set(), None, None, {}
+    histories, preds, best_epochs, modes, fold0, fold0_state, temps, oods = [], [], {}, set(), None, None, {}, {}
     warnings = list(data.warnings) + list(split.warnings)
     try:
         for fold in split.folds:
@@ -102,7 +106,8 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
             best_epochs[str(fold.index)] = st.best_epoch
             histories.append(pd.DataFrame(st.history).assign(fold=fold.index))
             temps[str(fold.index)] = fold_temperature(model, fold, cfg, device)
-            preds.append(fold_predictions(model, data, fold, cfg, device, temps[str(fold.index)]))
+            oods[fold.index] = fold_ood(model, data, fold, cfg, reference=fold.index == 0)
+            preds.append(fold_predictions(model, data, fold, cfg, device, temps[str(fold.index)], oods[fold.index]))
             if fold.index == 0:
                 fold0, fold0_state = model, state_snapshot(model)
                 warnings += list(model.weights.warnings if model.weights else [])
@@ -128,6 +133,7 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
                                 "folds": [{"fold": f.index, "file": fold_file(f.index), "temperature": temps[str(f.index)]}
                                           for f in split.folds]})
         write_checkpoint(run_dir, fold0, meta)
+        warnings += save_run_ood(run_dir, oods, cfg, fold0.head, temps, split.folds[0], data.dup_groups)
         protocol = {"split": cfg.split.kind, "folds": len(split.folds), "grouped_by": split.grouped_by,
                     "image_level": split.image_level, "selection_on_test": split.selection_on_test,
                     "augment": describe(cfg.augment), "zoom_mode": cfg.augment.zoom_mode if cfg.augment.zoom else None,

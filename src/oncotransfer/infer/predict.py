@@ -53,7 +53,7 @@ class Predictor:
     ``model`` is the first member (fold 0 of an ensemble), used for Grad-CAM."""
 
     def __init__(self, model: torch.nn.Module, meta: dict, engine: str = "torch", session=None,
-                 run_dir: Path | None = None, ensemble=None, members: list[dict] | None = None):
+                 run_dir: Path | None = None, ensemble=None, members: list[dict] | None = None, ood=None):
         from oncotransfer.models.ensemble import Ensemble
         self.model = model.eval()
         self.members = members or [{"fold": int(meta.get("fold") or 0), "temperature": meta.get("temperature")}]
@@ -69,6 +69,8 @@ class Predictor:
         cfg = meta.get("config") or {}
         self.name = str(cfg.get("name") or meta["backbone"]["name"])
         self.rotation = float(((cfg.get("augment") or {}).get("rotation")) or 0.0)
+        # (OODScorer, OODMeta, shift reference features) of models.ood.load_ood, or None (no detector)
+        self.ood, self.ood_meta, self.shift_reference = ood if ood is not None else (None, None, None)
         self.fill = str((cfg.get("augment") or {}).get("fill") or "nearest")
 
     @classmethod
@@ -85,18 +87,26 @@ class Predictor:
         info = [{"fold": int(e["fold"]), "temperature": e.get("temperature")} for e in entries]
         meta = {**meta, "fold": info[0]["fold"], "temperature": info[0]["temperature"]}
         ensemble = Ensemble(members, [m["temperature"] for m in info], [f"fold{m['fold']}" for m in info])
+        from oncotransfer.models.checkpoint import checkpoint_dir
+        from oncotransfer.models.ood import load_ood
+        ood = load_ood(checkpoint_dir(run_dir), [m["fold"] for m in info])
         onnx_path = run_dir / "export" / ONNX_NAME
         use_onnx = engine == "onnx" or (engine == "auto" and onnx_path.is_file() and onnx_available()
-                                        and _export_members(run_dir) in (None, info))
+                                        and _export_members(run_dir) in (None, info)
+                                        and _export_ood(run_dir) == _ood_digest(ood))
         session = None
         if use_onnx:
             if not onnx_path.is_file():
                 raise CheckpointError(f"{run_dir}: no {onnx_path.relative_to(run_dir)}; run "
                                       f"`oncotransfer export {run_dir} --format onnx` first or use --engine torch")
             _check_export_matches(run_dir, meta, info)
+            if _export_ood(run_dir) != _ood_digest(ood):
+                raise CheckpointError(f"{run_dir}/export was written without the run's out-of-distribution detector "
+                                      f"(or with another one); run `oncotransfer export {run_dir}` again or use "
+                                      "--engine torch")
             from oncotransfer.runtime import ort_session
             session = ort_session(onnx_path)
-        return cls(members[0], meta, "onnx" if use_onnx else "torch", session, run_dir, ensemble, info)
+        return cls(members[0], meta, "onnx" if use_onnx else "torch", session, run_dir, ensemble, info, ood)
 
     @property
     def temperature(self) -> float | None:
@@ -145,29 +155,53 @@ class Predictor:
     # -- inference -------------------------------------------------------------------------------------------
     def probabilities(self, x: torch.Tensor, batch_size: int = 32) -> np.ndarray:
         """Normalised float batch -> (N, C) (calibrated, averaged) probabilities with the selected engine."""
+        return self.outputs(x, batch_size)[0]
+
+    def outputs(self, x: torch.Tensor, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+        """Normalised float batch -> ((N, C) calibrated averaged probabilities, (N,) out-of-distribution scores
+        or None without a detector), from one pass of the selected engine."""
         if len(x) == 0:
-            return np.zeros((0, len(self.classes)), np.float32)
+            return np.zeros((0, len(self.classes)), np.float32), None if self.ood is None else np.zeros(0)
         if self.session is not None:
-            from oncotransfer.runtime import run_session
-            return run_session(self.session, x.numpy(), batch_size)
+            from oncotransfer.runtime import run_session_outputs
+            outs = run_session_outputs(self.session, x.numpy(), batch_size)
+            return outs[0], (outs[1] if self.ood is not None and len(outs) > 1 else None)
+        _, cal, ood = self.score_all(x, batch_size)
+        return cal, ood
+
+    def score_all(self, x: torch.Tensor, batch_size: int = 32
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """PyTorch, one pass: (uncalibrated, calibrated (the same without temperatures), OOD scores or None)."""
+        raw, cal, ood = [], [], []
         with torch.inference_mode():
-            return torch.cat([self.ensemble.probabilities(x[s:s + batch_size])
-                              for s in range(0, len(x), batch_size)]).float().numpy()
+            for s in range(0, len(x), batch_size):
+                feats, logits = self.ensemble.member_outputs(x[s:s + batch_size])
+                raw.append(self.ensemble.average(logits, False).float())
+                cal.append(self.ensemble.average(logits, True).float())
+                if self.ood is not None:
+                    ood.append(self.ood(feats, logits).double())
+        if not raw:
+            empty = np.zeros((0, len(self.classes)), np.float32)
+            return empty, empty, None if self.ood is None else np.zeros(0)
+        return (torch.cat(raw).numpy(), torch.cat(cal).numpy(),
+                torch.cat(ood).numpy() if self.ood is not None else None)
 
     def probability_pair(self, x: torch.Tensor, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
         """(uncalibrated, calibrated or None when no member has a temperature) probabilities; PyTorch, one pass."""
-        if not self.ensemble.calibrated:
-            return self.probabilities(x, batch_size), None
-        if len(x) == 0:
-            empty = np.zeros((0, len(self.classes)), np.float32)
-            return empty, empty
-        raw, cal = [], []
-        with torch.inference_mode():
-            for s in range(0, len(x), batch_size):
-                a, b = self.ensemble.both(x[s:s + batch_size])
-                raw.append(a.float())
-                cal.append(b.float())
-        return torch.cat(raw).numpy(), torch.cat(cal).numpy()
+        raw, cal, _ = self.score_all(x, batch_size)
+        return raw, cal if self.ensemble.calibrated else None
+
+    def in_distribution(self, scores: np.ndarray | None) -> np.ndarray | None:
+        """True where the OOD score is at or under the run's threshold; None without a detector or threshold."""
+        return None if scores is None or self.ood is None else self.ood.flags(scores)
+
+    def confidence_cut(self, coverage: float) -> float | None:
+        """The top-class probability under which images are referred, so that ``coverage`` of the run's
+        validation images (each fold model on its own validation subset) are answered; None when unknown."""
+        conf = self.ood_meta.confidences if self.ood_meta is not None else []
+        if not conf:
+            return None
+        return float(np.quantile(np.asarray(conf), 1.0 - coverage, method="lower"))
 
     def tta_views(self, batch: torch.Tensor) -> list[torch.Tensor]:
         """Identity, horizontal and vertical flip, and ± the run's own rotation when it trained with one."""
@@ -184,10 +218,16 @@ class Predictor:
         return views
 
     def predict_uint8(self, batch: torch.Tensor, tta: bool = False) -> np.ndarray:
-        if not tta:
-            return self.probabilities(self.normalised(batch))
-        probs = [self.probabilities(self.normalised(v)) for v in self.tta_views(batch)]
-        return np.mean(probs, axis=0)
+        return self.predict_with_ood(batch, tta)[0]
+
+    def predict_with_ood(self, batch: torch.Tensor, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 batch -> (probabilities, averaged over the TTA views with ``tta``; OOD scores of the image as
+        it is, the view the threshold was set on)."""
+        probs, ood = self.outputs(self.normalised(batch))
+        if tta:
+            probs = np.mean([probs] + [self.probabilities(self.normalised(v)) for v in self.tta_views(batch)[1:]],
+                            axis=0)
+        return probs, ood
 
     def predict_images(self, images: Sequence[Image.Image | torch.Tensor], tta: bool = False) -> np.ndarray:
         """Images -> (N, C) class probabilities."""
@@ -208,11 +248,11 @@ class Predictor:
             except ImageReadError as e:
                 errors[str(f)] = str(e)
         batch = torch.stack(tensors) if tensors else torch.zeros((0, 3, self.size, self.size), dtype=torch.uint8)
-        probs = self.predict_uint8(batch, tta)
-        return self.frame(ok, probs), errors
+        probs, ood = self.predict_with_ood(batch, tta)
+        return self.frame(ok, probs, ood), errors
 
-    def frame(self, paths: list[str], probs: np.ndarray) -> pd.DataFrame:
-        return predictions_table(paths, probs, self.classes)
+    def frame(self, paths: list[str], probs: np.ndarray, ood: np.ndarray | None = None) -> pd.DataFrame:
+        return predictions_table(paths, probs, self.classes, ood_scores=ood, in_distribution=self.in_distribution(ood))
 
 
 def _export_members(run_dir: Path) -> list[dict] | None:
@@ -223,6 +263,19 @@ def _export_members(run_dir: Path) -> list[dict] | None:
     members = json.loads(info.read_text()).get("members")
     return None if members is None else [{"fold": int(m["fold"]), "temperature": m.get("temperature")}
                                          for m in members]
+
+
+def _ood_digest(ood) -> str | None:
+    """The digest of the detector tensors ``load_ood`` read (None: the run has no detector)."""
+    return None if ood is None else ood[1].tensors_sha256
+
+
+def _export_ood(run_dir: Path) -> str | None:
+    """The detector digest an export holds (None: an export without an ``ood_score`` output)."""
+    try:
+        return (json.loads((run_dir / "export" / "model.json").read_text()).get("ood") or {}).get("tensors_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _check_export_matches(run_dir: Path, meta: dict, members: list[dict] | None = None) -> None:
@@ -264,12 +317,14 @@ def predictions_on(run_dir: str | Path, data_path: str, engine: Engine = "auto",
     images, ok, failed, phashes = decode_many(m.paths, pred.size, phash=hashes)
     if not ok:
         raise DataError(f"{data_path}: none of the {len(m)} images could be read, e.g. {next(iter(failed.values()))}")
-    if pred.ensemble.calibrated:
-        probs, cal = pred.probability_pair(pred.normalised(images))
+    if pred.ensemble.calibrated or pred.session is None:
+        probs, cal, ood = pred.score_all(pred.normalised(images))
+        cal = cal if pred.ensemble.calibrated else None
     else:
-        probs, cal = pred.predict_uint8(images), None
+        (probs, ood), cal = pred.predict_with_ood(images), None
     df = predictions_table([m.relpath(i) for i in ok], probs, pred.classes, fold=0,
-                           labels=[m.classes[m.labels[i]] for i in ok], calibrated=cal)
+                           labels=[m.classes[m.labels[i]] for i in ok], calibrated=cal, ood_scores=ood,
+                           in_distribution=pred.in_distribution(ood))
     if hashes:  # for the overlap check of evaluate_on (sha256, and pHash as the splits compute it)
         df["sha256"] = [m.sha256[i] for i in ok]
         df["phash"] = phashes

@@ -25,6 +25,7 @@ from oncotransfer.train.features import FeatureCache, resolve_engine
 from oncotransfer.train.fold_outputs import batch_outputs, fit_fold_temperature
 from oncotransfer.train.inputs import cached_inputs, image_inputs
 from oncotransfer.train.loop import FitState, fit, make_optimizer
+from oncotransfer.train.ood import FoldOOD, fit_fold_ood
 from oncotransfer.train.schedule import make_schedule
 from oncotransfer.train.tail_inputs import tail_inputs
 
@@ -139,12 +140,22 @@ def fold_temperature(model, fold: Fold, cfg: ExperimentConfig, device) -> float 
     return fit_fold_temperature(module, model.head, model._inputs, fold, cfg, device, fast)
 
 
+def fold_ood(model, data: LoadedData, fold: Fold, cfg: ExperimentConfig, reference: bool = False
+             ) -> FoldOOD | None:
+    """The fold's out-of-distribution detector (``train.ood``), fitted on its training originals."""
+    module, _ = _fold_module(model, cfg)
+    return fit_fold_ood(module, model.head, model._inputs, fold, data.manifest.labels, cfg, reference)
+
+
 def fold_predictions(model, data: LoadedData, fold: Fold, cfg: ExperimentConfig, device,
-                      temperature: float | None = None) -> pd.DataFrame:
-    """Test rows of the fold: ``prob_<class>`` as trained, plus ``cal_prob_<class>`` when a temperature exists."""
+                      temperature: float | None = None, ood: FoldOOD | None = None) -> pd.DataFrame:
+    """Test rows of the fold: ``prob_<class>`` as trained, plus ``cal_prob_<class>`` when a temperature exists
+    and ``ood_score``/``in_distribution`` from the fold's own detector."""
     m = data.manifest
     module, fast = _fold_module(model, cfg)
     _, _, probs, cal = batch_outputs(module, model.head, model._inputs.test(), device, fast, temperature)
     return predictions_table([m.relpath(i) for i in fold.test], probs.numpy(), m.classes, fold=fold.index,
                              labels=[m.classes[m.labels[i]] for i in fold.test],
-                             calibrated=None if cal is None else cal.numpy())
+                             calibrated=None if cal is None else cal.numpy(),
+                             ood_scores=None if ood is None else ood.test_scores,
+                             in_distribution=None if ood is None else ood.flags(ood.test_scores))
