@@ -17,6 +17,8 @@ from oncotransfer.io import atomic_to_csv, atomic_write_bytes
 from oncotransfer.rundir import predictions_table
 
 Engine = Literal["auto", "torch", "onnx"]
+DEFAULT_COVERAGE = 0.9
+"""``predict --abstain`` and ``serve``: answer this share of in-distribution images, refer the least confident rest."""
 ONNX_NAME = "model.onnx"
 
 
@@ -216,6 +218,24 @@ class Predictor:
                 p = AugParams(**{**p.__dict__, "theta_deg": np.full(n, sign * self.rotation)})
                 views.append(aug.apply(batch, p))
         return views
+
+    def referrals(self, probs: np.ndarray, ood: np.ndarray | None, coverage: float = DEFAULT_COVERAGE
+                  ) -> tuple[np.ndarray, list[str]]:
+        """Which images to refer to a person, and why: out of distribution (when the run has a detector and a
+        threshold), or a top-class probability under the cut that answers ``coverage`` of the validation images."""
+        refer = np.zeros(len(probs), bool)
+        reasons = [[] for _ in range(len(probs))]
+        flags = self.in_distribution(ood)
+        if flags is not None:
+            for i in np.nonzero(~flags)[0]:
+                refer[i] = True
+                reasons[i].append("out of distribution")
+        cut = self.confidence_cut(coverage)
+        if cut is not None and len(probs):
+            for i in np.nonzero(probs.max(1) < cut)[0]:
+                refer[i] = True
+                reasons[i].append(f"low confidence (< {cut:.3f})")
+        return refer, ["; ".join(r) for r in reasons]
 
     def predict_uint8(self, batch: torch.Tensor, tta: bool = False) -> np.ndarray:
         return self.predict_with_ood(batch, tta)[0]
