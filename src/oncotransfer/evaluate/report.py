@@ -21,7 +21,8 @@ from oncotransfer.evaluate.slides import attach_slides, slide_metrics
 from oncotransfer.evaluate.plots import (as_indices, plot_confusion, plot_history, plot_reliability, plot_roc,
                                          save_figure)
 from oncotransfer.evaluate.render import fmt, fmt_ci, fmt_mean_sd, slug, write_report
-from oncotransfer.rundir import mark_unfinished, read_run_info, write_metrics
+from oncotransfer.evaluate.ood import ood_lines, ood_summary
+from oncotransfer.rundir import mark_unfinished, read_ood_meta, read_run_info, write_metrics
 
 
 def prediction_arrays(predictions: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -204,6 +205,11 @@ def headline_section(r: ReportInputs) -> dict[str, Any]:
     return {"items": items}
 
 
+def ood_section(r: ReportInputs) -> dict[str, Any] | None:
+    lines = ood_lines(r.metrics.get("ood"), external=bool(r.metrics.get("scored_by")))
+    return {"lines": lines} if lines else None
+
+
 def per_class_section(r: ReportInputs) -> dict[str, Any]:
     return {"rows": [[c, fmt(v["precision"]), fmt(v["recall"]), fmt(v["f1"]), v["support"]]
                      for c, v in r.metrics["pooled"]["per_class"].items()]}
@@ -259,6 +265,7 @@ def config_section(r: ReportInputs) -> dict[str, Any]:
 SECTIONS: list[tuple[str, Callable[[ReportInputs], dict[str, Any] | None]]] = [
     ("run/protocol.md.j2", protocol_section),
     ("run/headline.md.j2", headline_section),
+    ("run/ood.md.j2", ood_section),
     ("run/per_class.md.j2", per_class_section),
     ("run/binary.md.j2", binary_section),
     ("run/confusion.md.j2", confusion_section),
@@ -267,6 +274,15 @@ SECTIONS: list[tuple[str, Callable[[ReportInputs], dict[str, Any] | None]]] = [
     ("run/setup.md.j2", setup_section),
     ("run/config.md.j2", config_section),
 ]
+
+
+def _detector(run: Path) -> dict[str, Any] | None:
+    """What checkpoint/ood.json says of the run's detector (no tensors), or None."""
+    meta = read_ood_meta(run / "checkpoint") if (run / "checkpoint").is_dir() else None
+    if meta is None:
+        return None
+    return {"detector": meta.detector, "params": meta.params, "pass_rate": meta.pass_rate, "features": meta.features,
+            "thresholds": {str(m.fold): m.threshold for m in meta.members}}
 
 
 def _figures(run: Path, metrics: dict[str, Any], info: dict[str, Any], y_true: np.ndarray, y_prob: np.ndarray,
@@ -333,6 +349,9 @@ def evaluate_run(run_dir: str | Path, predictions: pd.DataFrame | None = None,
     metrics = {"name": info.get("name") or cfg.get("name") or run.name, "classes": classes,
                "protocol": info.get("protocol") or {}, "pooled": pooled, "per_fold": per_fold,
                "folds": fold_summary(list(per_fold.values()), keys), "calibration": calibration}
+    ood = ood_summary(predictions, _detector(run))
+    if ood is not None:
+        metrics["ood"] = ood
     if scored_by:
         metrics["scored_by"] = scored_by
     if overlap is not None:  # external data vs the run's training images (evaluate.external)

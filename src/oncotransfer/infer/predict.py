@@ -370,13 +370,20 @@ def evaluate_on(run_dir: str | Path, data_path: str, engine: Engine = "auto", fo
 
 
 def run_predict(run_dir: str | Path, paths: list[str], out: str | Path, tta: bool = False, explain: bool = False,
-                engine: Engine = "auto", fold: int | None = None, max_pixels: int | None = MAX_PIXELS
-                ) -> tuple[pd.DataFrame, dict[str, str]]:
+                engine: Engine = "auto", fold: int | None = None, max_pixels: int | None = MAX_PIXELS,
+                abstain: bool = False, coverage: float = DEFAULT_COVERAGE) -> tuple[pd.DataFrame, dict[str, str]]:
     """The ``predict`` command: CSV at ``out``; with ``explain`` overlays in ``<out stem>_explain/``
     (Grad-CAM of the first member, fold 0, for an ensemble). Images declaring more than ``max_pixels`` are
-    refused (listed in the errors) before decoding."""
+    refused (listed in the errors) before decoding. ``abstain`` adds ``refer`` and ``refer_reason``
+    (``Predictor.referrals`` at ``coverage``)."""
+    if not 0 < coverage <= 1:
+        raise ConfigError(f"--coverage {coverage:g}: expected a share of images in (0, 1], e.g. 0.9")
     pred = Predictor.from_run(run_dir, engine, fold)
     df, errors = pred.predict_paths(paths, tta=tta, max_pixels=max_pixels)
+    if abstain:
+        probs = df[[f"prob_{c}" for c in pred.classes]].to_numpy(float)
+        ood = df["ood_score"].to_numpy(float) if "ood_score" in df.columns else None
+        df["refer"], df["refer_reason"] = pred.referrals(probs, ood, coverage)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_to_csv(df, out, index=False)
