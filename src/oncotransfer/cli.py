@@ -331,7 +331,9 @@ def serve(run_dir: Path = typer.Argument(..., help="run directory"),
           body_timeout: float = typer.Option(60.0, "--body-timeout", min=0.1, help="408 and close when an "
                                              "upload takes longer"),
           log_file: str = typer.Option("-", "--log-file", help="JSON access log (one line a request): a file "
-                                       "to append to, or - for stdout")) -> None:
+                                       "to append to, or - for stdout"),
+          coverage: float = typer.Option(0.9, "--coverage", min=0, max=1, help="share of in-distribution "
+                                         "images answered; the least confident rest get refer: true")) -> None:
     """Serve the model: POST /predict, GET /health, and an upload page at /."""
     from oncotransfer.serve.app import create_app
     from oncotransfer.serve.limits import ServeLimits
@@ -341,7 +343,7 @@ def serve(run_dir: Path = typer.Argument(..., help="run directory"),
                          max_pixels=max_pixels, max_decode_mb=max_decode_mb, header_timeout_s=header_timeout,
                          body_timeout_s=body_timeout)
     application = create_app(run_dir, engine=engine, max_upload_mb=max_upload_mb, fold=fold, limits=limits,
-                             token=token, access_log=log_file)
+                             token=token, access_log=log_file, coverage=coverage)
     p, g = application.state.predictor, application.state.gate
     err.print(f"serving {run_dir} on http://{host}:{port}/ ({p.describe()}, engine {p.engine}; "
               f"{g.max_concurrent} at once + {g.max_queue} waiting, {timeout:g} s limit"
