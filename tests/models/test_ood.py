@@ -90,3 +90,35 @@ def test_a_changed_tensor_file_is_one_line(tmp_path):
 def test_no_threshold_means_no_flags():
     s = O.OODScorer([O.EnergyDetector(False)], [None], "energy", 0.95)
     assert s.threshold is None and s.flags(np.array([1.0])) is None
+
+
+def test_a_new_detector_is_one_class_and_one_function(tmp_path):
+    """CONTRIBUTING.md's example: registered, fitted, saved and rebuilt with nothing else touched."""
+    class CosineToMean(O.Detector):
+        kind = "cosine"
+
+        def __init__(self, mean: torch.Tensor):
+            super().__init__()
+            self.register_buffer("mean", mean)
+
+        def forward(self, features, logits):
+            return 1 - torch.nn.functional.cosine_similarity(features, self.mean[None], dim=1)
+
+        def tensors(self):
+            return {"mean": self.mean}
+
+    @O.register_detector("cosine", CosineToMean)
+    def _fit_cosine(features, labels, sigmoid=False):
+        return CosineToMean(torch.as_tensor(features.mean(0), dtype=torch.float32))
+
+    try:
+        f, y = _blobs()
+        det = O.detector_fitter("cosine")(f, y, False)
+        O.save_ood(tmp_path, {0: det}, {0: 0.5}, {0: (200, 10)}, "cosine", 0.95, "features")
+        scorer, meta, _ = O.load_ood(tmp_path, [0])
+        x = torch.as_tensor(f[:4])
+        np.testing.assert_allclose(scorer([x], [None]).numpy(), det(x, None).numpy(), rtol=1e-6)
+        assert meta.detector == "cosine"
+    finally:
+        O.DETECTORS.pop("cosine", None)
+        O._CLASSES.pop("cosine", None)
