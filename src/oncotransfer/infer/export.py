@@ -109,7 +109,7 @@ def export_run(run_dir: str | Path, fmt: Literal["onnx", "torchscript"] = "onnx"
         diff = max(diff, ood_diff)
     if not diff <= PARITY_TOL:
         path.unlink(missing_ok=True)  # a model that disagrees with PyTorch must not be picked up by predict/serve
-        raise ExportParityError(f"{path.name}: exported probabilities differ from PyTorch by {diff:.2e} "
+        raise ExportParityError(f"{path.name}: exported outputs differ from PyTorch by {diff:.2e} "
                                 f"(> {PARITY_TOL:g}) on {len(ref)} images; the export was removed")
     write_json(out_dir / "model.json", {
         "format": fmt, "file": path.name, "oncotransfer_version": __version__, "classes": meta["classes"],

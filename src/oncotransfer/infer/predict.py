@@ -171,9 +171,10 @@ class Predictor:
         _, cal, ood = self.score_all(x, batch_size)
         return cal, ood
 
-    def score_all(self, x: torch.Tensor, batch_size: int = 32
+    def score_all(self, x: torch.Tensor, batch_size: int = 32, features: list | None = None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """PyTorch, one pass: (uncalibrated, calibrated (the same without temperatures), OOD scores or None)."""
+        """PyTorch, one pass: (uncalibrated, calibrated (the same without temperatures), OOD scores or None).
+        ``features``: a list that receives the first member's features (the shift check's space), batch by batch."""
         raw, cal, ood = [], [], []
         with torch.inference_mode():
             for s in range(0, len(x), batch_size):
@@ -182,6 +183,8 @@ class Predictor:
                 cal.append(self.ensemble.average(logits, True).float())
                 if self.ood is not None:
                     ood.append(self.ood(feats, logits).double())
+                if features is not None:
+                    features.append(feats[0].float().numpy())
         if not raw:
             empty = np.zeros((0, len(self.classes)), np.float32)
             return empty, empty, None if self.ood is None else np.zeros(0)
