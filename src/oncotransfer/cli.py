@@ -162,19 +162,21 @@ def evaluate(run_dir: Path = typer.Argument(..., help="run directory"),
                                                 "(default: the ensemble of a multi-fold run's fold models)"),
              json_: bool = typer.Option(False, "--json", help=_JSON_HELP),
              aggregate: str = typer.Option("mean", help="slide tiles: slide probability = mean | topk:K of its "
-                                           "tiles'")) -> None:
+                                           "tiles'"),
+             adapt: str = typer.Option("none", help="with --data: bn re-estimates BatchNorm statistics on the "
+                                       "new images (AdaBN)")) -> None:
     """Recompute metrics and the report of a run (or score its model on new labelled data)."""
     from oncotransfer.evaluate.report import evaluate_run
     if data is None:
-        if fold is not None:
+        if fold is not None or adapt != "none":
             from oncotransfer.errors import ConfigError
-            raise ConfigError("--fold applies with --data (scoring a fold model on other data); "
-                            "the run's own report already has every fold")
+            raise ConfigError(f"{'--fold' if fold is not None else '--adapt'} applies with --data (scoring the run's "
+                              "models on other data); the run's own report already has every fold")
         metrics = evaluate_run(run_dir, slide_aggregate=aggregate)
         name = "report"
     else:
-        from oncotransfer.infer.predict import evaluate_on
-        metrics = evaluate_on(run_dir, data, fold=fold, slide_aggregate=aggregate)
+        from oncotransfer.infer.external import evaluate_on
+        metrics = evaluate_on(run_dir, data, fold=fold, slide_aggregate=aggregate, adapt=adapt)
         name = "report_external"
         if metrics.get("overlap"):
             from oncotransfer.data.overlap import overlap_line

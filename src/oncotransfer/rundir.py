@@ -127,6 +127,7 @@ class Metrics(_RunFile):
     calibration: dict[str, Any] | None = None
     scored_by: str | None = None
     ood: dict[str, Any] | None = None
+    shift: dict[str, Any] | None = None
     report: bool | None = None  # layout 2: report.md/.html (and plots) were written before this file
     _bookkeeping: ClassVar[set[str]] = {"layout", "report"}
 

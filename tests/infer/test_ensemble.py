@@ -114,7 +114,7 @@ def test_predict_and_serve_default_to_the_ensemble_fold_0_is_one_model(kfold_run
 
 
 def test_evaluate_other_data_scores_the_ensemble(run_copy):
-    from oncotransfer.infer.predict import evaluate_on
+    from oncotransfer.infer.external import evaluate_on
     metrics = evaluate_on(run_copy, "demo:osteosarcoma")
     assert "ensemble of 3 fold models" in metrics["scored_by"]
     assert metrics["calibration"]["ece_after"] is not None and metrics["pooled"]["ece"] >= 0

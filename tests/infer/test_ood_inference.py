@@ -82,7 +82,7 @@ def test_onnx_export_carries_the_same_scores_and_an_old_export_is_not_used(run_c
 
 
 def test_evaluate_data_reports_the_flagged_share(run_copy):
-    from oncotransfer.infer.predict import evaluate_on
+    from oncotransfer.infer.external import evaluate_on
     m = evaluate_on(run_copy, "demo:osteosarcoma")
     ood = m["ood"]
     assert ood["scored"] == 60 and 0 <= ood["flagged"] <= 60

@@ -91,7 +91,7 @@ def test_missing_paths_are_errors_not_crashes(predictor, tmp_path):
 
 
 def test_predictions_on_labelled_data(tiny_run):
-    from oncotransfer.infer.predict import predictions_on
+    from oncotransfer.infer.external import predictions_on
     df = predictions_on(tiny_run, "demo:osteosarcoma", engine="torch")
     saved = pd.read_csv(tiny_run / "predictions.csv")
     assert list(df.columns) == list(saved.columns)

@@ -220,7 +220,7 @@ def test_streaming_needs_no_pytorch(slide_run):
 
 def test_evaluate_on_other_slide_tiles_gives_slide_metrics(slide_run):
     """``evaluate RUN --data TILES``: the external tiles' manifest brings its slide column."""
-    from oncotransfer.infer.predict import evaluate_on
+    from oncotransfer.infer.external import evaluate_on
     tmp, run = slide_run
     metrics = evaluate_on(run, str(tmp / "tiles"), engine="torch")
     assert metrics["slides"]["slides"] == 6 and metrics["pooled"]["n"] == 120

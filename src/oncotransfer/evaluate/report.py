@@ -172,6 +172,16 @@ def protocol_section(r: ReportInputs) -> dict[str, Any]:
         ov = r.metrics["overlap"]
         lines.insert(1, {"text": overlap_line(ov), "level": "warn" if ov["overlapping"] or ov["notes"] else ""})
         lines[2:2] = [{"text": note, "level": "warn"} for note in ov["notes"]]
+    if r.metrics.get("shift"):
+        sh = r.metrics["shift"]
+        lines.insert(1, {"text": sh["line"] + (f" (reference: {sh['reference'].get('images')} images, "
+                                               f"{sh['reference'].get('which')})" if sh.get("reference") else ""),
+                         "level": "warn" if sh.get("shifted") else ""})
+    if r.metrics.get("ood") and r.metrics["ood"].get("flagged") is not None and r.metrics.get("scored_by"):
+        o = r.metrics["ood"]
+        lines.insert(1, {"text": f"Out of distribution: {o['flagged']} of {o['scored']} images "
+                                 f"({o['flagged_share']:.1%}) flagged by the run's detector",
+                         "level": "warn" if o["flagged_share"] > 0.1 else ""})
     if cal:
         lines.append({"text": "Temperature scaling fitted on the validation subset of each fold; test folds "
                               "never used" if cal["ece_after"] is not None else
@@ -310,7 +320,8 @@ def _figures(run: Path, metrics: dict[str, Any], info: dict[str, Any], y_true: n
 
 def evaluate_run(run_dir: str | Path, predictions: pd.DataFrame | None = None,
                  out_name: str = "report", plots: bool = True, scored_by: str | None = None,
-                 slide_aggregate: str = "mean", overlap: dict[str, Any] | None = None) -> dict[str, Any]:
+                 slide_aggregate: str = "mean", overlap: dict[str, Any] | None = None,
+                 shift: dict[str, Any] | None = None) -> dict[str, Any]:
     """Metrics per fold and pooled, plots and the Markdown/HTML report for one run directory.
 
     ``predictions`` replaces predictions.csv (e.g. an external test set); with an ``out_name`` other than
@@ -356,6 +367,8 @@ def evaluate_run(run_dir: str | Path, predictions: pd.DataFrame | None = None,
         metrics["scored_by"] = scored_by
     if overlap is not None:  # external data vs the run's training images (evaluate.external)
         metrics["overlap"] = overlap
+    if shift is not None:  # a two-sample test of the external images against the training features
+        metrics["shift"] = shift
     sfx = "" if out_name == "report" else f"_{slug(out_name)}"
     slides = slide_metrics(predictions, classes, slide_aggregate, kw["positive_classes"], kw["bootstrap"],
                            run / f"slide_predictions{sfx}.csv")

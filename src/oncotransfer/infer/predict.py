@@ -323,55 +323,6 @@ def checkpoint_digest(run_dir: Path) -> str:
     return sha256_file(Path(run_dir) / "checkpoint" / "model.safetensors")
 
 
-def predictions_on(run_dir: str | Path, data_path: str, engine: Engine = "auto", fold: int | None = None,
-                   predictor: "Predictor | None" = None, hashes: bool = False) -> pd.DataFrame:
-    """Score a labelled data set (class folders, manifest, demo:NAME) in the format of RUN/predictions.csv:
-    ``prob_<class>`` uncalibrated and, when temperatures exist, ``cal_prob_<class>`` (both averaged over the
-    fold models of an ensemble). With temperatures the scores come from PyTorch (one pass gives both)."""
-    from oncotransfer.data.images import decode_many
-    from oncotransfer.data.manifest import load_manifest
-    pred = predictor or Predictor.from_run(run_dir, engine, fold)
-    regex = ((pred.meta.get("config") or {}).get("data") or {}).get("patient_regex")
-    m = load_manifest(data_path, regex, min_classes=1, dicom_frames=pred.dicom_frames)
-    unknown = sorted(set(m.classes) - set(pred.classes))
-    if unknown:
-        raise DataError(f"{data_path}: classes {unknown} are not among the model's classes {pred.classes}; "
-                        "name the class folders (or manifest labels) as in training")
-    images, ok, failed, phashes = decode_many(m.paths, pred.size, phash=hashes)
-    if not ok:
-        raise DataError(f"{data_path}: none of the {len(m)} images could be read, e.g. {next(iter(failed.values()))}")
-    if pred.ensemble.calibrated or pred.session is None:
-        probs, cal, ood = pred.score_all(pred.normalised(images))
-        cal = cal if pred.ensemble.calibrated else None
-    else:
-        (probs, ood), cal = pred.predict_with_ood(images), None
-    df = predictions_table([m.relpath(i) for i in ok], probs, pred.classes, fold=0,
-                           labels=[m.classes[m.labels[i]] for i in ok], calibrated=cal, ood_scores=ood,
-                           in_distribution=pred.in_distribution(ood))
-    if hashes:  # for the overlap check of evaluate_on (sha256, and pHash as the splits compute it)
-        df["sha256"] = [m.sha256[i] for i in ok]
-        df["phash"] = phashes
-    df.attrs["skipped"] = {**m.skipped, **{m.paths[i]: why for i, why in failed.items()}}
-    return df
-
-
-def evaluate_on(run_dir: str | Path, data_path: str, engine: Engine = "auto", fold: int | None = None,
-                slide_aggregate: str = "mean") -> dict:
-    """``evaluate RUN --data OTHER``: score the run's model (the ensemble of its fold models by default) on
-    other labelled data; writes metrics_report_external.json and report_external.html/md."""
-    from oncotransfer.evaluate.report import evaluate_run
-    from oncotransfer.evaluate.external import overlap_checked
-    from oncotransfer.evaluate.slides import attach_slides
-    pred = Predictor.from_run(run_dir, engine, fold)
-    df = predictions_on(run_dir, data_path, predictor=pred, hashes=True)
-    skipped = df.attrs.get("skipped") or {}
-    df, overlap = overlap_checked(run_dir, attach_slides(df, data_path), [m["fold"] for m in pred.members], pred.size)
-    metrics = evaluate_run(run_dir, predictions=df, out_name="report_external",
-                           scored_by=f"{pred.describe()} on {data_path}", slide_aggregate=slide_aggregate,
-                           overlap=overlap)
-    return {**metrics, "skipped": skipped} if skipped else metrics
-
-
 def run_predict(run_dir: str | Path, paths: list[str], out: str | Path, tta: bool = False, explain: bool = False,
                 engine: Engine = "auto", fold: int | None = None, max_pixels: int | None = MAX_PIXELS,
                 abstain: bool = False, coverage: float = DEFAULT_COVERAGE) -> tuple[pd.DataFrame, dict[str, str]]:
