@@ -114,6 +114,15 @@ def test_report_html_is_self_contained(tmp_path):
     assert '"Segoe UI"' in html  # ...but the stylesheet is not
 
 
+def test_ece_has_a_bootstrap_interval_in_metrics_and_headline(tmp_path):
+    run = make_run(tmp_path)
+    metrics = evaluate_run(run)
+    lo, hi = metrics["pooled"]["ece_ci95"]
+    assert metrics["calibration"]["ece_before_ci95"] == [lo, hi] and 0 <= lo <= hi <= 1
+    assert metrics["calibration"]["ece_after_ci95"] is None  # no cal_prob columns
+    assert f"(95% CI {lo:.3f}–{hi:.3f})" in (run / "report.md").read_text()
+
+
 def test_no_binary_view_without_positive_classes_for_three_classes(tmp_path):
     run = make_run(tmp_path, positive=None)
     metrics = evaluate_run(run)

@@ -16,58 +16,12 @@ import yaml
 from oncotransfer.data.overlap import overlap_line
 from oncotransfer.errors import CheckpointError, DataError
 from oncotransfer.evaluate.metrics import classification_metrics, fold_summary
-from oncotransfer.evaluate.calibration import expected_calibration_error
+from oncotransfer.evaluate.calibration import ece_bootstrap_ci, expected_calibration_error
+from oncotransfer.evaluate.trust import calibration_summary, prediction_arrays, temperature_text
 from oncotransfer.evaluate.slides import attach_slides, slide_metrics
-from oncotransfer.evaluate.plots import (as_indices, plot_confusion, plot_history, plot_reliability, plot_roc,
-                                         save_figure)
+from oncotransfer.evaluate.plots import plot_confusion, plot_history, plot_reliability, plot_roc, save_figure
 from oncotransfer.evaluate.render import fmt, fmt_ci, fmt_mean_sd, slug, write_report
 from oncotransfer.rundir import mark_unfinished, read_run_info, write_metrics
-
-
-def prediction_arrays(predictions: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """``(y_true, y_prob)`` from a predictions frame with ``label`` (class names) and ``prob_<class>`` columns."""
-    cols = [f"prob_{c}" for c in classes]
-    missing = [c for c in ["label", *cols] if c not in predictions.columns]
-    if missing:
-        raise DataError(f"predictions: missing column(s) {missing}; expected 'label' and one prob_<class> "
-                        f"column for each of {classes}")
-    return as_indices(predictions["label"].astype(str).to_numpy(), classes), predictions[cols].to_numpy(float)
-
-
-def calibration_summary(predictions: pd.DataFrame, classes: list[str], info: dict[str, Any], n_bins: int
-                        ) -> tuple[dict[str, Any], np.ndarray | None]:
-    """metrics.json's "calibration" block and the pooled calibrated probabilities (None when there are none).
-
-    ``cal_prob_<class>`` columns exist for the folds that have a temperature; rows of any fold without one
-    keep their uncalibrated probabilities in ``ece_after`` (said in the note)."""
-    y_true, y_prob = prediction_arrays(predictions, classes)
-    cols = [f"cal_prob_{c}" for c in classes]
-    cal = None
-    if all(c in predictions.columns for c in cols) and predictions[cols].notna().all(axis=1).any():
-        cal = predictions[cols].to_numpy(float)
-        missing = np.isnan(cal).any(axis=1)
-        cal[missing] = y_prob[missing]
-    temps = info.get("temperatures") or {}
-    out = {"ece_before": expected_calibration_error(y_true, y_prob, n_bins),
-           "ece_after": expected_calibration_error(y_true, cal, n_bins) if cal is not None else None,
-           "temperatures": temps, "fitted_on": "validation subset of each fold", "bins": n_bins}
-    if cal is None:
-        enabled = (info.get("calibration") or {}).get("enabled", True)
-        out["note"] = ("not calibrated: no validation split" if enabled
-                       else "not calibrated: evaluate.calibrate is false")
-    elif missing.any():
-        folds = sorted(map(str, predictions.loc[missing, "fold"].unique()))
-        out["note"] = f"fold(s) {', '.join(folds)} not calibrated (no validation subset); uncalibrated there"
-    return out, cal
-
-
-def _temperature_text(temps: dict[str, Any]) -> str:
-    vals = [float(t) for t in temps.values() if t is not None]
-    if not vals:
-        return ""
-    if len(vals) == 1:
-        return f"T = {vals[0]:.3f}"
-    return f"T = {min(vals):.3f}–{max(vals):.3f} over {len(vals)} folds"
 
 
 def protocol_lines(protocol: dict[str, Any], n_folds: int) -> list[dict[str, str]]:
@@ -171,11 +125,15 @@ def protocol_section(r: ReportInputs) -> dict[str, Any]:
         ov = r.metrics["overlap"]
         lines.insert(1, {"text": overlap_line(ov), "level": "warn" if ov["overlapping"] or ov["notes"] else ""})
         lines[2:2] = [{"text": note, "level": "warn"} for note in ov["notes"]]
-    if cal:
-        lines.append({"text": "Temperature scaling fitted on the validation subset of each fold; test folds "
-                              "never used" if cal["ece_after"] is not None else
-                      f"Probabilities {cal.get('note', 'not calibrated')}",
-                      "level": "" if cal["ece_after"] is not None else "warn"})
+    if cal and cal["ece_after"] is not None:
+        n = f", {cal['n_val_total']} images" if cal.get("n_val_total") else ""
+        asked = cal.get("requested")
+        rule = (f" (evaluate.calibration {cal['rule']})" if asked == "auto" and cal.get("rule")
+                else f" (evaluate.calibration: {asked})" if asked else "")
+        lines.append({"text": f"Temperature scaling fitted on the {cal['fitted_on']}{n}; test folds never used{rule}",
+                      "level": "warn" if cal.get("at_bound") else ""})
+    elif cal:
+        lines.append({"text": f"Probabilities {cal.get('note', 'not calibrated')}", "level": "warn"})
     return {"lines": lines}
 
 
@@ -192,10 +150,10 @@ def headline_section(r: ReportInputs) -> dict[str, Any]:
                    f"{fmt(sl['pooled']['balanced_accuracy'])} / {fmt(sl['pooled']['roc_auc'])}")]
     cal = r.metrics.get("calibration")
     if cal:
-        t = _temperature_text(cal.get("temperatures") or {})
-        after = (f"{fmt(cal['ece_before'])} before, {fmt(cal['ece_after'])} after temperature scaling"
-                 f" ({t}, fitted on the {cal['fitted_on']})" if cal["ece_after"] is not None
-                 else f"{fmt(cal['ece_before'])} ({cal.get('note', 'not calibrated')})")
+        before = fmt_ci(cal["ece_before"], cal.get("ece_before_ci95"))
+        after = (f"{before} before, {fmt_ci(cal['ece_after'], cal.get('ece_after_ci95'))} after temperature "
+                 f"scaling ({temperature_text(cal)})" if cal["ece_after"] is not None
+                 else f"{before} ({cal.get('note', 'not calibrated')})")
         items.append((f"Calibration error (ECE, {cal.get('bins', 15)} bins)", after))
     if r.n_folds > 1:
         items += [(f"{label} over folds (mean ± sd)", fmt_mean_sd(folds.get(key)))
@@ -325,9 +283,10 @@ def evaluate_run(run_dir: str | Path, predictions: pd.DataFrame | None = None,
     pooled = classification_metrics(y_true, y_prob, **kw)
     n_bins = int(ev.get("ece_bins", 15))
     pooled["ece"] = expected_calibration_error(y_true, y_prob, n_bins)
+    pooled["ece_ci95"] = ece_bootstrap_ci(y_true, y_prob, n_bins, kw["bootstrap"])
     for f, part in predictions.groupby("fold", sort=True):
         per_fold[str(f)]["ece"] = expected_calibration_error(*prediction_arrays(part, classes), n_bins)
-    calibration, cal_prob = calibration_summary(predictions, classes, info, n_bins)
+    calibration, cal_prob = calibration_summary(predictions, classes, info, n_bins, kw["bootstrap"])
     keys = ("accuracy", "balanced_accuracy", "roc_auc") + (("binary.precision", "binary.recall")
                                                           if pooled["binary"] else ())
     metrics = {"name": info.get("name") or cfg.get("name") or run.name, "classes": classes,
