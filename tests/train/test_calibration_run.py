@@ -39,6 +39,7 @@ def test_temperatures_cal_columns_and_ece_keys(kfold_run):
     assert 0 <= c["ece_after"] <= 1 and c["temperatures"] == temps
     assert c["fitted_on"] == info["calibration"]["fitted_on"] and c["fitted_on"].startswith("pooled validation")
     assert c["mode"] == "pooled" and c["requested"] == "auto" and c["at_bound"] == {}
+    assert metrics["selective"]["confidence"] == "top calibrated probability"
     md = (run / "report.md").read_text()
     assert "Calibration error (ECE, 15 bins)" in md and "after temperature scaling" in md
     assert f"T = {temps['0']:.3f} fitted on the pooled validation subsets of 3 folds" in md

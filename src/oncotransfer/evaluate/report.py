@@ -17,9 +17,11 @@ from oncotransfer.data.overlap import overlap_line
 from oncotransfer.errors import CheckpointError, DataError
 from oncotransfer.evaluate.metrics import classification_metrics, fold_summary
 from oncotransfer.evaluate.calibration import ece_bootstrap_ci, expected_calibration_error
-from oncotransfer.evaluate.trust import calibration_summary, prediction_arrays, temperature_text
+from oncotransfer.evaluate.selective import accuracy_at_coverage, answered
+from oncotransfer.evaluate.trust import calibration_summary, prediction_arrays, selective_block, temperature_text
 from oncotransfer.evaluate.slides import attach_slides, slide_metrics
-from oncotransfer.evaluate.plots import plot_confusion, plot_history, plot_reliability, plot_roc, save_figure
+from oncotransfer.evaluate.plots import (plot_confusion, plot_history, plot_reliability, plot_risk_coverage,
+                                         plot_roc, save_figure)
 from oncotransfer.evaluate.render import fmt, fmt_ci, fmt_mean_sd, slug, write_report
 from oncotransfer.rundir import mark_unfinished, read_run_info, write_metrics
 
@@ -155,6 +157,11 @@ def headline_section(r: ReportInputs) -> dict[str, Any]:
                  f"scaling ({temperature_text(cal)})" if cal["ece_after"] is not None
                  else f"{before} ({cal.get('note', 'not calibrated')})")
         items.append((f"Calibration error (ECE, {cal.get('bins', 15)} bins)", after))
+    sel = r.metrics.get("selective")
+    if sel:
+        items.append(("Accuracy at 90% coverage", fmt_ci(sel["accuracy_at_90_coverage"], sel.get(
+            "accuracy_at_90_coverage_ci95")) + f" on the {answered(0.9, sel['n'])} of {sel['n']} test images the "
+            f"model is most sure of ({sel['confidence']}); {fmt(sel['accuracy_by_confidence'][-1])} on all"))
     if r.n_folds > 1:
         items += [(f"{label} over folds (mean ± sd)", fmt_mean_sd(folds.get(key)))
                   for key, label in (("accuracy", "Accuracy"), ("balanced_accuracy", "Balanced accuracy"),
@@ -182,6 +189,17 @@ def confusion_section(r: ReportInputs) -> dict[str, Any]:
     classes = r.metrics["classes"]
     return {"classes": classes, "rows": [[c, *counts] for c, counts in
                                          zip(classes, r.metrics["pooled"]["confusion_matrix"])]}
+
+
+def selective_section(r: ReportInputs) -> dict[str, Any] | None:
+    sel = r.metrics.get("selective")
+    if not sel:
+        return None
+    by_ood = sel.get("accuracy_by_ood")
+    rows = [[f"{c:.0%}", answered(c, sel["n"]), fmt(a)] + ([fmt(by_ood[i])] if by_ood else [])
+            for i, (c, a) in enumerate(zip(sel["coverage"], sel["accuracy_by_confidence"]))
+            if round(c * 100) in (100, 90, 80, 70, 50)][::-1]
+    return {"confidence": sel["confidence"], "ood": by_ood is not None, "rows": rows}
 
 
 def plots_section(r: ReportInputs) -> dict[str, Any]:
@@ -220,6 +238,7 @@ SECTIONS: list[tuple[str, Callable[[ReportInputs], dict[str, Any] | None]]] = [
     ("run/per_class.md.j2", per_class_section),
     ("run/binary.md.j2", binary_section),
     ("run/confusion.md.j2", confusion_section),
+    ("run/selective.md.j2", selective_section),
     ("plots.md.j2", plots_section),
     ("run/warnings.md.j2", warnings_section),
     ("run/setup.md.j2", setup_section),
@@ -228,7 +247,7 @@ SECTIONS: list[tuple[str, Callable[[ReportInputs], dict[str, Any] | None]]] = [
 
 
 def _figures(run: Path, metrics: dict[str, Any], info: dict[str, Any], y_true: np.ndarray, y_prob: np.ndarray,
-             cal_prob: np.ndarray | None, n_bins: int, sfx: str) -> list[tuple[str, Path]]:
+             cal_prob: np.ndarray | None, n_bins: int, sfx: str, ood: np.ndarray | None) -> list[tuple[str, Path]]:
     pooled, classes = metrics["pooled"], metrics["classes"]
     figures: list[tuple[str, Path]] = []
     hist_path = run / "history.csv"
@@ -247,6 +266,13 @@ def _figures(run: Path, metrics: dict[str, Any], info: dict[str, Any], y_true: n
     figures.append(("ROC", save_figure(plot_roc(y_true, y_prob, classes), run / f"plots/roc{sfx}.png")))
     figures.append(("Reliability (calibration)", save_figure(
         plot_reliability(y_true, y_prob, cal_prob, classes, n_bins), run / f"plots/reliability{sfx}.png")))
+    correct, every = (y_prob.argmax(axis=1) == y_true), np.arange(1, len(y_true) + 1) / len(y_true)
+    curves = {f"by {metrics['selective']['confidence']}": (every, accuracy_at_coverage(
+        correct, (cal_prob if cal_prob is not None else y_prob).max(axis=1), every))}
+    if ood is not None:
+        curves["by OOD score (most usual first)"] = (every, accuracy_at_coverage(correct, -ood, every))
+    figures.append(("Selective prediction (risk-coverage)", save_figure(
+        plot_risk_coverage(curves), run / f"plots/selective{sfx}.png")))
     return figures
 
 
@@ -291,7 +317,8 @@ def evaluate_run(run_dir: str | Path, predictions: pd.DataFrame | None = None,
                                                           if pooled["binary"] else ())
     metrics = {"name": info.get("name") or cfg.get("name") or run.name, "classes": classes,
                "protocol": info.get("protocol") or {}, "pooled": pooled, "per_fold": per_fold,
-               "folds": fold_summary(list(per_fold.values()), keys), "calibration": calibration}
+               "folds": fold_summary(list(per_fold.values()), keys), "calibration": calibration,
+               "selective": selective_block(predictions, y_true, y_prob, cal_prob, kw["bootstrap"])}
     if scored_by:
         metrics["scored_by"] = scored_by
     if overlap is not None:  # external data vs the run's training images (evaluate.external)
@@ -304,7 +331,8 @@ def evaluate_run(run_dir: str | Path, predictions: pd.DataFrame | None = None,
     # The metrics file goes last (rundir.run_finished): a kill or a full disk part-way leaves none.
     mark_unfinished(run, sfx[1:])
     if plots:
-        figures = _figures(run, metrics, info, y_true, y_prob, cal_prob, n_bins, sfx)
+        ood = predictions["ood_score"].to_numpy(float) if "ood_score" in predictions.columns else None
+        figures = _figures(run, metrics, info, y_true, y_prob, cal_prob, n_bins, sfx, ood)
         inputs = ReportInputs(metrics, info, cfg, cfg_text, figures, run)
         write_report(run, out_name, f"Evaluation report: {metrics['name']}",
                      [(template, context(inputs)) for template, context in SECTIONS])

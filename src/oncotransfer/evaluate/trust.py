@@ -1,5 +1,6 @@
 """How far to trust a run's predictions: metrics.json's ``calibration`` block (ECE before and after temperature
-scaling, with bootstrap CIs, and how the temperatures were fitted), from a predictions frame."""
+scaling, with bootstrap CIs, and how the temperatures were fitted) and its ``selective`` block (accuracy against
+coverage), from a predictions frame."""
 from __future__ import annotations
 
 from typing import Any
@@ -10,6 +11,7 @@ import pandas as pd
 from oncotransfer.errors import DataError
 from oncotransfer.evaluate.calibration import ece_bootstrap_ci, expected_calibration_error
 from oncotransfer.evaluate.plots import as_indices
+from oncotransfer.evaluate.selective import selective_summary
 
 
 def prediction_arrays(predictions: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -67,3 +69,13 @@ def temperature_text(cal: dict[str, Any]) -> str:
     if cal.get("at_bound"):
         text += "; ⚠ at a bound of the fitted range, see Warnings"
     return text
+
+
+def selective_block(predictions: pd.DataFrame, y_true: np.ndarray, y_prob: np.ndarray, cal: np.ndarray | None,
+                    n_boot: int) -> dict[str, Any]:
+    """metrics.json's "selective" block (``evaluate.selective``): confidence is the top calibrated probability
+    where there is one, else the top probability; the ``ood_score`` column, when present, is the other order."""
+    ood = predictions["ood_score"].to_numpy(float) if "ood_score" in predictions.columns else None
+    out = selective_summary(y_true, y_prob, (cal if cal is not None else y_prob).max(axis=1), ood, n_boot)
+    out["confidence"] = "top calibrated probability" if cal is not None else "top probability"
+    return out
