@@ -57,8 +57,8 @@ MIN_VAL_PER_FOLD, MIN_VAL_ERRORS_PER_FOLD = 200, 25
 """``evaluate.calibration: auto`` fits one temperature per fold only when every fold has at least 200 validation
 images of which at least 25 are misclassified; otherwise one temperature on the pooled validation logits of all
 folds. The NLL's hold on T comes mostly from the wrong predictions: in simulation (calibrated logits, accuracy
-78-93%) the 90% range of refitted T spans a factor of about 1.6 (T ±25%) at 25 errors whatever the accuracy, a
-factor of 2.6-4 at 50 images; on busi-dev (53 validation images a fold) the per-fold fits spread over 0.38-1.14."""
+78-93%) the 90% range of refitted T spans a factor of about 1.6 (T ±25%) at 25-45 errors (200-400 images), 2.6-4
+at 50 images; on busi-dev (51-53 validation images a fold) the per-fold fits spread over 0.38-1.14."""
 BOUND_TOLERANCE = 0.02
 """A fitted T within 2% of T_MIN or T_MAX is "at the bound": the optimum lies at or beyond it."""
 RULE = (f"auto: one temperature per fold only when every fold has at least {MIN_VAL_PER_FOLD} validation images, "
