@@ -117,7 +117,8 @@ def export_run(run_dir: str | Path, fmt: Literal["onnx", "torchscript"] = "onnx"
                           "note": "RGB, squash-resize to size x size, scale to [0, 1], (x - mean) / std"},
         "backbone": meta["backbone"], "checkpoint_digest": checkpoint_digest(run_dir),
         "model": pred.describe(), "members": pred.members, "temperature": pred.temperature,
-        "calibration": "logits / temperature before softmax (sigmoid), fitted on each fold's validation subset"
+        "calibration": "logits / temperature before softmax (sigmoid), fitted on validation subsets only "
+                       "(pooled over the folds or per fold: run.json 'calibration')"
                        if pred.ensemble.calibrated else "none (no temperature fitted)",
         "input": {"name": "input", "shape": ["batch", 3, size, size], "dtype": "float32", "layout": "NCHW"},
         "output": {"name": "output", "shape": ["batch", len(meta["classes"])],

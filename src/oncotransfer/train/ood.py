@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -128,3 +129,14 @@ def save_run_ood(run_dir: Path, oods: dict[int, FoldOOD | None], cfg: Experiment
              cfg.evaluate.ood, cfg.evaluate.ood_pass_rate, FEATURES, confidences, described)
     missing = [str(k) for k, o in oods.items() if o.threshold is None]
     return [NO_THRESHOLD.format(folds=", ".join(missing))] if missing else []
+
+
+def with_ood_columns(frame: pd.DataFrame, ood: FoldOOD | None) -> pd.DataFrame:
+    """A fold's test predictions with ``ood_score`` and ``in_distribution`` from its own detector (rows in the
+    fold's test order, as ``test_scores``)."""
+    if ood is None:
+        return frame
+    flags = ood.flags(ood.test_scores)
+    return frame.assign(ood_score=ood.test_scores,
+                        in_distribution=pd.Series([None] * len(frame), dtype=object, index=frame.index)
+                        if flags is None else pd.Series(flags, index=frame.index).astype(object))
