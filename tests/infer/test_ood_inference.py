@@ -105,3 +105,36 @@ def test_unknown_detector_fails_before_a_run_folder(tmp_path):
     with pytest.raises(ConfigError, match="unknown detector 'knnn'"):
         run_experiment(cfg)
     assert not (tmp_path / "runs").exists()
+
+
+def _as_class_folder(tmp_path, images, cls="Non-Tumor"):
+    import shutil
+    folder = tmp_path / "other" / cls
+    folder.mkdir(parents=True)
+    for p in images:
+        shutil.copy(p, folder / p.name)
+    return str(tmp_path / "other")
+
+
+def test_shift_test_flags_other_images_and_not_the_training_distribution(run_copy, tmp_path):
+    from oncotransfer.infer.external import evaluate_on
+    same = evaluate_on(run_copy, "demo:osteosarcoma")["shift"]
+    assert same["shifted"] is False and same["p_value"] > 0.01 and same["reference"]["images"] > 0
+    other = evaluate_on(run_copy, _as_class_folder(tmp_path, sorted(demo_path("bus250").rglob("*.png"))[:40]))
+    assert other["shift"]["shifted"] is True and other["shift"]["p_value"] < 0.01
+    assert "dataset shift" in (run_copy / "report_external.md").read_text()
+
+
+def test_adabn_scores_with_adapted_statistics_and_leaves_the_run_alone(run_copy, tmp_path):
+    from oncotransfer.infer.external import evaluate_on
+    data = _as_class_folder(tmp_path, TILES)
+    plain = evaluate_on(run_copy, data)
+    before = (run_copy / "checkpoint" / "model.safetensors").read_bytes()
+    bn = evaluate_on(run_copy, data, adapt="bn")
+    assert "AdaBN" in bn["scored_by"] and "AdaBN" not in plain["scored_by"]
+    assert (run_copy / "checkpoint" / "model.safetensors").read_bytes() == before
+    keys = ("scored", "flagged", "mean_score")  # OOD scores come from the models as trained; predictions do not
+    assert [bn["ood"][k] for k in keys] == [plain["ood"][k] for k in keys]
+    assert bn["pooled"]["confusion_matrix"] != plain["pooled"]["confusion_matrix"]
+    with pytest.raises(ConfigError, match="--adapt 'xx'"):
+        evaluate_on(run_copy, data, adapt="xx")
