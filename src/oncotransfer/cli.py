@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from oncotransfer.cli_output import Stream, emit_json, print_inspect, reporter, table
+from oncotransfer.cli_output import (Stream, emit_json, external_lines, print_inspect, print_predictions, reporter,
+                                     table)
 from oncotransfer.cli_slides import MPP_SOURCE_HELP, slides_app
 from oncotransfer.errors import OncoError, os_error_line
 
@@ -161,31 +162,29 @@ def evaluate(run_dir: Path = typer.Argument(..., help="run directory"),
                                                 "(default: the ensemble of a multi-fold run's fold models)"),
              json_: bool = typer.Option(False, "--json", help=_JSON_HELP),
              aggregate: str = typer.Option("mean", help="slide tiles: slide probability = mean | topk:K of its "
-                                           "tiles'")) -> None:
+                                           "tiles'"),
+             adapt: str = typer.Option("none", help="with --data: bn re-estimates BatchNorm statistics on the "
+                                       "new images (AdaBN)")) -> None:
     """Recompute metrics and the report of a run (or score its model on new labelled data)."""
     from oncotransfer.evaluate.report import evaluate_run
     if data is None:
-        if fold is not None:
+        if fold is not None or adapt != "none":
             from oncotransfer.errors import ConfigError
-            raise ConfigError("--fold applies with --data (scoring a fold model on other data); "
-                            "the run's own report already has every fold")
+            raise ConfigError(f"{'--fold' if fold is not None else '--adapt'} applies with --data (scoring the run's "
+                              "models on other data); the run's own report already has every fold")
         metrics = evaluate_run(run_dir, slide_aggregate=aggregate)
         name = "report"
     else:
-        from oncotransfer.infer.predict import evaluate_on
-        metrics = evaluate_on(run_dir, data, fold=fold, slide_aggregate=aggregate)
+        from oncotransfer.infer.external import evaluate_on
+        metrics = evaluate_on(run_dir, data, fold=fold, slide_aggregate=aggregate, adapt=adapt)
         name = "report_external"
         if metrics.get("overlap"):
             from oncotransfer.data.overlap import overlap_line
             ov = metrics["overlap"]
             for line in [overlap_line(ov)] * bool(ov["overlapping"]) + ov["notes"]:
                 err.print(f"warning: {line}", highlight=False, soft_wrap=True)
-        skipped = list((metrics.get("skipped") or {}).values())
-        if skipped:
-            err.print(f"warning: {len(skipped)} file(s) of {data} skipped as unreadable, not scored"
-                      + (f" (first 10 of {len(skipped)} below)" if len(skipped) > 10 else ":"), highlight=False)
-            for why in skipped[:10]:
-                err.print(f"  {why}", highlight=False, soft_wrap=True)
+        for line in external_lines(metrics, data):
+            err.print(line, highlight=False, soft_wrap=True)
     report = Path(run_dir) / (name + ".html")
     if json_:
         emit_json({**metrics, "run_dir": run_dir, "report": report})  # the report's path, not metrics' flag
@@ -272,7 +271,11 @@ def predict(run_dir: Path = typer.Argument(..., help="run directory"),
             mpp_source: Optional[float] = typer.Option(None, help=f"--slide: {MPP_SOURCE_HELP}"),
             min_tissue: Optional[float] = typer.Option(None, help="--slide: least tissue fraction of a tile"),
             max_pixels: int = typer.Option(64_000_000, "--max-pixels", min=1, help="images declaring more "
-                                           "pixels are refused before decoding")) -> None:
+                                           "pixels are refused before decoding"),
+            abstain: bool = typer.Option(False, "--abstain", help="add refer/refer_reason: out-of-distribution "
+                                         "images and the least confident ones go to a person"),
+            coverage: float = typer.Option(0.9, help="--abstain: share of the run's validation images answered "
+                                           "(sets the confidence cut)")) -> None:
     """Class probabilities for new images (or, with --slide, whole slides); exit 1 if any input failed."""
     if slide:
         if tta or explain or fold is not None or engine not in ("auto", "onnx"):
@@ -287,23 +290,13 @@ def predict(run_dir: Path = typer.Argument(..., help="run directory"),
     else:
         from oncotransfer.infer.predict import run_predict
         df, errors = run_predict(run_dir, paths, out, tta=tta, explain=explain, engine=engine, fold=fold,
-                                 max_pixels=max_pixels)
-        _print_predictions(df, out, explain)
+                                 max_pixels=max_pixels, abstain=abstain, coverage=coverage)
+        print_predictions(console, err, df, out, explain)
     if errors:
         for e in errors.values():
             err.print(f"failed: {e}", highlight=False, soft_wrap=True)
         err.print(f"{len(errors)} input(s) failed", highlight=False)
         raise typer.Exit(1)
-
-
-def _print_predictions(df, out: Path, explain: bool) -> None:
-    probs = [c for c in df.columns if c.startswith("prob_")]
-    table(console, ["path", "pred", *probs],
-          [[r["path"], r["pred"], *[f"{r[c]:.3f}" for c in probs]] for _, r in df.head(50).iterrows()])
-    if len(df) > 50:
-        console.print(f"... {len(df) - 50} more rows")
-    console.print(f"{len(df)} image(s) -> {out}" + (f", overlays in {out.parent / (out.stem + '_explain')}"
-                                                     if explain else ""))
 
 
 @app.command("export")
@@ -340,7 +333,9 @@ def serve(run_dir: Path = typer.Argument(..., help="run directory"),
           body_timeout: float = typer.Option(60.0, "--body-timeout", min=0.1, help="408 and close when an "
                                              "upload takes longer"),
           log_file: str = typer.Option("-", "--log-file", help="JSON access log (one line a request): a file "
-                                       "to append to, or - for stdout")) -> None:
+                                       "to append to, or - for stdout"),
+          coverage: float = typer.Option(0.9, "--coverage", min=0, max=1, help="share of in-distribution "
+                                         "images answered; the least confident rest get refer: true")) -> None:
     """Serve the model: POST /predict, GET /health, and an upload page at /."""
     from oncotransfer.serve.app import create_app
     from oncotransfer.serve.limits import ServeLimits
@@ -350,7 +345,7 @@ def serve(run_dir: Path = typer.Argument(..., help="run directory"),
                          max_pixels=max_pixels, max_decode_mb=max_decode_mb, header_timeout_s=header_timeout,
                          body_timeout_s=body_timeout)
     application = create_app(run_dir, engine=engine, max_upload_mb=max_upload_mb, fold=fold, limits=limits,
-                             token=token, access_log=log_file)
+                             token=token, access_log=log_file, coverage=coverage)
     p, g = application.state.predictor, application.state.gate
     err.print(f"serving {run_dir} on http://{host}:{port}/ ({p.describe()}, engine {p.engine}; "
               f"{g.max_concurrent} at once + {g.max_queue} waiting, {timeout:g} s limit"

@@ -212,3 +212,63 @@ def print_inspect(out: Stream, rep: Any) -> None:
         out.print("  duplicates: " + ", ".join(g))
     for g in rep.cross_class:
         out.print(f"duplicates filed under different classes: {', '.join(g)}")
+
+
+def cell(v: Any) -> str:
+    """A table cell: floats to 3 decimals, missing values empty."""
+    if isinstance(v, float):
+        return "" if v != v else f"{v:.3f}"
+    return "" if v is None else str(v)
+
+
+def trust_lines(df: Any) -> list[str]:
+    """What a predictions table says about trusting it: images out of distribution, images to refer."""
+    lines = []
+    if "in_distribution" in df.columns and len(df):
+        flags = df["in_distribution"].dropna()
+        out = int((flags.astype(str) == "False").sum())
+        if len(flags) and out:
+            lines.append(f"{out} of {len(df)} image(s) out of distribution (do not look like the training images): "
+                         "their answers should not be trusted; see the in_distribution column")
+    if "refer" in df.columns and len(df):
+        n = int(df["refer"].astype(bool).sum())
+        lines.append(f"refer to a person: {n} of {len(df)} image(s) (refer, refer_reason columns)")
+    return lines
+
+
+def print_predictions(out: Stream, err: Stream, df: Any, path: Any, explain: bool) -> None:
+    """``predict``'s table (50 rows at most) and where it went on ``out``; trust warnings on ``err``."""
+    probs = [c for c in df.columns if c.startswith("prob_")]
+    extra = [c for c in ("ood_score", "in_distribution", "refer") if c in df.columns]
+    table(out, ["path", "pred", *probs, *extra],
+          [[r["path"], r["pred"], *[f"{r[c]:.3f}" for c in probs], *[cell(r[c]) for c in extra]]
+           for _, r in df.head(50).iterrows()])
+    if len(df) > 50:
+        out.print(f"... {len(df) - 50} more rows")
+    out.print(f"{len(df)} image(s) -> {path}" + (f", overlays in {path.parent / (path.stem + '_explain')}"
+                                                  if explain else ""))
+    for line in trust_lines(df):
+        err.print(line, highlight=False, soft_wrap=True)
+
+
+def external_lines(metrics: dict[str, Any], data: str) -> list[str]:
+    """``evaluate --data``'s terminal warnings after the overlap check's: out-of-distribution share, dataset
+    shift, skipped files."""
+    lines = []
+    ood = metrics.get("ood")
+    if ood and ood.get("flagged") is not None:
+        share = ood["flagged_share"]
+        inside, outside = ood.get("in_distribution") or {}, ood.get("out_of_distribution") or {}
+        acc = "".join(f"; accuracy {label} {part['accuracy']:.3f} ({part['n']})"
+                      for label, part in (("in distribution", inside), ("out of distribution", outside))
+                      if part.get("n"))
+        lines.append(f"{'warning: ' if share > 0.1 else ''}out of distribution: {ood['flagged']} of {ood['scored']} "
+                     f"image(s) ({share:.1%}; about 5% expected of data like the training images){acc}")
+    if (metrics.get("shift") or {}).get("line"):
+        lines.append(("warning: " if metrics["shift"].get("shifted") else "") + metrics["shift"]["line"])
+    skipped = list((metrics.get("skipped") or {}).values())
+    if skipped:
+        lines.append(f"warning: {len(skipped)} file(s) of {data} skipped as unreadable, not scored"
+                     + (f" (first 10 of {len(skipped)} below)" if len(skipped) > 10 else ":"))
+        lines += [f"  {why}" for why in skipped[:10]]
+    return lines

@@ -167,9 +167,18 @@ class EvaluateConfig(_Strict):
     positive_classes: list[str] | None = None
     bootstrap: int = Field(default=1000, ge=0, le=100000)
     calibrate: bool = True
-    """Temperature scaling per fold, fitted on the fold's validation subset only (none without one)."""
+    """Temperature scaling, fitted on validation subsets only (never a test fold; none without one)."""
+    calibration: Literal["auto", "pooled", "per_fold"] = "auto"
+    """One temperature on the pooled validation logits of all folds (``pooled``), one per fold (``per_fold``), or
+    per fold only when every fold's validation subset is large enough (``auto``: ``train.temperature.RULE``)."""
     ece_bins: int = Field(default=15, ge=1, le=100)
     """Equal-width confidence bins of the expected calibration error and the reliability diagram."""
+    ood: str = "knn"
+    """Out-of-distribution detector fitted on each fold's training features: knn | mahalanobis | energy (any name
+    in ``models.ood.DETECTORS``), or none."""
+    ood_pass_rate: float = Field(default=0.95, ge=0.5, lt=1)
+    """Share of each fold's validation images that score at or under the detector's threshold (the rest of the
+    validation images, and anything scoring higher, are flagged out of distribution)."""
 
 
 class StageConfig(_Strict):

@@ -72,6 +72,50 @@ class CheckpointMeta(_RunFile):
     folds: list[dict[str, Any]] | None = None
 
 
+class OODMember(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    fold: int
+    threshold: float | None
+    """The score that ``pass_rate`` of this fold's validation images stay under; None without a validation subset."""
+    n_fit: int
+    n_val: int
+
+
+class OODMeta(_RunFile):
+    """``checkpoint/ood.json``: the out-of-distribution detector of each fold model; its tensors (a k-NN bank, class
+    means and a precision matrix) are ``checkpoint/ood.safetensors`` as ``fold{k}.<name>``, checked by digest."""
+    format: str = "oncotransfer-ood/1"
+    detector: str
+    pass_rate: float
+    params: dict[str, Any] = {}
+    members: list[OODMember]
+    features: str
+    """What the detector reads: the features each fold model's head reads."""
+    confidences: list[float] = []
+    """Calibrated top-class probabilities of the validation images (each fold model on its own validation
+    subset), sorted: the confidence cut of ``predict --abstain`` for a coverage is read off them."""
+    reference: dict[str, Any] | None = None
+    """Which images ``shift.reference`` holds (the dataset-shift check of ``evaluate --data``)."""
+    tensors_sha256: str
+
+
+OOD_META = "ood.json"
+
+
+def read_ood_meta(checkpoint_dir: str | Path) -> OODMeta | None:
+    """``ood.json`` in ``checkpoint_dir``, or None for a run trained without (or before) a detector."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not (checkpoint_dir / OOD_META).is_file():
+        return None
+    return _read(checkpoint_dir / OOD_META, OODMeta, checkpoint_dir)
+
+
+def write_ood_meta(checkpoint_dir: str | Path, meta: OODMeta | dict[str, Any]) -> dict[str, Any]:
+    data = _dump(meta, OODMeta)
+    write_json(Path(checkpoint_dir) / OOD_META, data)
+    return data
+
+
 class Metrics(_RunFile):
     """``metrics.json``: the top-level blocks typed, the nested metrics dicts as ``evaluate.metrics`` makes them."""
     name: str | None = None
@@ -82,6 +126,8 @@ class Metrics(_RunFile):
     folds: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
     scored_by: str | None = None
+    ood: dict[str, Any] | None = None
+    shift: dict[str, Any] | None = None
     report: bool | None = None  # layout 2: report.md/.html (and plots) were written before this file
     _bookkeeping: ClassVar[set[str]] = {"layout", "report"}
 
@@ -187,10 +233,12 @@ def run_finished(run_dir: str | Path, report: bool = False) -> bool:
 
 def predictions_table(paths: Sequence[str], probs: np.ndarray, classes: Sequence[str], *,
                       labels: Sequence[str] | None = None, fold: int | None = None,
-                      calibrated: np.ndarray | None = None) -> pd.DataFrame:
+                      calibrated: np.ndarray | None = None, ood_scores: np.ndarray | None = None,
+                      in_distribution: np.ndarray | None = None) -> pd.DataFrame:
     """The one layout of a predictions table (``predictions.csv``, ``predict``'s CSV, external scoring):
     [fold,] path, [label,] pred, ``prob_<class>`` per class, and ``cal_prob_<class>`` when calibrated
-    probabilities exist. ``probs``: (N, C) in ``classes`` order."""
+    probabilities exist, then ``ood_score`` (higher = more unusual) and ``in_distribution`` (True/False; empty
+    without a threshold) when the model has an out-of-distribution detector. ``probs``: (N, C) in ``classes`` order."""
     probs = np.asarray(probs).reshape(len(paths), len(classes))
     cols: dict[str, Any] = {} if fold is None else {"fold": fold}
     cols["path"] = list(paths)
@@ -204,4 +252,8 @@ def predictions_table(paths: Sequence[str], probs: np.ndarray, classes: Sequence
         calibrated = np.asarray(calibrated)
         for c, name in enumerate(classes):
             df[f"cal_prob_{name}"] = calibrated[:, c]
+    if ood_scores is not None:
+        df["ood_score"] = np.asarray(ood_scores, dtype=float).reshape(-1)
+        df["in_distribution"] = (pd.Series([None] * len(df), dtype=object) if in_distribution is None
+                                 else pd.Series(np.asarray(in_distribution, dtype=bool)).astype(object))
     return df

@@ -19,8 +19,10 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def export_onnx(module: nn.Module, path: Path, size: int, opset: int = 17, dynamic_batch: bool = True) -> Path:
-    """Export an eval-mode module that takes a normalised (N, 3, size, size) float batch; written atomically."""
+def export_onnx(module: nn.Module, path: Path, size: int, opset: int = 17, dynamic_batch: bool = True,
+                outputs: tuple[str, ...] = ("output",)) -> Path:
+    """Export an eval-mode module that takes a normalised (N, 3, size, size) float batch; written atomically.
+    ``outputs`` names the module's outputs (a tuple of tensors when several), each batch-first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = module.training
@@ -32,8 +34,8 @@ def export_onnx(module: nn.Module, path: Path, size: int, opset: int = 17, dynam
             warnings.simplefilter("ignore")  # tracer warnings on timm's shape asserts are harmless here
             # The legacy TorchScript exporter: the dynamo one is slower to export and needs onnxscript.
             torch.onnx.export(module, (dummy,), buf, opset_version=opset, input_names=["input"],
-                              output_names=["output"], dynamo=False,
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None)
+                              output_names=list(outputs), dynamo=False,
+                              dynamic_axes={n: {0: "batch"} for n in ("input", *outputs)} if dynamic_batch else None)
     finally:
         module.train(was_training)
     atomic_write_bytes(path, buf.getvalue())
@@ -52,6 +54,16 @@ def ort_session(path: str | Path, threads: int | None = None):
     opts.intra_op_num_threads = threads or usable_cores()
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def run_session_outputs(session, x: np.ndarray, batch_size: int = 32) -> list[np.ndarray]:
+    """Run ``session`` over ``x`` (N, ...) float32 in batches; every output, stacked over the batches."""
+    name = session.get_inputs()[0].name
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    runs = [session.run(None, {name: x[s:s + batch_size]}) for s in range(0, len(x), batch_size)]
+    if not runs:
+        return [np.zeros((0,), np.float32) for _ in session.get_outputs()]
+    return [np.concatenate([r[k] for r in runs]) for k in range(len(runs[0]))]
 
 
 def run_session(session, x: np.ndarray, batch_size: int = 32) -> np.ndarray:

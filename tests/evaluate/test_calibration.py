@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy.special import expit, softmax
 
-from oncotransfer.evaluate.calibration import expected_calibration_error
+from oncotransfer.evaluate.calibration import ece_bootstrap_ci, expected_calibration_error
 from oncotransfer.train.temperature import T_MAX, T_MIN, fit_temperature
 
 
@@ -87,3 +87,15 @@ def test_head_probabilities_divide_logits_by_the_temperature():
     p1 = expit(z1.numpy() / 0.6)
     np.testing.assert_allclose(sig.probabilities(z1, 0.6).numpy(), np.hstack([1 - p1, p1]), atol=1e-6)
     assert torch.equal(head.probabilities(z), torch.softmax(z, 1))  # no temperature: unchanged
+
+
+def test_ece_bootstrap_interval_is_the_percentiles_of_resampled_eces():
+    rng = np.random.default_rng(3)
+    p1 = rng.uniform(0.5, 1.0, 40)
+    y_prob = np.stack([p1, 1 - p1], 1)
+    y_true = (rng.random(40) < 0.3).astype(int)
+    rows = np.random.default_rng(0).integers(0, 40, size=(300, 40))  # the resamples seed 0 draws
+    ref = np.percentile([expected_calibration_error(y_true[r], y_prob[r]) for r in rows], [2.5, 97.5])
+    np.testing.assert_allclose(ece_bootstrap_ci(y_true, y_prob, n_boot=300), ref, rtol=1e-12)
+    assert ece_bootstrap_ci(np.arange(3), np.eye(3), n_boot=50) == [0.0, 0.0]  # right and sure in every resample
+    assert ece_bootstrap_ci(y_true, y_prob, n_boot=0) is None

@@ -14,7 +14,7 @@ from PIL import Image
 
 from oncotransfer.data.manifest import resolve_data_path
 from oncotransfer.data.overlap import hamming_min
-from oncotransfer.infer.predict import evaluate_on
+from oncotransfer.infer.external import evaluate_on
 
 
 def test_hamming_min():

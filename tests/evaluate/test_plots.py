@@ -5,7 +5,7 @@ from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 
 from oncotransfer.errors import DataError
-from oncotransfer.evaluate.plots import plot_confusion, plot_history, plot_roc, save_figure
+from oncotransfer.evaluate.plots import plot_confusion, plot_history, plot_risk_coverage, plot_roc, save_figure
 
 
 def history(folds: int, epochs: int = 5, with_val: bool = True) -> pd.DataFrame:
@@ -100,3 +100,13 @@ def test_save_figure_writes_png_and_creates_folders(tmp_path):
     out = save_figure(plot_confusion([[1, 0], [0, 1]], ["x", "y"]), tmp_path / "a" / "b" / "cm.png")
     assert out == tmp_path / "a" / "b" / "cm.png"
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_risk_coverage_draws_one_line_per_ordering_and_the_all_answered_level():
+    cov = np.array([0.25, 0.5, 0.75, 1.0])
+    fig = plot_risk_coverage({"by confidence": (cov, np.array([1.0, 1.0, 0.67, 0.5])),
+                              "by OOD score": (cov, np.array([0.0, 0.5, 0.67, 0.5]))})
+    ax = fig.axes[0]
+    assert legend_texts(ax) == ["by confidence", "by OOD score", "all answered (0.500)"]
+    np.testing.assert_allclose(ax.lines[0].get_xdata(), cov * 100)
+    assert ax.get_ylim()[0] == 0.0  # a curve down to 0 stays in view

@@ -105,13 +105,45 @@ def test_report_html_is_self_contained(tmp_path):
     run = make_run(tmp_path)
     evaluate_run(run)
     html = (run / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 5  # history, confusion, binary confusion, ROC, reliability
+    # history, confusion, binary confusion, ROC, reliability, selective prediction
+    assert html.count("data:image/png;base64,") == 6
     sources = re.findall(r'src="([^"]*)"', html)
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
     assert "href" not in html and "<link" not in html and "http" not in html and "plots/" not in html
     assert "IMAGE-LEVEL" in html
     assert "&lt;check&gt;" in html and "<check>" not in html  # run warnings are escaped
     assert '"Segoe UI"' in html  # ...but the stylesheet is not
+
+
+def test_every_report_has_selective_prediction_with_and_without_an_ood_score(tmp_path):
+    run = make_run(tmp_path)
+    metrics = evaluate_run(run)
+    sel = metrics["selective"]
+    # 10 rows, every confidence 0.8 (one tie): any share answered is expected to be 7/10 right
+    assert sel["confidence"] == "top probability" and sel["accuracy_by_ood"] is None
+    assert sel["accuracy_by_confidence"] == pytest.approx([0.7] * 20) and sel["accuracy_at_90_coverage"] == 0.7
+    md = (run / "report.md").read_text()
+    assert "## Selective prediction" in md and "**Accuracy at 90% coverage**: 0.700" in md
+    assert "accuracy by OOD score" not in md and (run / "plots" / "selective.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![Selective prediction (risk-coverage)](plots/selective.png)" in md
+    # with an ood_score column (higher = more unusual) the images are also answered most usual first
+    frame = predictions()
+    frame["ood_score"] = np.where(frame["label"] == frame["pred"], 0.0, 1.0)  # the 3 wrong ones are unusual
+    metrics = evaluate_run(run, predictions=frame, out_name="external")
+    by_ood = metrics["selective"]["accuracy_by_ood"]
+    assert by_ood[metrics["selective"]["coverage"].index(0.7)] == 1.0 and by_ood[-1] == pytest.approx(0.7)
+    assert metrics["selective"]["accuracy_at_90_coverage_by_ood"] == pytest.approx(7 / 9)
+    md = (run / "external.md").read_text()
+    assert "accuracy by OOD score" in md and (run / "plots" / "selective_external.png").is_file()
+
+
+def test_ece_has_a_bootstrap_interval_in_metrics_and_headline(tmp_path):
+    run = make_run(tmp_path)
+    metrics = evaluate_run(run)
+    lo, hi = metrics["pooled"]["ece_ci95"]
+    assert metrics["calibration"]["ece_before_ci95"] == [lo, hi] and 0 <= lo <= hi <= 1
+    assert metrics["calibration"]["ece_after_ci95"] is None  # no cal_prob columns
+    assert f"(95% CI {lo:.3f}–{hi:.3f})" in (run / "report.md").read_text()
 
 
 def test_no_binary_view_without_positive_classes_for_three_classes(tmp_path):

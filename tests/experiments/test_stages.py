@@ -64,7 +64,7 @@ def test_stage_two_carries_stage_one_backbone_and_replaces_head(tmp_path):
     assert m2["config"]["train"]["epochs"] == 3 and m2["config"]["train"]["optimizer"] == "adagrad"
     # each stage evaluates with its own positive classes (stage 1 has no 'malignant')
     assert m2["config"]["evaluate"] == {"positive_classes": ["malignant"], "bootstrap": 0, "calibrate": True,
-                                        "ece_bins": 15}
+                                        "calibration": "auto", "ece_bins": 15}
     assert m1["config"]["evaluate"]["positive_classes"] is None
     assert (res.run_dir / "report.html").is_file() and (res.run_dir / "checkpoint" / "meta.json").is_file()
     assert "64 px" in (res.run_dir / "report.md").read_text() and "⚠" not in (res.run_dir / "report.md").read_text()

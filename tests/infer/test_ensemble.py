@@ -114,12 +114,15 @@ def test_predict_and_serve_default_to_the_ensemble_fold_0_is_one_model(kfold_run
 
 
 def test_evaluate_other_data_scores_the_ensemble(run_copy):
-    from oncotransfer.infer.predict import evaluate_on
+    from oncotransfer.infer.external import evaluate_on
     metrics = evaluate_on(run_copy, "demo:osteosarcoma")
     assert "ensemble of 3 fold models" in metrics["scored_by"]
     assert metrics["calibration"]["ece_after"] is not None and metrics["pooled"]["ece"] >= 0
     md = (run_copy / "report_external.md").read_text()
     assert "Scored by: ensemble of 3 fold models" in md
+    # the external report says how far to trust the ensemble's answers too (its calibrated confidence)
+    assert metrics["selective"]["confidence"] == "top calibrated probability" and "## Selective prediction" in md
+    assert (run_copy / "plots" / "selective_report_external.png").is_file()
     one = evaluate_on(run_copy, "demo:osteosarcoma", fold=2)
     assert one["scored_by"].startswith("fold 2 model")
     assert one["pooled"]["accuracy"] != metrics["pooled"]["accuracy"] or one["pooled"]["ece"] != metrics["pooled"]["ece"]

@@ -38,7 +38,7 @@ def test_predict_csv_on_demo_images(tiny_run, tmp_path):
     df, errors = run_predict(tiny_run, [str(tmp_path / "in")], out, engine="torch")
     csv = pd.read_csv(out)
     classes = json.loads((tiny_run / "checkpoint" / "meta.json").read_text())["classes"]
-    assert list(csv.columns) == ["path", "pred"] + [f"prob_{c}" for c in classes]
+    assert list(csv.columns) == ["path", "pred"] + [f"prob_{c}" for c in classes] + ["ood_score", "in_distribution"]
     assert len(csv) == 3 and set(csv["pred"]) <= set(classes)
     probs = csv[[f"prob_{c}" for c in classes]].to_numpy()
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
@@ -91,7 +91,7 @@ def test_missing_paths_are_errors_not_crashes(predictor, tmp_path):
 
 
 def test_predictions_on_labelled_data(tiny_run):
-    from oncotransfer.infer.predict import predictions_on
+    from oncotransfer.infer.external import predictions_on
     df = predictions_on(tiny_run, "demo:osteosarcoma", engine="torch")
     saved = pd.read_csv(tiny_run / "predictions.csv")
     assert list(df.columns) == list(saved.columns)
@@ -146,8 +146,10 @@ def test_onnx_engine_without_export_is_a_clear_error(tmp_path, tiny_run):
 def test_export_fails_when_parity_breaks(tiny_run, monkeypatch):
     import oncotransfer.runtime as onnx_mod
     from oncotransfer.infer.export import ExportParityError, export_run
-    real = onnx_mod.run_session
-    monkeypatch.setattr(onnx_mod, "run_session", lambda s, x, batch_size=32: real(s, x, batch_size) + 1e-3)
-    with pytest.raises(ExportParityError, match="differ from PyTorch"):
-        export_run(tiny_run, "onnx")
-    assert not (tiny_run / "export" / "model.onnx").exists()  # never left for predict/serve to pick up
+    real = onnx_mod.run_session_outputs
+    for k in (0, 1):  # the probabilities, then the out-of-distribution score
+        monkeypatch.setattr(onnx_mod, "run_session_outputs",
+                            lambda s, x, batch_size=32, k=k: [o + 1e-3 * (i == k) for i, o in enumerate(real(s, x, batch_size))])
+        with pytest.raises(ExportParityError, match="differ from PyTorch"):
+            export_run(tiny_run, "onnx")
+        assert not (tiny_run / "export" / "model.onnx").exists()  # never left for predict/serve to pick up

@@ -20,7 +20,7 @@ LAYOUT = np.array([[-1, 0, 1, -1], [0, 1, -1, -1], [-1, -1, -1, 0]])  # 5 staine
 def slide_run(tmp_path_factory):
     """Six slides (three per class, the classes differ in stain), tiled at 64 px / 0.5 µm/px, and a frozen
     offline Lite0 (32 px input, so tiles are resized as in training) trained on the tiles with a 3-fold split
-    grouped by slide."""
+    grouped by slide, a validation slide in each fold (so the out-of-distribution detector has a threshold)."""
     from oncotransfer.config import validate
     from oncotransfer.data.slides import tile_slides
     from oncotransfer.evaluate.report import evaluate_run
@@ -38,7 +38,7 @@ def slide_run(tmp_path_factory):
     tile_slides(tmp / "slides", tmp / "tiles", tile_size=64, labels=tmp / "labels.csv")
     cfg = validate({
         "name": "slides", "output_dir": str(tmp / "runs"), "data": {"path": str(tmp / "tiles"), "image_size": 32},
-        "split": {"kind": "kfold", "folds": 3, "val_size": 0.0},
+        "split": {"kind": "kfold", "folds": 3, "val_size": 0.25},
         "model": {"backbone": "efficientnet_lite0", "weights": "efficientnet_lite0_packaged", "freeze": "frozen"},
         "train": {"epochs": 2, "cache_dir": str(tmp / "cache"), "num_workers": 1, "feature_engine": "torch"},
         "evaluate": {"bootstrap": 0},
@@ -117,12 +117,14 @@ def test_predict_slide_streams_the_same_probabilities_as_the_training_tiles(slid
     assert len(tiles) == 20 and np.allclose(tiles[["prob_normal", "prob_tumour"]].sum(axis=1), 1, atol=1e-5)
     top = tiles.nlargest(4, "prob_tumour")
     assert row.prob_tumour == pytest.approx(top.prob_tumour.mean(), abs=1e-6)
+    assert tiles.in_distribution.all() and row.ood_tiles == 0  # a slide of the training set
     # The streamed tiles are the training tiles: same pixels, same probabilities.
     pred = Predictor.from_run(run, "onnx")
     files = [tmp / "tiles" / "tiles" / "s1" / f"s1_x{x}_y{y}.png" for x, y in zip(tiles.x, tiles.y)]
     df, errs = pred.predict_paths(files)
     assert not errs
     assert np.abs(df["prob_tumour"].to_numpy() - tiles["prob_tumour"].to_numpy()).max() < 1e-5
+    assert df["ood_score"].to_numpy() == pytest.approx(tiles["ood_score"].to_numpy(), rel=1e-5)
     heat = Image.open(tmp_path / "pred" / "slides_slides" / "s1_heatmap.png")
     assert heat.width > 300 and heat.height > 200
 
@@ -131,15 +133,75 @@ def test_predict_slide_cli_writes_outputs_and_rejects_a_bad_aggregate(slide_run,
     from test_cli import assert_one_line_error, run_main
     tmp, run = slide_run
     out = tmp_path / "s.csv"
-    code, stdout, _ = run_main(monkeypatch, capsys, "predict", str(run), str(tmp / "slides" / "s0.tif"), "--slide",
-                               "--out", str(out))
-    assert code == 0 and "1 slide(s)" in stdout
+    code, stdout, stderr = run_main(monkeypatch, capsys, "predict", str(run), str(tmp / "slides" / "s0.tif"),
+                                    "--slide", "--out", str(out))
+    assert code == 0 and "1 slide(s)" in stdout and "0% of tiles out of distribution" in stderr
     s = pd.read_csv(out)
     assert list(s.slide) == ["s0"] and s.pred[0] in ("normal", "tumour")
     assert (tmp_path / "s_slides" / "s0_heatmap.png").is_file()
     code, _, err = run_main(monkeypatch, capsys, "predict", str(run), str(tmp / "slides"), "--slide",
                             "--aggregate", "max", "--out", str(out))
     assert_one_line_error(code, err, "mean or topk:K")
+
+
+def test_predict_slide_flags_the_tiles_unlike_the_training_tiles(slide_run, tmp_path):
+    """A slide with two cells of new synthetic stain (like training) and two of real osteosarcoma H&E (never
+    seen): exactly the tiles on the H&E cells are out of distribution, and the summary gives their share."""
+    from oncotransfer.data.demo import demo_path
+    from oncotransfer.infer.slides import predict_slides
+    _, run = slide_run
+    real = [np.asarray(Image.open(p).convert("RGB").resize((256, 256)))
+            for p in sorted(demo_path("osteosarcoma").rglob("*.jpg"))[:2]]
+    layout = np.array([[-1, 0, 1, -1], [2, 3, -1, -1], [-1, -1, -1, 0]])  # 2, 3: the real H&E cells
+    write_slide(tmp_path / "mixed.tif", Mosaic(stain_images(4, 256, seed=11)[::2] + real, layout, 256), 1024, 768,
+                mpp=0.25, levels=3)
+    said: list[str] = []
+    summary, errors = predict_slides(run, [str(tmp_path / "mixed.tif")], tmp_path / "s.csv", log=said.append)
+    assert not errors
+    tiles = pd.read_csv(tmp_path / "s_slides" / "mixed_tiles.csv")
+    unseen = np.array([layout[y // 256, x // 256] >= 2 for x, y in zip(tiles.x, tiles.y)])
+    assert 0 < unseen.sum() < len(tiles)
+    assert (tiles.in_distribution.to_numpy() == ~unseen).all()
+    threshold = json.loads((run / "export" / "model.json").read_text())["ood"]["threshold"]
+    assert (tiles.ood_score[unseen] > threshold).all() and (tiles.ood_score[~unseen] <= threshold).all()
+    share = unseen.mean()
+    assert summary.ood_tiles[0] == pytest.approx(share)
+    assert pd.read_csv(tmp_path / "s.csv").ood_tiles[0] == pytest.approx(share)
+    assert f"{100 * share:.0f}% of tiles out of distribution" in said[-1]
+
+
+def test_ood_share_counts_flagged_tiles_and_says_when_there_is_no_threshold():
+    from oncotransfer.infer.slides import _ood_share
+    flags = pd.DataFrame({"in_distribution": pd.Series([True] * 199 + [False], dtype=object)})
+    share, line = _ood_share(flags, "s.tif: 200 tiles")
+    assert share == 0.005 and line == "s.tif: 200 tiles; 0% of tiles out of distribution (1 of 200)"
+    share, line = _ood_share(pd.DataFrame({"in_distribution": pd.Series([None, None], dtype=object)}), "s")
+    assert np.isnan(share) and "threshold not set" in line
+
+
+def test_export_from_before_the_detector_is_stale_and_made_again(slide_run, tmp_path):
+    """An export without the ``ood_score`` output while the run has a detector would stream without the check:
+    ``tile_model`` exports again. A run without any detector streams probabilities alone."""
+    import shutil
+    from oncotransfer.infer.slides import predict_slides, tile_model
+    tmp, slide_src = slide_run
+    run = tmp_path / "run"
+    shutil.copytree(slide_src, run)
+    tile_model(run)
+    info_path = run / "export" / "model.json"
+    info = json.loads(info_path.read_text())
+    assert info["ood"]["output"] == "ood_score"
+    info_path.write_text(json.dumps({k: v for k, v in info.items() if k != "ood"}))  # as exports were before
+    m = tile_model(run)
+    assert json.loads(info_path.read_text())["ood"]["tensors_sha256"] == info["ood"]["tensors_sha256"]
+    assert m.ood_output == "ood_score" and m.ood_threshold == pytest.approx(info["ood"]["threshold"])
+    for name in ("ood.json", "ood.safetensors"):  # a run trained before detectors existed
+        (run / "checkpoint" / name).unlink()
+    m = tile_model(run)
+    assert m.ood_output is None and json.loads(info_path.read_text())["ood"] is None
+    summary, _ = predict_slides(run, [str(tmp / "slides" / "s0.tif")], tmp_path / "s.csv")
+    assert "ood_tiles" not in summary.columns
+    assert "ood_score" not in pd.read_csv(tmp_path / "s_slides" / "s0_tiles.csv").columns
 
 
 def test_streaming_needs_no_pytorch(slide_run):
@@ -150,14 +212,15 @@ def test_streaming_needs_no_pytorch(slide_run):
     _, run = slide_run
     tile_model(run)  # exports if no earlier test did
     code = ("import sys; from oncotransfer.infer.slides import tile_model; m = tile_model(sys.argv[1]); "
-            "import numpy as np; p = m.probabilities(m.normalised(np.zeros((2, m.size, m.size, 3), np.uint8))); "
-            "assert p.shape == (2, 2) and 'torch' not in sys.modules, sorted(sys.modules)")
+            "import numpy as np; p, s = m.outputs(m.normalised(np.zeros((2, m.size, m.size, 3), np.uint8))); "
+            "assert p.shape == (2, 2) and s.shape == (2,) and m.ood_threshold is not None; "
+            "assert 'torch' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code, str(run)], check=True, timeout=120)
 
 
 def test_evaluate_on_other_slide_tiles_gives_slide_metrics(slide_run):
     """``evaluate RUN --data TILES``: the external tiles' manifest brings its slide column."""
-    from oncotransfer.infer.predict import evaluate_on
+    from oncotransfer.infer.external import evaluate_on
     tmp, run = slide_run
     metrics = evaluate_on(run, str(tmp / "tiles"), engine="torch")
     assert metrics["slides"]["slides"] == 6 and metrics["pooled"]["n"] == 120

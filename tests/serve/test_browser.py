@@ -98,3 +98,36 @@ def test_page_asks_for_the_token_when_auth_is_on(tiny_run, live):
             assert "predicted:" in page.locator("#status").text_content()
         finally:
             browser.close()
+
+
+def test_out_of_distribution_upload_shows_the_warning_instead_of_a_confident_answer(kfold_run, live):
+    """A breast ultrasound sent to an osteosarcoma model: the page warns and greys the bars; the next, an
+    osteosarcoma tile, gets its answer without the warning."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (test extra)")
+    from oncotransfer.serve.app import create_app
+    from oncotransfer.serve.limits import ServeLimits
+    ultrasound = demo_path("bus250") / "benign" / "us10.png"
+    tile = sorted(demo_path("osteosarcoma").rglob("*.jpg"))[5]
+    with live(create_app(kfold_run[0], engine="torch"), ServeLimits()) as port, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_function("document.getElementById('model').textContent.includes('kfold')")
+            page.set_input_files("#file", str(ultrasound))
+            page.wait_for_selector("#trust.ood:not([hidden])", timeout=120_000)
+            warning = page.locator("#trust").text_content()
+            assert "does not look like the images the model was trained on" in warning
+            assert "should not be trusted; refer to a person" in warning and "out of distribution" in warning
+            assert "not answered" in page.locator("#status").text_content()
+            assert "predicted:" not in page.locator("#status").text_content()
+            assert float(page.locator("#bars").evaluate("e => getComputedStyle(e).opacity")) < 0.5
+            assert not page.locator("#heatmap").is_visible()
+            page.set_input_files("#file", str(tile))
+            page.wait_for_function("document.getElementById('status').textContent.includes('predicted:') || "
+                                   "document.getElementById('status').textContent.includes('refer')",
+                                   timeout=120_000)
+            assert page.locator("#trust.ood").count() == 0
+            assert float(page.locator("#bars").evaluate("e => getComputedStyle(e).opacity")) == 1
+        finally:
+            browser.close()

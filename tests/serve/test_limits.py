@@ -119,14 +119,14 @@ def test_request_id_echoed_and_logged_without_image_or_file_name(tiny_run, tmp_p
 def _slow_predictor(app):
     """Inference held until ``release`` is set (the real model answers then)."""
     pred = app.state.predictor
-    real = pred.predict_uint8
+    real = pred.predict_with_ood
     started, release = threading.Event(), threading.Event()
 
     def held(batch, *a, **kw):
         started.set()
         assert release.wait(30)
         return real(batch, *a, **kw)
-    pred.predict_uint8 = held
+    pred.predict_with_ood = held
     return started, release
 
 
@@ -197,10 +197,10 @@ def test_a_crash_inside_inference_is_one_json_500_and_the_service_stays_up(tiny_
     app = _app(tiny_run)
     client = TestClient(app, raise_server_exceptions=False)
     pred = app.state.predictor
-    real = pred.predict_uint8
-    pred.predict_uint8 = lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("engine fell over"))
+    real = pred.predict_with_ood
+    pred.predict_with_ood = lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("engine fell over"))
     r = _post(client, headers={"X-Request-ID": "crash-1"})
     assert r.status_code == 500 and r.json()["error"] == "internal error: RuntimeError (request id crash-1)"
     assert r.headers["x-request-id"] == "crash-1"
-    pred.predict_uint8 = real
+    pred.predict_with_ood = real
     assert _post(client).status_code == 200 and app.state.gate.admitted == 0

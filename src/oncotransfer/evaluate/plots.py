@@ -159,6 +159,29 @@ def plot_reliability(y_true: Sequence[Any] | np.ndarray, before: np.ndarray, aft
     return fig
 
 
+def plot_risk_coverage(curves: dict[str, tuple[np.ndarray, np.ndarray]], at: float | None = 0.9) -> Figure:
+    """Selective prediction: accuracy on the images answered against coverage (the share answered), one line per
+    ordering (``curves``: label -> (coverage, accuracy)); a dotted line marks coverage ``at``."""
+    fig = Figure(figsize=(5.5, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for (label, (cov, acc)), colour in zip(curves.items(), ("tab:blue", "tab:purple", "tab:green")):
+        ax.plot(np.asarray(cov) * 100, acc, color=colour, label=label, drawstyle="steps-post")
+    full = [float(np.asarray(acc)[-1]) for _, acc in curves.values()][:1]
+    if full:
+        ax.axhline(full[0], color="grey", linestyle=":", linewidth=1, label=f"all answered ({full[0]:.3f})")
+    if at is not None:
+        ax.axvline(at * 100, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlim(0, 100)
+    lowest = min([0.5] + [float(np.min(acc)) for _, acc in curves.values()])
+    ax.set_ylim(max(0.0, lowest - 0.02), 1.02)
+    ax.set_xlabel("coverage: % of test images answered (least trusted held back)")
+    ax.set_ylabel("accuracy on the answered images")
+    ax.set_title("Selective prediction (risk-coverage)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    return fig
+
+
 def save_figure(fig: Figure, path: str | Path) -> Path:
     """Write ``fig`` as an image (format from the suffix), atomically, creating the parent folder."""
     out = Path(path)

@@ -16,58 +16,15 @@ import yaml
 from oncotransfer.data.overlap import overlap_line
 from oncotransfer.errors import CheckpointError, DataError
 from oncotransfer.evaluate.metrics import classification_metrics, fold_summary
-from oncotransfer.evaluate.calibration import expected_calibration_error
+from oncotransfer.evaluate.calibration import ece_bootstrap_ci, expected_calibration_error
+from oncotransfer.evaluate.selective import accuracy_at_coverage, answered
+from oncotransfer.evaluate.trust import calibration_summary, prediction_arrays, selective_block, temperature_text
 from oncotransfer.evaluate.slides import attach_slides, slide_metrics
-from oncotransfer.evaluate.plots import (as_indices, plot_confusion, plot_history, plot_reliability, plot_roc,
-                                         save_figure)
+from oncotransfer.evaluate.plots import (plot_confusion, plot_history, plot_reliability, plot_risk_coverage,
+                                         plot_roc, save_figure)
 from oncotransfer.evaluate.render import fmt, fmt_ci, fmt_mean_sd, slug, write_report
-from oncotransfer.rundir import mark_unfinished, read_run_info, write_metrics
-
-
-def prediction_arrays(predictions: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """``(y_true, y_prob)`` from a predictions frame with ``label`` (class names) and ``prob_<class>`` columns."""
-    cols = [f"prob_{c}" for c in classes]
-    missing = [c for c in ["label", *cols] if c not in predictions.columns]
-    if missing:
-        raise DataError(f"predictions: missing column(s) {missing}; expected 'label' and one prob_<class> "
-                        f"column for each of {classes}")
-    return as_indices(predictions["label"].astype(str).to_numpy(), classes), predictions[cols].to_numpy(float)
-
-
-def calibration_summary(predictions: pd.DataFrame, classes: list[str], info: dict[str, Any], n_bins: int
-                        ) -> tuple[dict[str, Any], np.ndarray | None]:
-    """metrics.json's "calibration" block and the pooled calibrated probabilities (None when there are none).
-
-    ``cal_prob_<class>`` columns exist for the folds that have a temperature; rows of any fold without one
-    keep their uncalibrated probabilities in ``ece_after`` (said in the note)."""
-    y_true, y_prob = prediction_arrays(predictions, classes)
-    cols = [f"cal_prob_{c}" for c in classes]
-    cal = None
-    if all(c in predictions.columns for c in cols) and predictions[cols].notna().all(axis=1).any():
-        cal = predictions[cols].to_numpy(float)
-        missing = np.isnan(cal).any(axis=1)
-        cal[missing] = y_prob[missing]
-    temps = info.get("temperatures") or {}
-    out = {"ece_before": expected_calibration_error(y_true, y_prob, n_bins),
-           "ece_after": expected_calibration_error(y_true, cal, n_bins) if cal is not None else None,
-           "temperatures": temps, "fitted_on": "validation subset of each fold", "bins": n_bins}
-    if cal is None:
-        enabled = (info.get("calibration") or {}).get("enabled", True)
-        out["note"] = ("not calibrated: no validation split" if enabled
-                       else "not calibrated: evaluate.calibrate is false")
-    elif missing.any():
-        folds = sorted(map(str, predictions.loc[missing, "fold"].unique()))
-        out["note"] = f"fold(s) {', '.join(folds)} not calibrated (no validation subset); uncalibrated there"
-    return out, cal
-
-
-def _temperature_text(temps: dict[str, Any]) -> str:
-    vals = [float(t) for t in temps.values() if t is not None]
-    if not vals:
-        return ""
-    if len(vals) == 1:
-        return f"T = {vals[0]:.3f}"
-    return f"T = {min(vals):.3f}–{max(vals):.3f} over {len(vals)} folds"
+from oncotransfer.evaluate.ood import ood_lines, ood_summary
+from oncotransfer.rundir import mark_unfinished, read_ood_meta, read_run_info, write_metrics
 
 
 def protocol_lines(protocol: dict[str, Any], n_folds: int) -> list[dict[str, str]]:
@@ -171,11 +128,25 @@ def protocol_section(r: ReportInputs) -> dict[str, Any]:
         ov = r.metrics["overlap"]
         lines.insert(1, {"text": overlap_line(ov), "level": "warn" if ov["overlapping"] or ov["notes"] else ""})
         lines[2:2] = [{"text": note, "level": "warn"} for note in ov["notes"]]
-    if cal:
-        lines.append({"text": "Temperature scaling fitted on the validation subset of each fold; test folds "
-                              "never used" if cal["ece_after"] is not None else
-                      f"Probabilities {cal.get('note', 'not calibrated')}",
-                      "level": "" if cal["ece_after"] is not None else "warn"})
+    if r.metrics.get("shift"):
+        sh = r.metrics["shift"]
+        lines.insert(1, {"text": sh["line"] + (f" (reference: {sh['reference'].get('images')} images, "
+                                               f"{sh['reference'].get('which')})" if sh.get("reference") else ""),
+                         "level": "warn" if sh.get("shifted") else ""})
+    if r.metrics.get("ood") and r.metrics["ood"].get("flagged") is not None and r.metrics.get("scored_by"):
+        o = r.metrics["ood"]
+        lines.insert(1, {"text": f"Out of distribution: {o['flagged']} of {o['scored']} images "
+                                 f"({o['flagged_share']:.1%}) flagged by the run's detector",
+                         "level": "warn" if o["flagged_share"] > 0.1 else ""})
+    if cal and cal["ece_after"] is not None:
+        n = f", {cal['n_val_total']} images" if cal.get("n_val_total") else ""
+        asked = cal.get("requested")
+        rule = (f" (evaluate.calibration {cal['rule']})" if asked == "auto" and cal.get("rule")
+                else f" (evaluate.calibration: {asked})" if asked else "")
+        lines.append({"text": f"Temperature scaling fitted on the {cal['fitted_on']}{n}; test folds never used{rule}",
+                      "level": "warn" if cal.get("at_bound") else ""})
+    elif cal:
+        lines.append({"text": f"Probabilities {cal.get('note', 'not calibrated')}", "level": "warn"})
     return {"lines": lines}
 
 
@@ -192,16 +163,26 @@ def headline_section(r: ReportInputs) -> dict[str, Any]:
                    f"{fmt(sl['pooled']['balanced_accuracy'])} / {fmt(sl['pooled']['roc_auc'])}")]
     cal = r.metrics.get("calibration")
     if cal:
-        t = _temperature_text(cal.get("temperatures") or {})
-        after = (f"{fmt(cal['ece_before'])} before, {fmt(cal['ece_after'])} after temperature scaling"
-                 f" ({t}, fitted on the {cal['fitted_on']})" if cal["ece_after"] is not None
-                 else f"{fmt(cal['ece_before'])} ({cal.get('note', 'not calibrated')})")
+        before = fmt_ci(cal["ece_before"], cal.get("ece_before_ci95"))
+        after = (f"{before} before, {fmt_ci(cal['ece_after'], cal.get('ece_after_ci95'))} after temperature "
+                 f"scaling ({temperature_text(cal)})" if cal["ece_after"] is not None
+                 else f"{before} ({cal.get('note', 'not calibrated')})")
         items.append((f"Calibration error (ECE, {cal.get('bins', 15)} bins)", after))
+    sel = r.metrics.get("selective")
+    if sel:
+        items.append(("Accuracy at 90% coverage", fmt_ci(sel["accuracy_at_90_coverage"], sel.get(
+            "accuracy_at_90_coverage_ci95")) + f" on the {answered(0.9, sel['n'])} of {sel['n']} test images the "
+            f"model is most sure of ({sel['confidence']}); {fmt(sel['accuracy_by_confidence'][-1])} on all"))
     if r.n_folds > 1:
         items += [(f"{label} over folds (mean ± sd)", fmt_mean_sd(folds.get(key)))
                   for key, label in (("accuracy", "Accuracy"), ("balanced_accuracy", "Balanced accuracy"),
                                      ("roc_auc", "ROC-AUC"))]
     return {"items": items}
+
+
+def ood_section(r: ReportInputs) -> dict[str, Any] | None:
+    lines = ood_lines(r.metrics.get("ood"), external=bool(r.metrics.get("scored_by")))
+    return {"lines": lines} if lines else None
 
 
 def per_class_section(r: ReportInputs) -> dict[str, Any]:
@@ -224,6 +205,17 @@ def confusion_section(r: ReportInputs) -> dict[str, Any]:
     classes = r.metrics["classes"]
     return {"classes": classes, "rows": [[c, *counts] for c, counts in
                                          zip(classes, r.metrics["pooled"]["confusion_matrix"])]}
+
+
+def selective_section(r: ReportInputs) -> dict[str, Any] | None:
+    sel = r.metrics.get("selective")
+    if not sel:
+        return None
+    by_ood = sel.get("accuracy_by_ood")
+    rows = [[f"{c:.0%}", answered(c, sel["n"]), fmt(a)] + ([fmt(by_ood[i])] if by_ood else [])
+            for i, (c, a) in enumerate(zip(sel["coverage"], sel["accuracy_by_confidence"]))
+            if round(c * 100) in (100, 90, 80, 70, 50)][::-1]
+    return {"confidence": sel["confidence"], "ood": by_ood is not None, "rows": rows}
 
 
 def plots_section(r: ReportInputs) -> dict[str, Any]:
@@ -259,9 +251,11 @@ def config_section(r: ReportInputs) -> dict[str, Any]:
 SECTIONS: list[tuple[str, Callable[[ReportInputs], dict[str, Any] | None]]] = [
     ("run/protocol.md.j2", protocol_section),
     ("run/headline.md.j2", headline_section),
+    ("run/ood.md.j2", ood_section),
     ("run/per_class.md.j2", per_class_section),
     ("run/binary.md.j2", binary_section),
     ("run/confusion.md.j2", confusion_section),
+    ("run/selective.md.j2", selective_section),
     ("plots.md.j2", plots_section),
     ("run/warnings.md.j2", warnings_section),
     ("run/setup.md.j2", setup_section),
@@ -269,8 +263,17 @@ SECTIONS: list[tuple[str, Callable[[ReportInputs], dict[str, Any] | None]]] = [
 ]
 
 
+def _detector(run: Path) -> dict[str, Any] | None:
+    """What checkpoint/ood.json says of the run's detector (no tensors), or None."""
+    meta = read_ood_meta(run / "checkpoint") if (run / "checkpoint").is_dir() else None
+    if meta is None:
+        return None
+    return {"detector": meta.detector, "params": meta.params, "pass_rate": meta.pass_rate, "features": meta.features,
+            "thresholds": {str(m.fold): m.threshold for m in meta.members}}
+
+
 def _figures(run: Path, metrics: dict[str, Any], info: dict[str, Any], y_true: np.ndarray, y_prob: np.ndarray,
-             cal_prob: np.ndarray | None, n_bins: int, sfx: str) -> list[tuple[str, Path]]:
+             cal_prob: np.ndarray | None, n_bins: int, sfx: str, ood: np.ndarray | None) -> list[tuple[str, Path]]:
     pooled, classes = metrics["pooled"], metrics["classes"]
     figures: list[tuple[str, Path]] = []
     hist_path = run / "history.csv"
@@ -289,12 +292,20 @@ def _figures(run: Path, metrics: dict[str, Any], info: dict[str, Any], y_true: n
     figures.append(("ROC", save_figure(plot_roc(y_true, y_prob, classes), run / f"plots/roc{sfx}.png")))
     figures.append(("Reliability (calibration)", save_figure(
         plot_reliability(y_true, y_prob, cal_prob, classes, n_bins), run / f"plots/reliability{sfx}.png")))
+    correct, every = (y_prob.argmax(axis=1) == y_true), np.arange(1, len(y_true) + 1) / len(y_true)
+    curves = {f"by {metrics['selective']['confidence']}": (every, accuracy_at_coverage(
+        correct, (cal_prob if cal_prob is not None else y_prob).max(axis=1), every))}
+    if ood is not None:
+        curves["by OOD score (most usual first)"] = (every, accuracy_at_coverage(correct, -ood, every))
+    figures.append(("Selective prediction (risk-coverage)", save_figure(
+        plot_risk_coverage(curves), run / f"plots/selective{sfx}.png")))
     return figures
 
 
 def evaluate_run(run_dir: str | Path, predictions: pd.DataFrame | None = None,
                  out_name: str = "report", plots: bool = True, scored_by: str | None = None,
-                 slide_aggregate: str = "mean", overlap: dict[str, Any] | None = None) -> dict[str, Any]:
+                 slide_aggregate: str = "mean", overlap: dict[str, Any] | None = None,
+                 shift: dict[str, Any] | None = None) -> dict[str, Any]:
     """Metrics per fold and pooled, plots and the Markdown/HTML report for one run directory.
 
     ``predictions`` replaces predictions.csv (e.g. an external test set); with an ``out_name`` other than
@@ -325,18 +336,25 @@ def evaluate_run(run_dir: str | Path, predictions: pd.DataFrame | None = None,
     pooled = classification_metrics(y_true, y_prob, **kw)
     n_bins = int(ev.get("ece_bins", 15))
     pooled["ece"] = expected_calibration_error(y_true, y_prob, n_bins)
+    pooled["ece_ci95"] = ece_bootstrap_ci(y_true, y_prob, n_bins, kw["bootstrap"])
     for f, part in predictions.groupby("fold", sort=True):
         per_fold[str(f)]["ece"] = expected_calibration_error(*prediction_arrays(part, classes), n_bins)
-    calibration, cal_prob = calibration_summary(predictions, classes, info, n_bins)
+    calibration, cal_prob = calibration_summary(predictions, classes, info, n_bins, kw["bootstrap"])
     keys = ("accuracy", "balanced_accuracy", "roc_auc") + (("binary.precision", "binary.recall")
                                                           if pooled["binary"] else ())
     metrics = {"name": info.get("name") or cfg.get("name") or run.name, "classes": classes,
                "protocol": info.get("protocol") or {}, "pooled": pooled, "per_fold": per_fold,
-               "folds": fold_summary(list(per_fold.values()), keys), "calibration": calibration}
+               "folds": fold_summary(list(per_fold.values()), keys), "calibration": calibration,
+               "selective": selective_block(predictions, y_true, y_prob, cal_prob, kw["bootstrap"])}
+    ood = ood_summary(predictions, _detector(run))
+    if ood is not None:
+        metrics["ood"] = ood
     if scored_by:
         metrics["scored_by"] = scored_by
     if overlap is not None:  # external data vs the run's training images (evaluate.external)
         metrics["overlap"] = overlap
+    if shift is not None:  # a two-sample test of the external images against the training features
+        metrics["shift"] = shift
     sfx = "" if out_name == "report" else f"_{slug(out_name)}"
     slides = slide_metrics(predictions, classes, slide_aggregate, kw["positive_classes"], kw["bootstrap"],
                            run / f"slide_predictions{sfx}.csv")
@@ -345,7 +363,8 @@ def evaluate_run(run_dir: str | Path, predictions: pd.DataFrame | None = None,
     # The metrics file goes last (rundir.run_finished): a kill or a full disk part-way leaves none.
     mark_unfinished(run, sfx[1:])
     if plots:
-        figures = _figures(run, metrics, info, y_true, y_prob, cal_prob, n_bins, sfx)
+        ood = predictions["ood_score"].to_numpy(float) if "ood_score" in predictions.columns else None
+        figures = _figures(run, metrics, info, y_true, y_prob, cal_prob, n_bins, sfx, ood)
         inputs = ReportInputs(metrics, info, cfg, cfg_text, figures, run)
         write_report(run, out_name, f"Evaluation report: {metrics['name']}",
                      [(template, context(inputs)) for template, context in SECTIONS])

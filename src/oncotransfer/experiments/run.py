@@ -25,8 +25,10 @@ from oncotransfer.rundir import mark_unfinished, write_run_info
 from oncotransfer.train import distributed as D
 from oncotransfer.train.data import LoadedData, load_data
 from oncotransfer.train.device import pick_device, precision_label
-from oncotransfer.train.fold import fold_predictions, fold_temperature, train_fold
-from oncotransfer.train.fold_outputs import FITTED_ON, NO_VAL_NOTE, fold_file, save_fold_tensors, state_snapshot
+from oncotransfer.models.ood import detector_fitter
+from oncotransfer.train.fold import collect_outputs, fold_ood, train_fold
+from oncotransfer.train.fold_outputs import NO_VAL_NOTE, calibrate_folds, fold_file, save_fold_tensors, state_snapshot
+from oncotransfer.train.ood import save_run_ood, with_ood_columns
 from oncotransfer.train.loop import FitState
 
 
@@ -73,6 +75,8 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
     spec = get_backbone(cfg.model.backbone)
     splitter(cfg.split.kind)  # unknown plug-in names fail here, before any work
     head_factory(cfg.model.head.kind)
+    if cfg.evaluate.ood != "none":
+        detector_fitter(cfg.evaluate.ood)
     size = cfg.data.image_size or spec.input_size
     data = data or load_data(cfg.data, size, cfg.train.num_workers, phash=cfg.split.group_duplicates)
     m = data.manifest
@@ -94,7 +98,7 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
         f"{'grouped by ' + split.grouped_by if split.grouped_by else 'IMAGE-LEVEL'}")
     device = D.local_device(pick_device(cfg.train.device))
     aug = Augmenter(cfg.augment)
-    histories, preds, best_epochs, modes, fold0, fold0_state, temps = [], [], {}, set(), None, None, {}
+    histories, outputs, best_epochs, modes, fold0, fold0_state, oods = [], [], {}, set(), None, None, {}
     warnings = list(data.warnings) + list(split.warnings)
     try:
         for fold in split.folds:
@@ -103,8 +107,8 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
             modes.add(mode)
             best_epochs[str(fold.index)] = st.best_epoch
             histories.append(pd.DataFrame(st.history).assign(fold=fold.index))
-            temps[str(fold.index)] = fold_temperature(model, fold, cfg, device)
-            preds.append(fold_predictions(model, data, fold, cfg, device, temps[str(fold.index)]))
+            outputs.append(collect_outputs(model, data, fold, cfg, device))  # calibrated after the last fold
+            oods[fold.index] = fold_ood(model, data, fold, cfg, reference=fold.index == 0)
             if fold.index == 0:
                 fold0, fold0_state = model, state_snapshot(model)
                 warnings += list(model.weights.warnings if model.weights else [])
@@ -122,6 +126,15 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
     try:  # Ctrl-C while the results are written: the run is resumable too (its folds are saved)
         history = pd.concat(histories)[["fold", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]]
         atomic_to_csv(history, run_dir / "history.csv", index=False)
+        # Temperature scaling once every fold is done: one T on the pooled validation logits unless every
+        # fold's validation subset is large enough for its own (train.temperature.choose_temperatures).
+        preds, cal = calibrate_folds(outputs, cfg.evaluate.calibration, cfg.model.head.sigmoid)
+        preds = [with_ood_columns(p, oods[o.fold]) for p, o in zip(preds, outputs)]
+        temps = cal.temperatures
+        for line in [cal.summary()] + [f"warning: {w}" for w in cal.warnings]:
+            if line:
+                say(line)
+        warnings += cal.warnings
         atomic_to_csv(pd.concat(preds), run_dir / "predictions.csv", index=False)
         if cfg.evaluate.calibrate and all(t is None for t in temps.values()):
             warnings.append(NO_VAL_NOTE)
@@ -130,6 +143,7 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
                                 "folds": [{"fold": f.index, "file": fold_file(f.index), "temperature": temps[str(f.index)]}
                                           for f in split.folds]})
         write_checkpoint(run_dir, fold0, meta)
+        warnings += save_run_ood(run_dir, oods, cfg, fold0.head, temps, split.folds[0], data.dup_groups)
         protocol = {"split": cfg.split.kind, "folds": len(split.folds), "grouped_by": split.grouped_by,
                     "image_level": split.image_level, "selection_on_test": split.selection_on_test,
                     "augment": describe(cfg.augment), "zoom_mode": cfg.augment.zoom_mode if cfg.augment.zoom else None,
@@ -141,7 +155,7 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
             "backbone": cfg.model.backbone, "warnings": warnings, "skipped": m.skipped,
             "checkpoint": f"fold 0 of {len(split.folds)}" + (" (folds 1.. in checkpoint/folds/)" if len(split.folds) > 1
                                                                else ""),
-            "temperatures": temps, "calibration": {"fitted_on": FITTED_ON, "enabled": cfg.evaluate.calibrate},
+            "temperatures": temps, "calibration": {**cal.record, "enabled": cfg.evaluate.calibrate},
             "processes": D.world_size()})
         metrics = {}
         if report:

@@ -22,16 +22,20 @@ class ExportParityError(OncoError):
 
 class ProbabilityModel(nn.Module):
     """Normalised image batch -> (N, C) probabilities (a sigmoid head gives two columns too). ``model`` is a
-    classifier, or an ``Ensemble`` (members' logits / their temperatures, probabilities averaged)."""
+    classifier, or an ``Ensemble`` (members' logits / their temperatures, probabilities averaged). With an
+    ``ood`` scorer (``models.ood.OODScorer``, ensembles only) the output is (probabilities, (N,) OOD scores)."""
 
-    def __init__(self, model: nn.Module, temperature: float | None = None):
+    def __init__(self, model: nn.Module, temperature: float | None = None, ood: nn.Module | None = None):
         super().__init__()
         self.model = model
         self.temperature = temperature
+        self.ood = ood
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self.model, "member_logits"):
-            return self.model.probabilities(x)
+    def forward(self, x: torch.Tensor):
+        if hasattr(self.model, "member_outputs"):
+            feats, logits = self.model.member_outputs(x)
+            probs = self.model.average(logits)
+            return probs if self.ood is None else (probs, self.ood(feats, logits))
         return self.model.head.probabilities(self.model(x), self.temperature)
 
 
@@ -76,15 +80,17 @@ def export_run(run_dir: str | Path, fmt: Literal["onnx", "torchscript"] = "onnx"
     meta = pred.meta
     pre = meta["preprocessing"]
     size = int(pre["size"])
-    wrapped = ProbabilityModel(pred.ensemble).eval()
+    wrapped = ProbabilityModel(pred.ensemble, ood=pred.ood).eval()
+    names = ("output",) if pred.ood is None else ("output", "ood_score")
     out_dir = run_dir / "export"
     x = normalise(parity_images(run_dir, meta, size), tuple(pre["mean"]), tuple(pre["std"]))
     with torch.inference_mode():
-        ref = wrapped(x).numpy()
+        refs = _as_list(wrapped(x))
+    ref = refs[0]
     if fmt == "onnx":
-        from oncotransfer.runtime import export_onnx, ort_session, run_session
-        path = export_onnx(wrapped, out_dir / "model.onnx", size)
-        got = run_session(ort_session(path), x.numpy())
+        from oncotransfer.runtime import export_onnx, ort_session, run_session_outputs
+        path = export_onnx(wrapped, out_dir / "model.onnx", size, outputs=names)
+        gots = run_session_outputs(ort_session(path), x.numpy())
     else:
         path = out_dir / "model.ts"
         with torch.no_grad(), warnings.catch_warnings():
@@ -94,12 +100,16 @@ def export_run(run_dir: str | Path, fmt: Literal["onnx", "torchscript"] = "onnx"
             tmp = path.with_name(".model.ts.tmp")
             traced.save(str(tmp))
             tmp.replace(path)
-            got = torch.jit.load(str(path))(x).numpy()
-    diff = float(np.abs(got - ref).max()) if len(ref) else float("nan")
+            gots = _as_list(torch.jit.load(str(path))(x))
+    diff = float(np.abs(gots[0] - ref).max()) if len(ref) else float("nan")
     say(f"parity on {len(ref)} real images: max abs probability difference {diff:.2e} (tolerance {PARITY_TOL:g})")
+    if pred.ood is not None and len(ref):  # relative: a Mahalanobis score can be in the thousands
+        ood_diff = float(np.max(np.abs(gots[1] - refs[1]) / np.maximum(1.0, np.abs(refs[1]))))
+        say(f"parity of ood_score: max difference {ood_diff:.2e} (relative above 1; tolerance {PARITY_TOL:g})")
+        diff = max(diff, ood_diff)
     if not diff <= PARITY_TOL:
         path.unlink(missing_ok=True)  # a model that disagrees with PyTorch must not be picked up by predict/serve
-        raise ExportParityError(f"{path.name}: exported probabilities differ from PyTorch by {diff:.2e} "
+        raise ExportParityError(f"{path.name}: exported outputs differ from PyTorch by {diff:.2e} "
                                 f"(> {PARITY_TOL:g}) on {len(ref)} images; the export was removed")
     write_json(out_dir / "model.json", {
         "format": fmt, "file": path.name, "oncotransfer_version": __version__, "classes": meta["classes"],
@@ -107,11 +117,21 @@ def export_run(run_dir: str | Path, fmt: Literal["onnx", "torchscript"] = "onnx"
                           "note": "RGB, squash-resize to size x size, scale to [0, 1], (x - mean) / std"},
         "backbone": meta["backbone"], "checkpoint_digest": checkpoint_digest(run_dir),
         "model": pred.describe(), "members": pred.members, "temperature": pred.temperature,
-        "calibration": "logits / temperature before softmax (sigmoid), fitted on each fold's validation subset"
+        "calibration": "logits / temperature before softmax (sigmoid), fitted on validation subsets only "
+                       "(pooled over the folds or per fold: run.json 'calibration')"
                        if pred.ensemble.calibrated else "none (no temperature fitted)",
         "input": {"name": "input", "shape": ["batch", 3, size, size], "dtype": "float32", "layout": "NCHW"},
         "output": {"name": "output", "shape": ["batch", len(meta["classes"])],
                    "meaning": "class probabilities in the order of 'classes' (rows sum to 1)"
                               + ("; the mean of the members' probabilities" if len(pred.members) > 1 else "")},
-        "parity": {"images": int(len(ref)), "max_abs_diff": diff, "tolerance": PARITY_TOL}})
+        "parity": {"images": int(len(ref)), "max_abs_diff": diff, "tolerance": PARITY_TOL},
+        "ood": None if pred.ood is None else {
+            "output": "ood_score", "detector": pred.ood.kind, "threshold": pred.ood.threshold,
+            "pass_rate": pred.ood.pass_rate, "tensors_sha256": pred.ood_meta.tensors_sha256,
+            "meaning": "out-of-distribution score per image, higher = more unusual (the mean of the members' "
+                       "scores); in distribution when at or under 'threshold'"}})
     return path
+
+
+def _as_list(out) -> list:
+    return [t.numpy() if hasattr(t, "numpy") else t for t in (out if isinstance(out, (tuple, list)) else [out])]

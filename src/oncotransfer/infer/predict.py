@@ -17,6 +17,8 @@ from oncotransfer.io import atomic_to_csv, atomic_write_bytes
 from oncotransfer.rundir import predictions_table
 
 Engine = Literal["auto", "torch", "onnx"]
+DEFAULT_COVERAGE = 0.9
+"""``predict --abstain`` and ``serve``: answer this share of in-distribution images, refer the least confident rest."""
 ONNX_NAME = "model.onnx"
 
 
@@ -53,7 +55,7 @@ class Predictor:
     ``model`` is the first member (fold 0 of an ensemble), used for Grad-CAM."""
 
     def __init__(self, model: torch.nn.Module, meta: dict, engine: str = "torch", session=None,
-                 run_dir: Path | None = None, ensemble=None, members: list[dict] | None = None):
+                 run_dir: Path | None = None, ensemble=None, members: list[dict] | None = None, ood=None):
         from oncotransfer.models.ensemble import Ensemble
         self.model = model.eval()
         self.members = members or [{"fold": int(meta.get("fold") or 0), "temperature": meta.get("temperature")}]
@@ -69,6 +71,8 @@ class Predictor:
         cfg = meta.get("config") or {}
         self.name = str(cfg.get("name") or meta["backbone"]["name"])
         self.rotation = float(((cfg.get("augment") or {}).get("rotation")) or 0.0)
+        # (OODScorer, OODMeta, shift reference features) of models.ood.load_ood, or None (no detector)
+        self.ood, self.ood_meta, self.shift_reference = ood if ood is not None else (None, None, None)
         self.fill = str((cfg.get("augment") or {}).get("fill") or "nearest")
 
     @classmethod
@@ -85,18 +89,26 @@ class Predictor:
         info = [{"fold": int(e["fold"]), "temperature": e.get("temperature")} for e in entries]
         meta = {**meta, "fold": info[0]["fold"], "temperature": info[0]["temperature"]}
         ensemble = Ensemble(members, [m["temperature"] for m in info], [f"fold{m['fold']}" for m in info])
+        from oncotransfer.models.checkpoint import checkpoint_dir
+        from oncotransfer.models.ood import load_ood
+        ood = load_ood(checkpoint_dir(run_dir), [m["fold"] for m in info])
         onnx_path = run_dir / "export" / ONNX_NAME
         use_onnx = engine == "onnx" or (engine == "auto" and onnx_path.is_file() and onnx_available()
-                                        and _export_members(run_dir) in (None, info))
+                                        and _export_members(run_dir) in (None, info)
+                                        and _export_ood(run_dir) == _ood_digest(ood))
         session = None
         if use_onnx:
             if not onnx_path.is_file():
                 raise CheckpointError(f"{run_dir}: no {onnx_path.relative_to(run_dir)}; run "
                                       f"`oncotransfer export {run_dir} --format onnx` first or use --engine torch")
             _check_export_matches(run_dir, meta, info)
+            if _export_ood(run_dir) != _ood_digest(ood):
+                raise CheckpointError(f"{run_dir}/export was written without the run's out-of-distribution detector "
+                                      f"(or with another one); run `oncotransfer export {run_dir}` again or use "
+                                      "--engine torch")
             from oncotransfer.runtime import ort_session
             session = ort_session(onnx_path)
-        return cls(members[0], meta, "onnx" if use_onnx else "torch", session, run_dir, ensemble, info)
+        return cls(members[0], meta, "onnx" if use_onnx else "torch", session, run_dir, ensemble, info, ood)
 
     @property
     def temperature(self) -> float | None:
@@ -145,29 +157,56 @@ class Predictor:
     # -- inference -------------------------------------------------------------------------------------------
     def probabilities(self, x: torch.Tensor, batch_size: int = 32) -> np.ndarray:
         """Normalised float batch -> (N, C) (calibrated, averaged) probabilities with the selected engine."""
+        return self.outputs(x, batch_size)[0]
+
+    def outputs(self, x: torch.Tensor, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+        """Normalised float batch -> ((N, C) calibrated averaged probabilities, (N,) out-of-distribution scores
+        or None without a detector), from one pass of the selected engine."""
         if len(x) == 0:
-            return np.zeros((0, len(self.classes)), np.float32)
+            return np.zeros((0, len(self.classes)), np.float32), None if self.ood is None else np.zeros(0)
         if self.session is not None:
-            from oncotransfer.runtime import run_session
-            return run_session(self.session, x.numpy(), batch_size)
+            from oncotransfer.runtime import run_session_outputs
+            outs = run_session_outputs(self.session, x.numpy(), batch_size)
+            return outs[0], (outs[1] if self.ood is not None and len(outs) > 1 else None)
+        _, cal, ood = self.score_all(x, batch_size)
+        return cal, ood
+
+    def score_all(self, x: torch.Tensor, batch_size: int = 32, features: list | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """PyTorch, one pass: (uncalibrated, calibrated (the same without temperatures), OOD scores or None).
+        ``features``: a list that receives the first member's features (the shift check's space), batch by batch."""
+        raw, cal, ood = [], [], []
         with torch.inference_mode():
-            return torch.cat([self.ensemble.probabilities(x[s:s + batch_size])
-                              for s in range(0, len(x), batch_size)]).float().numpy()
+            for s in range(0, len(x), batch_size):
+                feats, logits = self.ensemble.member_outputs(x[s:s + batch_size])
+                raw.append(self.ensemble.average(logits, False).float())
+                cal.append(self.ensemble.average(logits, True).float())
+                if self.ood is not None:
+                    ood.append(self.ood(feats, logits).double())
+                if features is not None:
+                    features.append(feats[0].float().numpy())
+        if not raw:
+            empty = np.zeros((0, len(self.classes)), np.float32)
+            return empty, empty, None if self.ood is None else np.zeros(0)
+        return (torch.cat(raw).numpy(), torch.cat(cal).numpy(),
+                torch.cat(ood).numpy() if self.ood is not None else None)
 
     def probability_pair(self, x: torch.Tensor, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
         """(uncalibrated, calibrated or None when no member has a temperature) probabilities; PyTorch, one pass."""
-        if not self.ensemble.calibrated:
-            return self.probabilities(x, batch_size), None
-        if len(x) == 0:
-            empty = np.zeros((0, len(self.classes)), np.float32)
-            return empty, empty
-        raw, cal = [], []
-        with torch.inference_mode():
-            for s in range(0, len(x), batch_size):
-                a, b = self.ensemble.both(x[s:s + batch_size])
-                raw.append(a.float())
-                cal.append(b.float())
-        return torch.cat(raw).numpy(), torch.cat(cal).numpy()
+        raw, cal, _ = self.score_all(x, batch_size)
+        return raw, cal if self.ensemble.calibrated else None
+
+    def in_distribution(self, scores: np.ndarray | None) -> np.ndarray | None:
+        """True where the OOD score is at or under the run's threshold; None without a detector or threshold."""
+        return None if scores is None or self.ood is None else self.ood.flags(scores)
+
+    def confidence_cut(self, coverage: float) -> float | None:
+        """The top-class probability under which images are referred, so that ``coverage`` of the run's
+        validation images (each fold model on its own validation subset) are answered; None when unknown."""
+        conf = self.ood_meta.confidences if self.ood_meta is not None else []
+        if not conf:
+            return None
+        return float(np.quantile(np.asarray(conf), 1.0 - coverage, method="lower"))
 
     def tta_views(self, batch: torch.Tensor) -> list[torch.Tensor]:
         """Identity, horizontal and vertical flip, and ± the run's own rotation when it trained with one."""
@@ -183,11 +222,35 @@ class Predictor:
                 views.append(aug.apply(batch, p))
         return views
 
+    def referrals(self, probs: np.ndarray, ood: np.ndarray | None, coverage: float = DEFAULT_COVERAGE
+                  ) -> tuple[np.ndarray, list[str]]:
+        """Which images to refer to a person, and why: out of distribution (when the run has a detector and a
+        threshold), or a top-class probability under the cut that answers ``coverage`` of the validation images."""
+        refer = np.zeros(len(probs), bool)
+        reasons = [[] for _ in range(len(probs))]
+        flags = self.in_distribution(ood)
+        if flags is not None:
+            for i in np.nonzero(~flags)[0]:
+                refer[i] = True
+                reasons[i].append("out of distribution")
+        cut = self.confidence_cut(coverage)
+        if cut is not None and len(probs):
+            for i in np.nonzero(probs.max(1) < cut)[0]:
+                refer[i] = True
+                reasons[i].append(f"low confidence (< {cut:.3f})")
+        return refer, ["; ".join(r) for r in reasons]
+
     def predict_uint8(self, batch: torch.Tensor, tta: bool = False) -> np.ndarray:
-        if not tta:
-            return self.probabilities(self.normalised(batch))
-        probs = [self.probabilities(self.normalised(v)) for v in self.tta_views(batch)]
-        return np.mean(probs, axis=0)
+        return self.predict_with_ood(batch, tta)[0]
+
+    def predict_with_ood(self, batch: torch.Tensor, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 batch -> (probabilities, averaged over the TTA views with ``tta``; OOD scores of the image as
+        it is, the view the threshold was set on)."""
+        probs, ood = self.outputs(self.normalised(batch))
+        if tta:
+            probs = np.mean([probs] + [self.probabilities(self.normalised(v)) for v in self.tta_views(batch)[1:]],
+                            axis=0)
+        return probs, ood
 
     def predict_images(self, images: Sequence[Image.Image | torch.Tensor], tta: bool = False) -> np.ndarray:
         """Images -> (N, C) class probabilities."""
@@ -208,11 +271,11 @@ class Predictor:
             except ImageReadError as e:
                 errors[str(f)] = str(e)
         batch = torch.stack(tensors) if tensors else torch.zeros((0, 3, self.size, self.size), dtype=torch.uint8)
-        probs = self.predict_uint8(batch, tta)
-        return self.frame(ok, probs), errors
+        probs, ood = self.predict_with_ood(batch, tta)
+        return self.frame(ok, probs, ood), errors
 
-    def frame(self, paths: list[str], probs: np.ndarray) -> pd.DataFrame:
-        return predictions_table(paths, probs, self.classes)
+    def frame(self, paths: list[str], probs: np.ndarray, ood: np.ndarray | None = None) -> pd.DataFrame:
+        return predictions_table(paths, probs, self.classes, ood_scores=ood, in_distribution=self.in_distribution(ood))
 
 
 def _export_members(run_dir: Path) -> list[dict] | None:
@@ -223,6 +286,19 @@ def _export_members(run_dir: Path) -> list[dict] | None:
     members = json.loads(info.read_text()).get("members")
     return None if members is None else [{"fold": int(m["fold"]), "temperature": m.get("temperature")}
                                          for m in members]
+
+
+def _ood_digest(ood) -> str | None:
+    """The digest of the detector tensors ``load_ood`` read (None: the run has no detector)."""
+    return None if ood is None else ood[1].tensors_sha256
+
+
+def _export_ood(run_dir: Path) -> str | None:
+    """The detector digest an export holds (None: an export without an ``ood_score`` output)."""
+    try:
+        return (json.loads((run_dir / "export" / "model.json").read_text()).get("ood") or {}).get("tensors_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _check_export_matches(run_dir: Path, meta: dict, members: list[dict] | None = None) -> None:
@@ -247,61 +323,21 @@ def checkpoint_digest(run_dir: Path) -> str:
     return sha256_file(Path(run_dir) / "checkpoint" / "model.safetensors")
 
 
-def predictions_on(run_dir: str | Path, data_path: str, engine: Engine = "auto", fold: int | None = None,
-                   predictor: "Predictor | None" = None, hashes: bool = False) -> pd.DataFrame:
-    """Score a labelled data set (class folders, manifest, demo:NAME) in the format of RUN/predictions.csv:
-    ``prob_<class>`` uncalibrated and, when temperatures exist, ``cal_prob_<class>`` (both averaged over the
-    fold models of an ensemble). With temperatures the scores come from PyTorch (one pass gives both)."""
-    from oncotransfer.data.images import decode_many
-    from oncotransfer.data.manifest import load_manifest
-    pred = predictor or Predictor.from_run(run_dir, engine, fold)
-    regex = ((pred.meta.get("config") or {}).get("data") or {}).get("patient_regex")
-    m = load_manifest(data_path, regex, min_classes=1, dicom_frames=pred.dicom_frames)
-    unknown = sorted(set(m.classes) - set(pred.classes))
-    if unknown:
-        raise DataError(f"{data_path}: classes {unknown} are not among the model's classes {pred.classes}; "
-                        "name the class folders (or manifest labels) as in training")
-    images, ok, failed, phashes = decode_many(m.paths, pred.size, phash=hashes)
-    if not ok:
-        raise DataError(f"{data_path}: none of the {len(m)} images could be read, e.g. {next(iter(failed.values()))}")
-    if pred.ensemble.calibrated:
-        probs, cal = pred.probability_pair(pred.normalised(images))
-    else:
-        probs, cal = pred.predict_uint8(images), None
-    df = predictions_table([m.relpath(i) for i in ok], probs, pred.classes, fold=0,
-                           labels=[m.classes[m.labels[i]] for i in ok], calibrated=cal)
-    if hashes:  # for the overlap check of evaluate_on (sha256, and pHash as the splits compute it)
-        df["sha256"] = [m.sha256[i] for i in ok]
-        df["phash"] = phashes
-    df.attrs["skipped"] = {**m.skipped, **{m.paths[i]: why for i, why in failed.items()}}
-    return df
-
-
-def evaluate_on(run_dir: str | Path, data_path: str, engine: Engine = "auto", fold: int | None = None,
-                slide_aggregate: str = "mean") -> dict:
-    """``evaluate RUN --data OTHER``: score the run's model (the ensemble of its fold models by default) on
-    other labelled data; writes metrics_report_external.json and report_external.html/md."""
-    from oncotransfer.evaluate.report import evaluate_run
-    from oncotransfer.evaluate.external import overlap_checked
-    from oncotransfer.evaluate.slides import attach_slides
-    pred = Predictor.from_run(run_dir, engine, fold)
-    df = predictions_on(run_dir, data_path, predictor=pred, hashes=True)
-    skipped = df.attrs.get("skipped") or {}
-    df, overlap = overlap_checked(run_dir, attach_slides(df, data_path), [m["fold"] for m in pred.members], pred.size)
-    metrics = evaluate_run(run_dir, predictions=df, out_name="report_external",
-                           scored_by=f"{pred.describe()} on {data_path}", slide_aggregate=slide_aggregate,
-                           overlap=overlap)
-    return {**metrics, "skipped": skipped} if skipped else metrics
-
-
 def run_predict(run_dir: str | Path, paths: list[str], out: str | Path, tta: bool = False, explain: bool = False,
-                engine: Engine = "auto", fold: int | None = None, max_pixels: int | None = MAX_PIXELS
-                ) -> tuple[pd.DataFrame, dict[str, str]]:
+                engine: Engine = "auto", fold: int | None = None, max_pixels: int | None = MAX_PIXELS,
+                abstain: bool = False, coverage: float = DEFAULT_COVERAGE) -> tuple[pd.DataFrame, dict[str, str]]:
     """The ``predict`` command: CSV at ``out``; with ``explain`` overlays in ``<out stem>_explain/``
     (Grad-CAM of the first member, fold 0, for an ensemble). Images declaring more than ``max_pixels`` are
-    refused (listed in the errors) before decoding."""
+    refused (listed in the errors) before decoding. ``abstain`` adds ``refer`` and ``refer_reason``
+    (``Predictor.referrals`` at ``coverage``)."""
+    if not 0 < coverage <= 1:
+        raise ConfigError(f"--coverage {coverage:g}: expected a share of images in (0, 1], e.g. 0.9")
     pred = Predictor.from_run(run_dir, engine, fold)
     df, errors = pred.predict_paths(paths, tta=tta, max_pixels=max_pixels)
+    if abstain:
+        probs = df[[f"prob_{c}" for c in pred.classes]].to_numpy(float)
+        ood = df["ood_score"].to_numpy(float) if "ood_score" in df.columns else None
+        df["refer"], df["refer_reason"] = pred.referrals(probs, ood, coverage)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_to_csv(df, out, index=False)

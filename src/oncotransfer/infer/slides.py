@@ -1,8 +1,9 @@
 """``predict RUN SLIDE --slide``: stream a slide's tissue tiles through the run's ONNX model on CPU.
 
 A reader thread cuts tiles (OpenSlide and Pillow release the GIL) into a bounded queue while ONNX Runtime
-scores the previous batch, so memory is a few batches, never the slide. Writes per-tile probabilities, a
-heatmap on the thumbnail and one slide-level score per slide.
+scores the previous batch, so memory is a few batches, never the slide. Writes per-tile probabilities (and the
+export's out-of-distribution score and verdict), a heatmap on the thumbnail and one slide-level score per slide
+with the share of its tiles out of distribution.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from PIL import Image
 from oncotransfer.errors import CheckpointError, DataError
 from oncotransfer.evaluate.slides import aggregate, describe_aggregate, parse_aggregate
 from oncotransfer.io import sha256_file
-from oncotransfer.rundir import read_checkpoint_meta
+from oncotransfer.rundir import read_checkpoint_meta, read_ood_meta
 
 
 class TileModel:
@@ -47,6 +48,15 @@ class TileModel:
         self.session = ort.InferenceSession(str(run_dir / "export" / info["file"]), sess_options=opts,
                                             providers=["CPUExecutionProvider"])
         self._input = self.session.get_inputs()[0].name
+        # The out-of-distribution output by its name in model.json (None: an export of a run without a detector)
+        ood = info.get("ood") or {}
+        self.ood_output: str | None = ood.get("output")
+        self.ood_threshold: float | None = ood.get("threshold")
+        names = [o.name for o in self.session.get_outputs()]
+        if self.ood_output is not None and self.ood_output not in names:
+            raise CheckpointError(f"{run_dir}/export: model.json names the output {self.ood_output!r} but the "
+                                  f"model has {names}; run `oncotransfer export {run_dir}` again")
+        self._outputs = [names[0]] + ([self.ood_output] if self.ood_output else [])
 
     def normalised(self, batch: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) -> float32 (N, 3, H, W), the same float32 operations as training."""
@@ -54,11 +64,21 @@ class TileModel:
         return np.ascontiguousarray((x - self.mean) / self.std)
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self._input: x})[0]
+        return self.outputs(x)[0]
+
+    def outputs(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, C) probabilities and (N,) out-of-distribution scores (None without a detector), one pass."""
+        out = self.session.run(self._outputs, {self._input: x})
+        return out[0], (np.asarray(out[1], np.float64).reshape(-1) if self.ood_output else None)
+
+    def in_distribution(self, scores: np.ndarray | None) -> np.ndarray | None:
+        """True where the score is at or under the export's threshold; None without a detector or threshold."""
+        return None if scores is None or self.ood_threshold is None else np.asarray(scores) <= self.ood_threshold
 
 
 def _export_current(run_dir: Path, meta: dict) -> dict | None:
-    """export/model.json when the ONNX export holds exactly the run's models, else None."""
+    """export/model.json when the ONNX export holds exactly the run's models and out-of-distribution detector,
+    else None (an export written before the run had a detector lacks the ``ood_score`` output: stale)."""
     try:
         info = json.loads((run_dir / "export" / "model.json").read_text())
     except (OSError, ValueError):
@@ -69,6 +89,8 @@ def _export_current(run_dir: Path, meta: dict) -> dict | None:
     members = [{"fold": int(f["fold"]), "temperature": f.get("temperature")} for f in folds]
     ok = (info.get("classes") == meta.get("classes") and info.get("checkpoint_digest") in (None, sha256_file(run_dir / "checkpoint" / "model.safetensors"))
           and info.get("members") in (None, members))
+    ood = read_ood_meta(run_dir / "checkpoint")
+    ok = ok and (info.get("ood") or {}).get("tensors_sha256") == (None if ood is None else ood.tensors_sha256)
     return info if ok else None
 
 
@@ -176,8 +198,9 @@ def heatmap_png(thumb: Image.Image, geom, tiles: pd.DataFrame, score: np.ndarray
 def score_slide(pred: TileModel, path: Path, tile_size: int, mpp: float | None, magnification: float | None,
                 mpp_source: float | None, min_tissue: float, batch_size: int = 16, depth: int = 3
                 ) -> tuple[pd.DataFrame, np.ndarray, object, Image.Image]:
-    """Tile probabilities of one slide: (rows slide,x,y,tissue,pred,prob_<class>, (N, C) probs, geometry,
-    thumbnail). Tiles are read at ``tile_size`` and squash-resized to the model's size as in training."""
+    """Tile probabilities of one slide: (rows slide,x,y,tissue,pred,prob_<class>[,ood_score,in_distribution],
+    (N, C) probs, geometry, thumbnail). Tiles are read at ``tile_size`` and squash-resized to the model's size as
+    in training; ``in_distribution`` is empty when the export has no threshold."""
     from oncotransfer.data import slides as S
     slide = S.open_slide(path)
     try:
@@ -191,9 +214,11 @@ def score_slide(pred: TileModel, path: Path, tile_size: int, mpp: float | None, 
                     arr = np.stack([np.asarray(Image.fromarray(a).resize((pred.size, pred.size), Image.BILINEAR,
                                                                           reducing_gap=None)) for a in arr])
                 yield part, pred.normalised(arr)
-        out = []
+        out, ood = [], []
         for part, x in prefetch(batches(), depth):
-            out.append(pred.probabilities(x))
+            p, s = pred.outputs(x)
+            out.append(p)
+            ood.append(s)
     finally:
         slide.close()
     probs = np.concatenate(out) if out else np.zeros((0, len(pred.classes)), np.float32)
@@ -202,6 +227,11 @@ def score_slide(pred: TileModel, path: Path, tile_size: int, mpp: float | None, 
                        "pred": [pred.classes[k] for k in probs.argmax(1)] if len(probs) else []})
     for c, name in enumerate(pred.classes):
         df[f"prob_{name}"] = probs[:, c] if len(probs) else []
+    if pred.ood_output:
+        scores = np.concatenate(ood) if ood else np.zeros(0)
+        flags = pred.in_distribution(scores)
+        df["ood_score"] = scores
+        df["in_distribution"] = pd.Series([None] * len(df) if flags is None else list(flags), dtype=object)
     return df, probs, geom, thumb
 
 
@@ -210,7 +240,8 @@ def predict_slides(run_dir: str | Path, sources: list[str], out: str | Path, agg
                    mpp_source: float | None = None, min_tissue: float | None = None, batch_size: int = 16,
                    log: Callable[[str], None] | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
     """The ``predict --slide`` command. ``out``: one row per slide (slide, tiles, aggregate, pred,
-    prob_<class>); beside it ``<out stem>_slides/<slide>_tiles.csv`` and ``<slide>_heatmap.png``. Tiling
+    prob_<class>, and ``ood_tiles``, the share of tiles out of distribution, when the run has a detector);
+    beside it ``<out stem>_slides/<slide>_tiles.csv`` and ``<slide>_heatmap.png``. Tiling
     defaults come from the run's training tiles (tiling.json), else the model's input size at 0.5 µm/px.
     Batches of 16: ONNX Runtime's arena for a batch of 32 224-px images alone holds about 0.8 GB."""
     from oncotransfer.data.slides import SlideError, find_slides
@@ -259,10 +290,25 @@ def predict_slides(run_dir: str | Path, sources: list[str], out: str | Path, agg
         rows.append({"slide": geom.slide, "path": str(path), "tiles": len(probs), "aggregate": aggregate_spec,
                      "pred": classes[int(np.argmax(p))], **{f"prob_{c}": float(v) for c, v in zip(classes, p)}})
         at = f"{geom.mpp:g} µm/px" if geom.mpp else f"downsample {geom.downsample:g}"
-        say(f"{path.name}: {len(probs)} tiles at {at} -> "
-            f"{rows[-1]['pred']} ({describe_aggregate(aggregate_spec, classes, positive)})")
+        line = (f"{path.name}: {len(probs)} tiles at {at} -> "
+                f"{rows[-1]['pred']} ({describe_aggregate(aggregate_spec, classes, positive)})")
+        if pred.ood_output:
+            rows[-1]["ood_tiles"], line = _ood_share(df, line)
+        say(line)
     summary = pd.DataFrame(rows, columns=["slide", "path", "tiles", "aggregate", "pred",
-                                          *[f"prob_{c}" for c in classes]])
+                                          *[f"prob_{c}" for c in classes],
+                                          *(["ood_tiles"] if pred.ood_output else [])])
     out.parent.mkdir(parents=True, exist_ok=True)
     summary.to_csv(out, index=False)
     return summary, errors
+
+
+def _ood_share(tiles: pd.DataFrame, line: str) -> tuple[float, str]:
+    """The share of a slide's tiles out of distribution (NaN without a threshold) and the log line saying it:
+    tiles unlike the training tiles (other tissue, stain, scanner, pen marks) make the slide score doubtful."""
+    flags = tiles["in_distribution"]
+    if flags.isna().any():
+        return float("nan"), line + "; out-of-distribution threshold not set (scores only)"
+    out = int((~flags.astype(bool)).sum())
+    share = out / max(1, len(flags))
+    return share, line + f"; {100 * share:.0f}% of tiles out of distribution ({out} of {len(flags)})"

@@ -34,16 +34,21 @@ class Ensemble(nn.Module):
     def calibrated(self) -> bool:
         return any(t is not None for t in self.temperatures)
 
-    def member_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def member_outputs(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(each member's features, each member's logits); a backbone shared by members runs once."""
         features: dict[tuple, torch.Tensor] = {}
-        out = []
+        feats, logits = [], []
         for m in self.members:
             # the features a head reads: the backbone's pooled output, or several stages pooled
             key = (id(m.backbone), getattr(m, "pool_stages", 1))
             if key not in features:
                 features[key] = m.feature_module()(x) if hasattr(m, "feature_module") else m.backbone(x)
-            out.append(m.head(features[key]))
-        return out
+            feats.append(features[key])
+            logits.append(m.head(features[key]))
+        return feats, logits
+
+    def member_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.member_outputs(x)[1]
 
     def average(self, logits: list[torch.Tensor], calibrated: bool = True) -> torch.Tensor:
         probs = [m.head.probabilities(z, t if calibrated else None)

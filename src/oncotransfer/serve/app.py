@@ -6,7 +6,8 @@ declared pixel count before decoding, and every error is a JSON body with a 4xx/
 requests (503 + Retry-After beyond), cuts off slow uploads and writes the access log; ``limits.Gate`` runs the
 work in ``max_concurrent`` threads under a decoded-bytes budget and a time limit (504). With an ONNX export
 each request takes one of a pool of single-threaded sessions; PyTorch inference and Grad-CAM run one at a time
-under a lock.
+under a lock. Every answer says whether to trust it: the run's out-of-distribution score and verdict, and
+``refer`` (out of distribution, or less confident than the cut that answers ``coverage`` of validation images).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 from oncotransfer import __version__
 from oncotransfer.data.images import ImageReadError, ImageTooLargeError
+from oncotransfer.errors import ConfigError
 from oncotransfer.serve.limits import Gate, ServeLimits
 from oncotransfer.serve.middleware import AccessLog, ServiceMiddleware
 
@@ -45,18 +47,23 @@ def _image_error(e: ImageReadError, filename: str | None) -> HTTPException:
 
 def create_app(run_dir: str | Path, engine: str = "auto", max_upload_mb: float = 20,
                fold: int | None = None, limits: ServeLimits | None = None, token: str | None = None,
-               access_log: str | Path | None = None) -> FastAPI:
+               access_log: str | Path | None = None, coverage: float | None = None) -> FastAPI:
     """Build the app around one loaded model (``Predictor.from_run``): the ensemble of a multi-fold run's fold
     models by default, or fold ``fold`` alone. ``token``: require ``Authorization: Bearer <token>``;
-    ``access_log``: a file to append JSON lines to, ``"-"`` for stdout, None for none."""
+    ``access_log``: a file to append JSON lines to, ``"-"`` for stdout, None for none; ``coverage``: the share
+    of in-distribution images answered, the least confident rest referred (default ``DEFAULT_COVERAGE``)."""
     from oncotransfer.data.images import decode_for_model, draft_size_for, probe_image
-    from oncotransfer.infer.predict import Predictor
+    from oncotransfer.infer.predict import DEFAULT_COVERAGE, Predictor
+    coverage = DEFAULT_COVERAGE if coverage is None else float(coverage)
+    if not 0 <= coverage <= 1:
+        raise ConfigError(f"coverage {coverage:g}: expected a share of images between 0 and 1 (e.g. 0.9)")
     limits = limits or ServeLimits()
     predictor = Predictor.from_run(run_dir, engine, fold)
     limit = int(max_upload_mb * 1024 * 1024)
     lock = threading.Lock()  # torch inference and Grad-CAM one at a time: torch uses every core, Grad-CAM hooks
     engines = _engine_pool(predictor)
     gate = Gate(limits.concurrency(), limits.max_queue, int(limits.max_decode_mb * 2**20))
+    trust = _trust_info(predictor, coverage)
     app = FastAPI(title="oncotransfer", version=__version__,
                   description=f"{predictor.name}: {', '.join(predictor.classes)}")
     app.state.predictor = predictor
@@ -90,7 +97,7 @@ def create_app(run_dir: str | Path, engine: str = "auto", max_upload_mb: float =
                 "timeout_s": limits.timeout_s, "fold": fold,
                 "ensemble": predictor.describe(), "members": predictor.members,
                 "temperature": predictor.temperature, "calibrated": predictor.ensemble.calibrated,
-                "load": gate.load()}
+                **trust, "load": gate.load()}
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
@@ -103,23 +110,29 @@ def create_app(run_dir: str | Path, engine: str = "auto", max_upload_mb: float =
         if engines is not None and not explain:
             worker = engines.get()  # a single-threaded ONNX session of its own; the others serve other requests
             try:
-                probs = worker.predict_uint8(batch)[0]
+                probs, ood = worker.predict_with_ood(batch)
             finally:
                 engines.put(worker)
-            k, overlay = int(probs.argmax()), None
+            k, overlay = int(probs[0].argmax()), None
         else:
             with lock:
-                probs = predictor.predict_uint8(batch)[0]
-                k = int(probs.argmax())
+                probs, ood = predictor.predict_with_ood(batch)
+                k = int(probs[0].argmax())
                 overlay = None
                 if explain:
                     from oncotransfer.infer.explain import heatmap, overlay_png
                     heat = heatmap(predictor.model, predictor.normalised(batch), k)
                     overlay = base64.b64encode(overlay_png(img, heat)).decode("ascii")
+        flags = predictor.in_distribution(ood)
+        refer, reasons = predictor.referrals(probs, ood, coverage)
         return {"model": predictor.name, "version": __version__, "engine": predictor.engine,
                 "classes": predictor.classes,
-                "probabilities": {c: float(p) for c, p in zip(predictor.classes, probs)},
-                "predicted": predictor.classes[k], "overlay_png": overlay}
+                "probabilities": {c: float(p) for c, p in zip(predictor.classes, probs[0])},
+                "predicted": predictor.classes[k],
+                "ood_score": None if ood is None else float(ood[0]),
+                "in_distribution": None if flags is None else bool(flags[0]),
+                "ood_threshold": trust["ood"]["threshold"] if trust["ood"] else None,
+                "refer": bool(refer[0]), "refer_reason": reasons[0], "overlay_png": overlay}
 
     @app.post("/predict")
     async def predict(request: Request,
@@ -152,6 +165,15 @@ def create_app(run_dir: str | Path, engine: str = "auto", max_upload_mb: float =
             raise _image_error(e, file.filename) from None
 
     return app
+
+
+def _trust_info(predictor, coverage: float) -> dict:
+    """What /health says about trusting answers: the detector (None for a run without one; its threshold None
+    when no fold had validation images of its own) and the confidence cut of ``coverage`` (None: unknown)."""
+    ood = predictor.ood
+    return {"ood": None if ood is None else {"detector": ood.kind, "threshold": ood.threshold,
+                                              "pass_rate": ood.pass_rate},
+            "coverage": coverage, "confidence_cut": predictor.confidence_cut(coverage)}
 
 
 def _engine_pool(predictor) -> "queue.Queue | None":

@@ -1,12 +1,11 @@
 """One fold: build its model (seeded), choose cached or image inputs, fit, keep the best epoch; its test
-predictions and temperature."""
+predictions and the validation logits that temperature scaling is fitted on."""
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from oncotransfer.config import ExperimentConfig
@@ -22,9 +21,10 @@ from oncotransfer.train.checkpoint import load_fit_state, save_fit_state
 from oncotransfer.train.data import LoadedData
 from oncotransfer.train.device import precision_label, prepare
 from oncotransfer.train.features import FeatureCache, resolve_engine
-from oncotransfer.train.fold_outputs import batch_outputs, fit_fold_temperature
+from oncotransfer.train.fold_outputs import FoldOutputs, batch_outputs
 from oncotransfer.train.inputs import cached_inputs, image_inputs
 from oncotransfer.train.loop import FitState, fit, make_optimizer
+from oncotransfer.train.ood import FoldOOD, fit_fold_ood
 from oncotransfer.train.schedule import make_schedule
 from oncotransfer.train.tail_inputs import tail_inputs
 
@@ -134,17 +134,24 @@ def _fold_module(model, cfg: ExperimentConfig):
     return module, module is not model.head and cfg.train.fast_cpu
 
 
-def fold_temperature(model, fold: Fold, cfg: ExperimentConfig, device) -> float | None:
-    module, fast = _fold_module(model, cfg)
-    return fit_fold_temperature(module, model.head, model._inputs, fold, cfg, device, fast)
+def fold_ood(model, data: LoadedData, fold: Fold, cfg: ExperimentConfig, reference: bool = False
+             ) -> FoldOOD | None:
+    """The fold's out-of-distribution detector (``train.ood``), fitted on its training originals."""
+    module, _ = _fold_module(model, cfg)
+    return fit_fold_ood(module, model.head, model._inputs, fold, data.manifest.labels, cfg, reference)
 
 
-def fold_predictions(model, data: LoadedData, fold: Fold, cfg: ExperimentConfig, device,
-                      temperature: float | None = None) -> pd.DataFrame:
-    """Test rows of the fold: ``prob_<class>`` as trained, plus ``cal_prob_<class>`` when a temperature exists."""
+def collect_outputs(model, data: LoadedData, fold: Fold, cfg: ExperimentConfig, device) -> FoldOutputs:
+    """Test rows of the fold (``prob_<class>`` as trained) with their logits, and the logits of its ``val``
+    subset (the one epoch selection used) when calibration is on and the fold has one of its own (a fold
+    selecting on its test rows has none: its "val" would be the test fold)."""
     m = data.manifest
     module, fast = _fold_module(model, cfg)
-    _, _, probs, cal = batch_outputs(module, model.head, model._inputs.test(), device, fast, temperature)
-    return predictions_table([m.relpath(i) for i in fold.test], probs.numpy(), m.classes, fold=fold.index,
-                             labels=[m.classes[m.labels[i]] for i in fold.test],
-                             calibrated=None if cal is None else cal.numpy())
+    logits, _, probs = batch_outputs(module, model.head, model._inputs.test(), device, fast)
+    frame = predictions_table([m.relpath(i) for i in fold.test], probs.numpy(), m.classes, fold=fold.index,
+                              labels=[m.classes[m.labels[i]] for i in fold.test])
+    val = None
+    if cfg.evaluate.calibrate and not fold.selection_on_test and len(fold.val):
+        z, y, _ = batch_outputs(module, model.head, model._inputs.val(), device, fast)
+        val = (z.numpy(), y.numpy())
+    return FoldOutputs(fold.index, frame, logits, val)

@@ -1,22 +1,24 @@
-"""What a trained fold leaves behind besides its history: logits, a temperature fitted on its validation
-subset (never its test subset), and the checkpoint tensors in which its model differs from fold 0's."""
+"""What a trained fold leaves behind besides its history: its test predictions with their logits, its validation
+logits (the only rows temperature scaling is fitted on; ``calibrate_folds`` decides the temperatures once every
+fold is done), and the checkpoint tensors in which its model differs from fold 0's."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
-from oncotransfer.config import ExperimentConfig
-from oncotransfer.data.splits import Fold
 from oncotransfer.io import atomic_save_tensors
+from oncotransfer.models.heads import probabilities
 from oncotransfer.train import distributed as D
 from oncotransfer.train import temperature
 from oncotransfer.train.device import autocast
 
 NO_VAL_NOTE = "not calibrated: no validation split (split.val_size 0 or a holdout split), and the test fold is never used"
-FITTED_ON = "validation subset of each fold"
 
 
 def fold_file(k: int) -> str:
@@ -25,12 +27,12 @@ def fold_file(k: int) -> str:
 
 
 @torch.inference_mode()
-def batch_outputs(module: nn.Module, head, batches: Iterable, device: torch.device, fast: bool = False,
-                  temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(logits, labels, probabilities, calibrated probabilities or None) over ``batches``, in batch order,
-    gathered from every rank. Probabilities are taken per batch exactly as ``train.loop.evaluate`` does."""
+def batch_outputs(module: nn.Module, head, batches: Iterable, device: torch.device, fast: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, labels, probabilities) over ``batches``, in batch order, gathered from every rank.
+    Probabilities are taken per batch exactly as ``train.loop.evaluate`` does."""
     module.eval()
-    logits, labels, probs, cal = [], [], [], []
+    logits, labels, probs = [], [], []
     for x, y in batches:
         x, y = D.shard(x).to(device), D.shard(y).to(device)
         with autocast(device, fast):
@@ -38,22 +40,36 @@ def batch_outputs(module: nn.Module, head, batches: Iterable, device: torch.devi
         logits.append(D.gather_cat(z.float().cpu()))
         labels.append(D.gather_cat(y.cpu()))
         probs.append(D.gather_cat(head.probabilities(z).cpu()))
-        if temperature is not None:
-            cal.append(D.gather_cat(head.probabilities(z, temperature).cpu()))
     if not logits:
         empty = torch.zeros((0, 0))
-        return empty, torch.zeros(0, dtype=torch.long), empty, empty if temperature is not None else None
-    return torch.cat(logits), torch.cat(labels), torch.cat(probs), torch.cat(cal) if cal else None
+        return empty, torch.zeros(0, dtype=torch.long), empty
+    return torch.cat(logits), torch.cat(labels), torch.cat(probs)
 
 
-def fit_fold_temperature(module: nn.Module, head, inputs, fold: Fold, cfg: ExperimentConfig,
-                         device: torch.device, fast: bool = False) -> float | None:
-    """Temperature scaling on the fold's ``val`` subset (the one epoch selection used). None when
-    calibration is off or the fold has no validation subset of its own (its "val" would be the test fold)."""
-    if not cfg.evaluate.calibrate or fold.selection_on_test or len(fold.val) == 0:
-        return None
-    logits, y, _, _ = batch_outputs(module, head, inputs.val(), device, fast)
-    return temperature.fit_temperature(logits.numpy(), y.numpy(), bool(cfg.model.head.sigmoid))
+@dataclass
+class FoldOutputs:
+    """One fold's test rows (``prob_<class>`` as trained) with their logits, and its validation (logits, labels)
+    for temperature scaling (None: calibration off, or no validation subset of its own)."""
+    fold: int
+    predictions: pd.DataFrame
+    test_logits: torch.Tensor
+    val: tuple[np.ndarray, np.ndarray] | None
+
+    def calibrated(self, t: float | None, sigmoid: bool) -> pd.DataFrame:
+        """The predictions plus ``cal_prob_<class>`` (the test logits over ``t``); unchanged when ``t`` is None."""
+        if t is None or self.predictions.empty:
+            return self.predictions
+        p = probabilities(self.test_logits, sigmoid, t).numpy()
+        classes = [c[len("prob_"):] for c in self.predictions.columns if c.startswith("prob_")]
+        return self.predictions.assign(**{f"cal_prob_{c}": p[:, k] for k, c in enumerate(classes)})
+
+
+def calibrate_folds(outputs: list[FoldOutputs], mode: str, sigmoid: bool
+                    ) -> tuple[list[pd.DataFrame], temperature.TemperatureChoice]:
+    """Every fold's predictions with calibrated columns, once all folds are trained: the temperature(s) come
+    from the validation logits alone (``temperature.choose_temperatures``: pooled, or per fold when large)."""
+    choice = temperature.choose_temperatures({o.fold: o.val for o in outputs}, sigmoid, mode)
+    return [o.calibrated(choice.temperatures[str(o.fold)], sigmoid) for o in outputs], choice
 
 
 def state_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -29,6 +29,8 @@ class FoldInputs:
     test: Callable[[], list]
     mode: str
     n_train: int
+    originals: Callable[[], list]
+    """The training images themselves, unshuffled and unaugmented (what an out-of-distribution detector fits)."""
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor, bs: int, order: torch.Tensor | None = None,
@@ -91,7 +93,7 @@ def cached_inputs(model, images: torch.Tensor, labels: np.ndarray, shas: list[st
 
     va, te = torch.as_tensor(fold.val), torch.as_tensor(fold.test)
     return FoldInputs(train, lambda: _batches(feats[0][va], y[va], 256), lambda: _batches(feats[0][te], y[te], 256),
-                      mode, len(y_tr))
+                      mode, len(y_tr), lambda: _batches(feats[0][tr], y[tr], 256))
 
 
 def view_task(what: str, view: int, k: int) -> str:
@@ -134,7 +136,7 @@ def image_inputs(model, images: torch.Tensor, labels: np.ndarray, shas: list[str
         return lambda: _LazyBatches(images[t], y[t], 64, None, lambda xb, b: prep(xb))
 
     mode = "none (images every epoch)" + (f", offline copies ({k} per image)" if k and not online else "")
-    return FoldInputs(train, fixed(fold.val), fixed(fold.test), mode, len(y_tr))
+    return FoldInputs(train, fixed(fold.val), fixed(fold.test), mode, len(y_tr), fixed(fold.train))
 
 
 class _LazyBatches:

@@ -80,4 +80,4 @@ def tail_inputs(prefix: torch.nn.Module, mean: tuple, std: tuple, images: torch.
         pos = np.asarray(idx, dtype=np.int64)
         return lambda: _Gathered(bank, np.zeros(len(pos), np.int64), pos, y[torch.as_tensor(pos)], 128, None, fast)
 
-    return FoldInputs(train, fixed(fold.val), fixed(fold.test), mode, len(y_tr))
+    return FoldInputs(train, fixed(fold.val), fixed(fold.test), mode, len(y_tr), fixed(fold.train))
