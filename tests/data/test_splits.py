@@ -279,7 +279,11 @@ def test_a_fold_training_without_a_class_is_one_line_naming_fold_class_and_patie
     msg = str(e.value)
     assert "\n" not in msg
     assert "fold 3's training part has no 'c2' image" in msg and "patient(s) P3" in msg
-    assert "split.kind: kfold" in msg and "split.val_size" in msg
+    assert msg.endswith("try more patients of that class")  # P3 is the test patient: no setting helps
+    # 2-fold, patient-grouped: only a larger training part (more folds) or another assignment helps
+    with pytest.raises(DataError, match=r"fold \d's training part has no 'c2' image.*try more split.folds, another "
+                                        r"split.seed or more patients of that class$"):
+        make_split(m, SplitConfig(kind="kfold", folds=2, val_size=0.0))
     # no patient ids: the holders are near-duplicate groups, or images
     m = manifest([[0, 1, 0, 1, 0, 1, 0, 1, 2, 2]], 3)
     m.patients = None
@@ -287,7 +291,7 @@ def test_a_fold_training_without_a_class_is_one_line_naming_fold_class_and_patie
     dup[9] = 8  # the two class-2 images are near-duplicates: one group, so one fold tests both
     cfg = SplitConfig(kind="kfold", folds=2, val_size=0.0, group_by_patient=False, allow_image_level_split=True)
     with pytest.raises(DataError, match=r"no 'c2' image \(the class is held by 1 duplicate group\(s\) of 2 image"
-                                        r"\(s\).*fewer split.folds"):
+                                        r"\(s\).*try more split.folds, another split.seed or more images of"):
         make_split(m, cfg, dup)
     m2 = manifest([[0, 1, 0, 1, 0, 1, 2]], 3)
     m2.patients = None

@@ -256,14 +256,22 @@ def check_training_classes(split: Split, manifest: Manifest, cfg: SplitConfig, g
         if len(missing):
             c = int(missing[0])
             rows = np.flatnonzero(y == c)
-            fixes = {"kfold": "fewer split.folds", "lopo": "split.kind: kfold with fewer folds",
-                     "holdout": "a lower split.test_size", "train-val-test": "a lower split.test_size"}
-            fix = ", ".join(x for x in (fixes.get(cfg.kind), "a lower split.val_size" if cfg.val_size > 0 else None)
-                            if x)
-            fix = f"{fix} or more images of that class" if fix else "more images of that class"
+            in_val = not f.selection_on_test and bool(np.any(y[f.val] == c))
+            fix = _class_fixes(cfg, len(np.unique(groups)) if groups is not None else len(y), in_val)
+            fix += ["more " + ("patients" if split.grouped_by == "patient" else "images") + " of that class"]
+            fix = ", ".join(fix[:-1]) + (" or " if len(fix) > 1 else "") + fix[-1]
             raise DataError(f"split {cfg.kind}: fold {f.index}'s training part has no {manifest.classes[c]!r} image "
                             f"(the class is held by {_holders(manifest, split.grouped_by, groups, rows)}, all held "
                             f"out of it for testing or validation); try {fix}")
+
+
+def _class_fixes(cfg: SplitConfig, n_groups: int, in_val: bool) -> list[str]:
+    """Settings that give a fold a larger training part (more folds, not fewer: each trains on (k-1)/k); a lower
+    split.val_size only where the validation subset took some of the class."""
+    fixes = {"kfold": ["more split.folds"] * (cfg.folds < n_groups) + ["another split.seed"],
+             "holdout": ["a lower split.test_size", "another split.seed"],
+             "train-val-test": ["a lower split.test_size", "another split.seed"]}.get(cfg.kind, [])
+    return fixes + ["a lower split.val_size"] * in_val
 
 
 def few_patient_classes(manifest: Manifest, at_most: int = 2) -> list[str]:
