@@ -47,10 +47,10 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_data_demo_lists_both_sets(monkeypatch, capsys):
+def test_data_demo_lists_every_set(monkeypatch, capsys):
     code, out, _ = run_main(monkeypatch, capsys, "data", "demo")
     assert code == 0
-    assert "demo:osteosarcoma" in out and "demo:bus250" in out
+    assert "demo:busi" in out and "demo:osteosarcoma" in out and "demo:bus250" in out
 
 
 def test_data_inspect_demo_counts(monkeypatch, capsys):

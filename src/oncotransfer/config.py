@@ -52,7 +52,8 @@ class SplitConfig(_Strict):
     """holdout | train-val-test | kfold | lopo, or any kind registered in ``data.splits.SPLITTERS``."""
     test_size: float = Field(default=0.1, gt=0, lt=1)
     val_size: float = Field(default=0.2, ge=0, lt=1)
-    """train-val-test: fraction for validation (7:2:1 gives 0.2); kfold/lopo: inner validation carved from train."""
+    """train-val-test: fraction for validation (7:2:1 gives 0.2); kfold/lopo: inner validation carved from train
+    (a carve that leaves every class in training is preferred)."""
     folds: int = Field(default=5, ge=2, le=50)
     group_by_patient: bool = True
     group_duplicates: bool = True

@@ -80,6 +80,30 @@ def test_a_module_that_is_not_a_chain_is_a_one_line_config_error():
     assert "Residual" in msg and "chain" in msg and "\n" not in msg
 
 
+
+def test_the_chain_check_runs_once_per_backbone_and_again_when_its_stages_change(monkeypatch):
+    """Every fold of a frozen run shares one backbone (models.factory): its probe passes are paid once, not
+    three times per fold; a backbone whose stages were swapped is checked again."""
+    from oncotransfer.config import ModelConfig
+    from oncotransfer.models import tail
+    from oncotransfer.models import factory
+    from oncotransfer.models.factory import classifier_for
+    monkeypatch.setattr(factory, "_FROZEN", {})  # a private memo: the backbone altered below is not shared
+    calls = []
+    real = tail._check_chain
+    monkeypatch.setattr(tail, "_check_chain", lambda *a: (calls.append(1), real(*a))[1])
+    mc = ModelConfig(backbone="efficientnet_lite0", weights="none", freeze="frozen", pool_stages=4)
+    torch.manual_seed(0)
+    first = classifier_for(mc, 2, SIZE, 12345)
+    torch.manual_seed(0)
+    second = classifier_for(mc, 2, SIZE, 12345)
+    assert second.backbone is first.backbone and len(calls) == 1
+    assert second.num_features == first.num_features == 1904
+    first.backbone.blocks[6] = Residual()  # a different module in the chain: checked again, and refused
+    with pytest.raises(ConfigError, match="chain"):
+        stage_chain(first.backbone)
+    assert len(calls) == 2
+
 # ---------------------------------------------------------------- freeze from:STAGE and the tail split
 
 @pytest.mark.parametrize("explicit, counted", [("from:blocks.6", "last:1"), ("from:blocks.5", "last:2")])

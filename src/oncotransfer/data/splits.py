@@ -73,32 +73,58 @@ def _groups(manifest: Manifest, cfg: SplitConfig, dup_groups: np.ndarray | None)
     return base, kind
 
 
-def _holdout(y, groups, size, seed):
+def _holdout_candidates(y, groups, size, seed, alternatives: int = 0):
+    """(train, held) pairs, best first: the first is the split ``_holdout`` makes; then, up to ``alternatives``
+    more, the other folds of the same grouped k-fold and further seeded group shuffles (same size, same seed)."""
     idx = np.arange(len(y))
     if groups is None:
-        return train_test_split(idx, test_size=size, stratify=y, random_state=seed)
+        yield train_test_split(idx, test_size=size, stratify=y, random_state=seed)
+        return
     n_splits = max(2, int(round(1 / size)))
+    folds = []
     if len(np.unique(groups)) >= n_splits:
         sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
         try:
-            return next(sgkf.split(idx, y, groups))
+            folds = list(sgkf.split(idx, y, groups))
         except ValueError:  # too few images per class to stratify: fall back to an unstratified group split
-            pass
-    gss = GroupShuffleSplit(n_splits=1, test_size=size, random_state=seed)
-    return next(gss.split(idx, y, groups))
+            folds = []
+    yield from folds[:1 + alternatives]
+    left = 1 + alternatives - min(len(folds), 1 + alternatives)
+    if left > 0:
+        # The first shuffle of n_splits=k equals the only one of n_splits=1 (one seeded generator), so a fallback
+        # split stays what it was.
+        yield from GroupShuffleSplit(n_splits=left, test_size=size, random_state=seed).split(idx, y, groups)
+
+
+def _holdout(y, groups, size, seed):
+    return next(_holdout_candidates(y, groups, size, seed))
+
+
+_INNER_CANDIDATES = 32
+"""How many validation candidates ``_inner_val`` may try to keep every class in a fold's training part."""
 
 
 def _inner_val(train: np.ndarray, y, groups, size: float, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Carve a validation subset (grouped like the split) out of ``train``. Class-preserving where possible: the
+    first candidate whose remaining training part still holds every class of ``train`` wins, so a split whose
+    first candidate already did that is unchanged, and one patient holding a rare class is not held out."""
     if size <= 0:
         return train, None
     g = None if groups is None else groups[train]
     if g is not None and len(np.unique(g)) < 2:
         return train, None
+    need = len(np.unique(y[train]))
+    first = None
     try:
-        a, b = _holdout(y[train], g, size, seed)
+        for a, b in _holdout_candidates(y[train], g, size, seed, _INNER_CANDIDATES):
+            first = first or (a, b)
+            if len(np.unique(y[train][a])) == need:
+                return train[a], train[b]
     except ValueError:
+        pass
+    if first is None:
         return train, None
-    return train[a], train[b]
+    return train[first[0]], train[first[1]]
 
 
 @dataclass(frozen=True)
@@ -205,7 +231,62 @@ def make_split(manifest: Manifest, cfg: SplitConfig, dup_groups: np.ndarray | No
                         "use fewer folds or another split.kind") from None
     split = Split(cfg.kind, folds, grouped_by, image_level, warnings)
     check_no_leak(split, manifest, dup_groups, strict=not cfg.allow_image_level_split)
+    check_training_classes(split, manifest, cfg, groups)
+    if cfg.kind == "lopo":
+        split.warnings.extend(few_patient_classes(manifest))
     return split
+
+
+def _holders(manifest: Manifest, grouped_by: str | None, groups: np.ndarray | None, rows: np.ndarray) -> str:
+    """Who holds ``rows`` (one class's images), in words: patients by id, else duplicate groups or images."""
+    if manifest.patients is not None and grouped_by == "patient":
+        ids = sorted({str(p) for p in manifest.patients[rows]})
+        return f"patient(s) {', '.join(ids[:6])}" + (f" and {len(ids) - 6} more" if len(ids) > 6 else "")
+    if groups is not None and grouped_by == "duplicates":
+        return f"{len(np.unique(groups[rows]))} duplicate group(s) of {len(rows)} image(s)"
+    return f"{len(rows)} image(s)"
+
+
+def check_training_classes(split: Split, manifest: Manifest, cfg: SplitConfig, groups: np.ndarray | None) -> None:
+    """Stop before any training when a fold's training part has no image of a class the data holds: that fold's
+    model could never predict the class, and its test images of it would all count as errors."""
+    y = manifest.labels
+    for f in split.folds:
+        missing = np.setdiff1d(np.unique(y), np.unique(y[f.train]))
+        if len(missing):
+            c = int(missing[0])
+            rows = np.flatnonzero(y == c)
+            in_val = not f.selection_on_test and bool(np.any(y[f.val] == c))
+            fix = _class_fixes(cfg, len(np.unique(groups)) if groups is not None else len(y), in_val)
+            fix += ["more " + ("patients" if split.grouped_by == "patient" else "images") + " of that class"]
+            fix = ", ".join(fix[:-1]) + (" or " if len(fix) > 1 else "") + fix[-1]
+            raise DataError(f"split {cfg.kind}: fold {f.index}'s training part has no {manifest.classes[c]!r} image "
+                            f"(the class is held by {_holders(manifest, split.grouped_by, groups, rows)}, all held "
+                            f"out of it for testing or validation); try {fix}")
+
+
+def _class_fixes(cfg: SplitConfig, n_groups: int, in_val: bool) -> list[str]:
+    """Settings that give a fold a larger training part (more folds, not fewer: each trains on (k-1)/k); a lower
+    split.val_size only where the validation subset took some of the class."""
+    fixes = {"kfold": ["more split.folds"] * (cfg.folds < n_groups) + ["another split.seed"],
+             "holdout": ["a lower split.test_size", "another split.seed"],
+             "train-val-test": ["a lower split.test_size", "another split.seed"]}.get(cfg.kind, [])
+    return fixes + ["a lower split.val_size"] * in_val
+
+
+def few_patient_classes(manifest: Manifest, at_most: int = 2) -> list[str]:
+    """Leave-one-patient-out warnings: a class held by at most two patients is learnt, in the fold that tests
+    one of them, from a single other patient (or none), so its per-class results say little."""
+    if manifest.patients is None:
+        return []
+    out = []
+    for c in np.unique(manifest.labels):
+        ids = sorted({str(p) for p in manifest.patients[manifest.labels == c]})
+        if len(ids) <= at_most:
+            out.append(f"class {manifest.classes[int(c)]!r} comes from only {len(ids)} patient(s) ({', '.join(ids)}): "
+                       "leave-one-patient-out learns it from at most one other patient per fold, so its results "
+                       "may reflect the patient rather than the class")
+    return out
 
 
 def check_no_leak(split: Split, manifest: Manifest, dup_groups: np.ndarray | None = None,

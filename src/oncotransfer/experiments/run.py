@@ -90,7 +90,9 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
         run_dir = Path(D.broadcast(str(run_dir) if main else None))
     if main:
         atomic_to_csv(split_frame(split, m, data.phashes), run_dir / "split.csv", index=False)
-        for line in data_warning_lines(data.warnings, m.skipped, run_dir / "run.json"):
+        # Split warnings (image-level split, classes held by few patients) belong on the terminal too, not only
+        # in run.json and the report's Warnings section.
+        for line in data_warning_lines(list(data.warnings) + list(split.warnings), m.skipped, run_dir / "run.json"):
             say(line)
     say(f"{len(m)} images, {len(m.classes)} classes, split {cfg.split.kind}: {len(split.folds)} fold(s), "
         f"{'grouped by ' + split.grouped_by if split.grouped_by else 'IMAGE-LEVEL'}")

@@ -1,6 +1,8 @@
 """Backbone + head, freezing policies and the preprocessing that travels with the weights."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 from timm.models import group_parameters
 from torch import nn
@@ -73,9 +75,16 @@ class Classifier(nn.Module):
 
 
 def feature_width(backbone: nn.Module, pool_stages: int = 1) -> int:
+    """Width of the features the head reads (a probe pass when stages are pooled, once per backbone and k)."""
     if pool_stages <= 1:
         return int(backbone.num_features)
-    return pooled_width(stage_chain(backbone), pool_stages)
+    widths = _WIDTHS.setdefault(backbone, {})
+    if pool_stages not in widths:
+        widths[pool_stages] = pooled_width(stage_chain(backbone), pool_stages)
+    return widths[pool_stages]
+
+
+_WIDTHS: "weakref.WeakKeyDictionary[nn.Module, dict[int, int]]" = weakref.WeakKeyDictionary()
 
 
 def _block_groups(backbone: nn.Module) -> list[list[str]]:

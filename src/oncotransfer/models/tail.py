@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import weakref
 from typing import Iterator
 
 import torch
@@ -31,8 +32,16 @@ def stage_chain(backbone: nn.Module, check_size: int = 64) -> list[tuple[str, nn
             chain += [(f"{name}.{i}", stage) for i, stage in child.named_children()]
         else:
             chain.append((name, child))
-    _check_chain(backbone, chain, check_size)
+    # The check costs two forward passes; a frozen backbone shared by every fold (models.factory) needs it once.
+    key = tuple(id(m) for _, m in chain)
+    if _CHECKED.get(backbone) != key:
+        _check_chain(backbone, chain, check_size)
+        _CHECKED[backbone] = key
     return chain
+
+
+_CHECKED: "weakref.WeakKeyDictionary[nn.Module, tuple[int, ...]]" = weakref.WeakKeyDictionary()
+"""backbone -> the ids of the chain modules that ``_check_chain`` accepted for it."""
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ from oncotransfer.errors import DataError
 
 _HERE = Path(__file__).parent
 DEMO_SETS = {
+    "busi": "323 breast-ultrasound images, benign/malignant, no patient ids, near-duplicates (BUSI, CC BY 4.0)",
     "osteosarcoma": "60 H&E osteosarcoma tiles, 3 classes, 4 patients (TCIA, CC BY 3.0)",
     "bus250": "250 breast-ultrasound images, benign/malignant, no patient ids (Mendeley Data, CC BY 4.0)",
 }
