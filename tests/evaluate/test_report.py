@@ -210,3 +210,14 @@ def test_schedule_line_names_the_schedule_and_its_keys():
     assert "× 0.5 once more than 2 epoch(s)" in schedule_line({"lr": 0.01, "schedule": "plateau",
                                                               "plateau_patience": 2})
     assert schedule_line({}) == "not recorded"
+
+
+def test_a_duplicate_grouped_split_without_patient_ids_is_named_as_such():
+    """BUSI publishes no patient ids: the advice to group by patient cannot be followed, so it is not given."""
+    from oncotransfer.evaluate.report import protocol_lines
+    lines = protocol_lines({"split": "kfold", "grouped_by": "duplicates", "image_level": True,
+                            "selection_on_test": False}, 5)
+    text = " ".join(line["text"] for line in lines)
+    assert "No patient ids in the data: grouped by near-duplicate images" in text
+    assert "IMAGE-LEVEL" not in text and "use group_by_patient" not in text
+    assert [line["level"] for line in lines if "near-duplicate" in line["text"]] == ["warn"]

@@ -32,7 +32,12 @@ def protocol_lines(protocol: dict[str, Any], n_folds: int) -> list[dict[str, str
     split = protocol.get("split", "unknown")
     lines = [{"text": f"Split: {split}, {n_folds} fold{'s' if n_folds != 1 else ''} evaluated", "level": ""}]
     grouped = protocol.get("grouped_by")
-    if protocol.get("image_level"):
+    if protocol.get("image_level") and grouped == "duplicates":
+        # no patient ids to group by (public sets such as BUSI publish none): say what the grouping does
+        lines.append({"text": "No patient ids in the data: grouped by near-duplicate images (pHash), so no image "
+                              "and no near-copy of it is on both sides, but two different images of one patient "
+                              "may be", "level": "warn"})
+    elif protocol.get("image_level"):
         lines.append({"text": "IMAGE-LEVEL split: patients can be on both sides: accuracy is inflated; "
                               "use group_by_patient", "level": "danger"})
     elif grouped == "patient":
