@@ -96,6 +96,9 @@ class OODMeta(_RunFile):
     subset), sorted: the confidence cut of ``predict --abstain`` for a coverage is read off them."""
     reference: dict[str, Any] | None = None
     """Which images ``shift.reference`` holds (the dataset-shift check of ``evaluate --data``)."""
+    thresholds: dict[str, Any] | None = None
+    """How the thresholds were set: ``pooled`` (one from all folds' validation scores), the per-fold values it
+    replaced, and the number of validation images."""
     tensors_sha256: str
 
 

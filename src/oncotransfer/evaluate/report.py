@@ -274,7 +274,7 @@ def _detector(run: Path) -> dict[str, Any] | None:
     if meta is None:
         return None
     return {"detector": meta.detector, "params": meta.params, "pass_rate": meta.pass_rate, "features": meta.features,
-            "thresholds": {str(m.fold): m.threshold for m in meta.members}}
+            "thresholds": {str(m.fold): m.threshold for m in meta.members}, "setting": meta.thresholds}
 
 
 def _figures(run: Path, metrics: dict[str, Any], info: dict[str, Any], y_true: np.ndarray, y_prob: np.ndarray,

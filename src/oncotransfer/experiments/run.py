@@ -28,7 +28,7 @@ from oncotransfer.train.device import pick_device, precision_label
 from oncotransfer.models.ood import detector_fitter
 from oncotransfer.train.fold import collect_outputs, fold_ood, train_fold
 from oncotransfer.train.fold_outputs import NO_VAL_NOTE, calibrate_folds, fold_file, save_fold_tensors, state_snapshot
-from oncotransfer.train.ood import save_run_ood, with_ood_columns
+from oncotransfer.train.ood import pool_thresholds, save_run_ood, with_ood_columns
 from oncotransfer.train.loop import FitState
 
 
@@ -129,6 +129,7 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
         # Temperature scaling once every fold is done: one T on the pooled validation logits unless every
         # fold's validation subset is large enough for its own (train.temperature.choose_temperatures).
         preds, cal = calibrate_folds(outputs, cfg.evaluate.calibration, cfg.model.head.sigmoid)
+        own_thresholds = pool_thresholds(oods, cfg.evaluate.ood_pass_rate)
         preds = [with_ood_columns(p, oods[o.fold]) for p, o in zip(preds, outputs)]
         temps = cal.temperatures
         for line in [cal.summary()] + [f"warning: {w}" for w in cal.warnings]:
@@ -143,7 +144,8 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
                                 "folds": [{"fold": f.index, "file": fold_file(f.index), "temperature": temps[str(f.index)]}
                                           for f in split.folds]})
         write_checkpoint(run_dir, fold0, meta)
-        warnings += save_run_ood(run_dir, oods, cfg, fold0.head, temps, split.folds[0], data.dup_groups)
+        warnings += save_run_ood(run_dir, oods, cfg, fold0.head, temps, split.folds[0], data.dup_groups,
+                                 own_thresholds)
         protocol = {"split": cfg.split.kind, "folds": len(split.folds), "grouped_by": split.grouped_by,
                     "image_level": split.image_level, "selection_on_test": split.selection_on_test,
                     "augment": describe(cfg.augment), "zoom_mode": cfg.augment.zoom_mode if cfg.augment.zoom else None,

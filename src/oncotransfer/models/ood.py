@@ -218,7 +218,8 @@ OOD_TENSORS = "ood.safetensors"
 
 def save_ood(checkpoint_dir: str | Path, detectors: dict[int, Detector], thresholds: dict[int, float | None],
              counts: dict[int, tuple[int, int]], kind: str, pass_rate: float, features: str,
-             confidences: list[float] | None = None, reference: tuple[np.ndarray, dict] | None = None) -> None:
+             confidences: list[float] | None = None, reference: tuple[np.ndarray, dict] | None = None,
+             thresholds_info: dict | None = None) -> None:
     """Write every fold's detector (tensors first, then the JSON naming their digest: a reader never pairs
     one version's JSON with another's tensors). ``reference``: (features, description) for the shift check."""
     out = Path(checkpoint_dir)
@@ -234,7 +235,7 @@ def save_ood(checkpoint_dir: str | Path, detectors: dict[int, Detector], thresho
         "members": [{"fold": k, "threshold": thresholds[k], "n_fit": counts[k][0], "n_val": counts[k][1]}
                     for k in sorted(detectors)],
         "confidences": sorted(float(c) for c in (confidences or [])),
-        "reference": None if reference is None else reference[1],
+        "reference": None if reference is None else reference[1], "thresholds": thresholds_info,
         "tensors_sha256": sha256_file(out / OOD_TENSORS)})
 
 

@@ -28,6 +28,7 @@ class FoldOOD:
     n_val: int
     val_logits: np.ndarray | None
     reference: np.ndarray | None = None
+    val_scores: np.ndarray | None = None
     """Features of images this fold's feature extractor never trained on (the shift check's reference)."""
 
     def flags(self, scores: np.ndarray) -> np.ndarray | None:
@@ -76,17 +77,33 @@ def fit_fold_ood(module: nn.Module, head: nn.Module, inputs, fold: Fold, labels:
     f_tr, _ = features_and_logits(module, head, inputs.originals())
     det = detector_fitter(kind)(f_tr, labels[fold.train], bool(cfg.model.head.sigmoid)).eval()
     own_val = not fold.selection_on_test and len(fold.val) > 0
-    threshold, val_logits, f_va = None, None, None
+    threshold, val_logits, f_va, s_va = None, None, None, None
     if own_val:
         f_va, val_logits = features_and_logits(module, head, inputs.val())
-        threshold = threshold_for(score(det, f_va, val_logits), cfg.evaluate.ood_pass_rate)
+        s_va = score(det, f_va, val_logits)
+        threshold = threshold_for(s_va, cfg.evaluate.ood_pass_rate)
     f_te, z_te = features_and_logits(module, head, inputs.test())
     ref = None
     if reference:
         parts = ([f_tr] if cfg.model.freeze == "frozen" else []) + ([f_va] if f_va is not None else []) + [f_te]
         ref = np.concatenate(parts)
     return FoldOOD(det, threshold, score(det, f_te, z_te), len(fold.train), len(fold.val) if own_val else 0,
-                   val_logits, ref)
+                   val_logits, ref, s_va)
+
+
+def pool_thresholds(oods: dict[int, FoldOOD | None], pass_rate: float) -> dict[str, float] | None:
+    """One threshold for every fold from the pooled validation scores of all folds (each fold's validation
+    images scored by its own detector), as for the temperature: the 95th percentile of ~50 validation images
+    (a fold of a few hundred) moves by several points from fold to fold, of ~250 far less. Returns the per-fold
+    thresholds it replaced (None, and nothing changed, when some fold has no validation scores)."""
+    folds = [o for o in oods.values() if o is not None]
+    if len(folds) < 2 or any(o.val_scores is None or len(o.val_scores) == 0 for o in folds):
+        return None
+    own = {str(k): float(o.threshold) for k, o in oods.items() if o is not None}
+    pooled = threshold_for(np.concatenate([o.val_scores for o in folds]), pass_rate)
+    for o in folds:
+        o.threshold = pooled
+    return own
 
 
 def reference_rows(fold: Fold, cfg: ExperimentConfig) -> np.ndarray:
@@ -103,7 +120,8 @@ FEATURES = "the features each fold model's head reads (its own backbone output),
 
 
 def save_run_ood(run_dir: Path, oods: dict[int, FoldOOD | None], cfg: ExperimentConfig, head: Head,
-                 temperatures: dict[str, float | None], fold0: Fold, dup_groups: np.ndarray | None) -> list[str]:
+                 temperatures: dict[str, float | None], fold0: Fold, dup_groups: np.ndarray | None,
+                 per_fold: dict[str, float] | None = None) -> list[str]:
     """Write RUN/checkpoint/ood.* for every fold's detector; returns the warnings for run.json and the report.
     The reference for the shift check keeps one image per near-duplicate group (a two-sample test assumes
     independent images)."""
@@ -126,7 +144,9 @@ def save_run_ood(run_dir: Path, oods: dict[int, FoldOOD | None], cfg: Experiment
         "duplicates": "one image per near-duplicate group" if dup_groups is not None else "not collapsed"})
     save_ood(Path(run_dir) / "checkpoint", {k: o.detector for k, o in oods.items()},
              {k: o.threshold for k, o in oods.items()}, {k: (o.n_fit, o.n_val) for k, o in oods.items()},
-             cfg.evaluate.ood, cfg.evaluate.ood_pass_rate, FEATURES, confidences, described)
+             cfg.evaluate.ood, cfg.evaluate.ood_pass_rate, FEATURES, confidences, described,
+             {"pooled": per_fold is not None, "per_fold": per_fold,
+              "n_val": int(sum(o.n_val for o in oods.values()))})
     missing = [str(k) for k, o in oods.items() if o.threshold is None]
     return [NO_THRESHOLD.format(folds=", ".join(missing))] if missing else []
 
