@@ -5,7 +5,8 @@
 In distribution: the test folds of busi-dev (duplicate-grouped 5-fold) and of the osteosarcoma tiles
 (leave-one-patient-out), each scored by its own fold model. For every fold model and detector (``models.ood``
 registry: knn, mahalanobis, energy) the detector is fitted on that fold's training originals, thresholded on its
-validation images (95% pass) and applied to its test fold and to every out-of-distribution set:
+validation images (one threshold from all folds' validation scores, 95% pass, as training sets it) and applied
+to its test fold and to every out-of-distribution set:
 far = the other shared data sets, pydicom's CT/MR/CR test objects, synthetic noise and blank images, natural
 photos shipped with scikit-image and matplotlib; near = BUS-250 (another ultrasound scanner) for busi-dev.
 AUROC is the mean over folds (test fold vs the set); "ID flagged" is the share of test images over their fold's
@@ -127,8 +128,8 @@ def evaluate_model(name: str, run: Path, sets: dict[str, list[str]], data_root: 
     labels = {p: c for p, c in zip(split["path"], split["label"])}
     rows = []
     for det_name, fit in DETECTORS.items():
-        per_set: dict[str, list[tuple[float, float]]] = {s: [] for s in outs}
-        id_flags = []
+        per_set: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {s: [] for s in outs}
+        tests, vals = [], []
         for k, member in enumerate(pred.members):
             part = split[split["fold"] == member["fold"]]
             idx = {sub: np.array([row_of[p] for p in part.loc[part["subset"] == sub, "path"] if p in row_of])
@@ -138,18 +139,17 @@ def evaluate_model(name: str, run: Path, sets: dict[str, list[str]], data_root: 
             det = fit(f_id[k][idx["train"]], y_tr, sigmoid).eval()
             with torch.inference_mode():
                 sc = lambda f, z: det(torch.as_tensor(f), torch.as_tensor(z)).numpy()  # noqa: E731
-                thr = threshold_for(sc(f_id[k][idx["val"]], z_id[k][idx["val"]]), 0.95)
-                s_test = sc(f_id[k][idx["test"]], z_id[k][idx["test"]])
-                id_flags.append(s_test > thr)
+                vals.append(sc(f_id[k][idx["val"]], z_id[k][idx["val"]]))
+                tests.append(sc(f_id[k][idx["test"]], z_id[k][idx["test"]]))
                 for s, (f, z, _) in outs.items():
-                    s_out = sc(f[k], z[k])
-                    y = np.r_[np.zeros(len(s_test)), np.ones(len(s_out))]
-                    per_set[s].append((roc_auc_score(y, np.r_[s_test, s_out]), float(np.mean(s_out > thr))))
-        flag_rate = float(np.mean(np.concatenate(id_flags)))
-        for s, vals in per_set.items():
+                    per_set[s].append((tests[-1], sc(f[k], z[k])))
+        thr = threshold_for(np.concatenate(vals), 0.95)  # as training does: pooled over the folds' validation
+        flag_rate = float(np.mean(np.concatenate(tests) > thr))
+        for s, pairs in per_set.items():
+            auroc = [roc_auc_score(np.r_[np.zeros(len(t)), np.ones(len(o))], np.r_[t, o]) for t, o in pairs]
             rows.append({"model": name, "detector": det_name, "set": s, "kind": "near" if s in near else "far",
-                         "images": len(outs[s][2]), "auroc": float(np.mean([a for a, _ in vals])),
-                         "set_flagged": float(np.mean([b for _, b in vals])), "id_flagged": flag_rate})
+                         "images": len(outs[s][2]), "auroc": float(np.mean(auroc)),
+                         "set_flagged": float(np.mean([np.mean(o > thr) for _, o in pairs])), "id_flagged": flag_rate})
     return rows
 
 
