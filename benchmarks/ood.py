@@ -5,7 +5,7 @@
 In distribution: the test folds of busi-dev (duplicate-grouped 5-fold) and of the osteosarcoma tiles
 (leave-one-patient-out), each scored by its own fold model. For every fold model and detector (``models.ood``
 registry: knn, mahalanobis, energy) the detector is fitted on that fold's training originals, thresholded on its
-validation images (one threshold from all folds' validation scores, 95% pass, as training sets it) and applied
+validation images (pooled over all folds' validation scores, 95% pass, as training sets them) and applied
 to its test fold and to every out-of-distribution set:
 far = the other shared data sets, pydicom's CT/MR/CR test objects, synthetic noise and blank images, natural
 photos shipped with scikit-image and matplotlib; near = BUS-250 (another ultrasound scanner) for busi-dev.
@@ -118,6 +118,7 @@ def member_outputs(pred, paths: list[str]) -> tuple[list[np.ndarray], list[np.nd
 def evaluate_model(name: str, run: Path, sets: dict[str, list[str]], data_root: Path, near: set[str]) -> list[dict]:
     from oncotransfer.infer.predict import Predictor
     from oncotransfer.models.ood import DETECTORS, threshold_for
+    from oncotransfer.train.ood import FoldOOD, pool_thresholds
     pred = Predictor.from_run(run, engine="torch")
     split = pd.read_csv(run / "split.csv")
     rel = sorted(split["path"].unique())
@@ -143,13 +144,17 @@ def evaluate_model(name: str, run: Path, sets: dict[str, list[str]], data_root: 
                 tests.append(sc(f_id[k][idx["test"]], z_id[k][idx["test"]]))
                 for s, (f, z, _) in outs.items():
                     per_set[s].append((tests[-1], sc(f[k], z[k])))
-        thr = threshold_for(np.concatenate(vals), 0.95)  # as training does: pooled over the folds' validation
-        flag_rate = float(np.mean(np.concatenate(tests) > thr))
+        folds = {k: FoldOOD(None, threshold_for(v, 0.95), t, 0, len(v), None, None, v)
+                 for k, (v, t) in enumerate(zip(vals, tests))}
+        pool_thresholds(folds, 0.95, det.same_scale)  # as training sets them
+        thr = [folds[k].threshold for k in range(len(vals))]
+        flag_rate = float(np.mean(np.concatenate([t > thr[k] for k, t in enumerate(tests)])))
         for s, pairs in per_set.items():
             auroc = [roc_auc_score(np.r_[np.zeros(len(t)), np.ones(len(o))], np.r_[t, o]) for t, o in pairs]
             rows.append({"model": name, "detector": det_name, "set": s, "kind": "near" if s in near else "far",
                          "images": len(outs[s][2]), "auroc": float(np.mean(auroc)),
-                         "set_flagged": float(np.mean([np.mean(o > thr) for _, o in pairs])), "id_flagged": flag_rate})
+                         "set_flagged": float(np.mean([np.mean(o > thr[k]) for k, (_, o) in enumerate(pairs)])),
+                         "id_flagged": flag_rate})
     return rows
 
 

@@ -54,7 +54,7 @@ def ood_lines(summary: dict[str, Any] | None, external: bool) -> list[str]:
         setting = det.get("setting") or {}
         own = [v for v in (setting.get("per_fold") or {}).values() if v is not None]
         where = (f"the pooled validation images of all folds ({setting.get('n_val')} images, each scored by its "
-                 f"own fold's detector; fold by fold the thresholds would range {min(own):.3f}-{max(own):.3f})"
+                 f"own fold's detector; fold by fold alone the thresholds would range {min(own):.3f}-{max(own):.3f})"
                  if setting.get("pooled") and own else "each fold's validation images")
         lines.append(f"Detector: {det.get('detector')}{f' ({params})' if params else ''} on {det.get('features')}; "
                      f"threshold: the score {det.get('pass_rate', 0.95):.0%} of {where} stay under (validation "

@@ -129,7 +129,8 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
         # Temperature scaling once every fold is done: one T on the pooled validation logits unless every
         # fold's validation subset is large enough for its own (train.temperature.choose_temperatures).
         preds, cal = calibrate_folds(outputs, cfg.evaluate.calibration, cfg.model.head.sigmoid)
-        own_thresholds = pool_thresholds(oods, cfg.evaluate.ood_pass_rate)
+        own_thresholds = pool_thresholds(oods, cfg.evaluate.ood_pass_rate,
+                                         all(o.detector.same_scale for o in oods.values() if o is not None))
         preds = [with_ood_columns(p, oods[o.fold]) for p, o in zip(preds, outputs)]
         temps = cal.temperatures
         for line in [cal.summary()] + [f"warning: {w}" for w in cal.warnings]:

@@ -30,8 +30,11 @@ KNN_K = 5
 
 
 class Detector(nn.Module):
-    """``forward(features, logits) -> (N,)`` scores; ``tensors()`` and ``params()`` rebuild it (``load``)."""
+    """``forward(features, logits) -> (N,)`` scores; ``tensors()`` and ``params()`` rebuild it (``load``).
+    ``same_scale``: scores of detectors fitted on different folds are on one scale (thresholds may be pooled
+    as they are); otherwise each fold's scores are standardised first (``train.ood.pool_thresholds``)."""
     kind: str = ""
+    same_scale: bool = False
 
     def params(self) -> dict[str, float | int | bool]:
         return {}
@@ -42,6 +45,7 @@ class Detector(nn.Module):
 
 class KNNDetector(Detector):
     kind = "knn"
+    same_scale = True  # a distance between unit vectors, in [0, 2], whatever the fold
 
     def __init__(self, bank: torch.Tensor, k: int = KNN_K):
         super().__init__()

@@ -91,19 +91,31 @@ def fit_fold_ood(module: nn.Module, head: nn.Module, inputs, fold: Fold, labels:
                    val_logits, ref, s_va)
 
 
-def pool_thresholds(oods: dict[int, FoldOOD | None], pass_rate: float) -> dict[str, float] | None:
-    """One threshold for every fold from the pooled validation scores of all folds (each fold's validation
-    images scored by its own detector), as for the temperature: the 95th percentile of ~50 validation images
-    (a fold of a few hundred) moves by several points from fold to fold, of ~250 far less. Returns the per-fold
-    thresholds it replaced (None, and nothing changed, when some fold has no validation scores)."""
+def pool_thresholds(oods: dict[int, FoldOOD | None], pass_rate: float, same_scale: bool = True
+                    ) -> dict[str, float] | None:
+    """Thresholds from the pooled validation scores of all folds (each fold's validation images scored by its
+    own detector), as for the temperature: the 95th percentile of ~50 validation images (a fold of a few hundred)
+    moves by several points from fold to fold. Scores on one scale in every fold (``Detector.same_scale``: k-NN
+    distances between unit vectors) share one threshold. Otherwise (Mahalanobis, energy: each fold's fit sets its
+    own scale) each fold keeps its centre and spread (median and median absolute deviation of its validation
+    scores) and the tail comes from every fold's standardised scores together: threshold_k = median_k + MAD_k * q,
+    q the ``pass_rate`` quantile of the pooled (score - median) / MAD. Returns the per-fold thresholds it replaced
+    (None, and nothing changed, when some fold has no validation scores)."""
     folds = [o for o in oods.values() if o is not None]
-    if len(folds) < 2 or any(o.val_scores is None or len(o.val_scores) == 0 for o in folds):
+    if len(folds) < 2 or any(o.val_scores is None or len(o.val_scores) < 2 for o in folds):
         return None
     own = {str(k): float(o.threshold) for k, o in oods.items() if o is not None}
-    pooled = threshold_for(np.concatenate([o.val_scores for o in folds]), pass_rate)
-    for o in folds:
-        o.threshold = pooled
+    scales = [(0.0, 1.0) if same_scale else _centre_spread(o.val_scores) for o in folds]
+    q = threshold_for(np.concatenate([(o.val_scores - m) / d for o, (m, d) in zip(folds, scales)]), pass_rate)
+    for o, (m, d) in zip(folds, scales):
+        o.threshold = float(m + d * q)
     return own
+
+
+def _centre_spread(v: np.ndarray) -> tuple[float, float]:
+    m = float(np.median(v))
+    d = float(np.median(np.abs(v - m))) or float(np.std(v)) or 1.0
+    return m, d
 
 
 def reference_rows(fold: Fold, cfg: ExperimentConfig) -> np.ndarray:
