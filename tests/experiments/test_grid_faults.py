@@ -129,7 +129,10 @@ def test_kill_9_of_the_grid_leaves_no_workers_and_resumes_to_the_same_results(tm
         assert all_gone, f"attempt {attempt}: {len(left)} process(es) of the killed grid still alive after 60 s"
         stderr = err_file.read_text(errors="replace")
         assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr[-2000:]
-        assert how == "kill" or code == 130, (code, stderr[-2000:])
+        # Ctrl-C stops the grid with 130, unless its last run ended within the random pause before the signal
+        # and the grid had already finished (then 0 and every run whole is the right answer)
+        finished_first = code == 0 and stderr.strip().splitlines()[-1].endswith("done")
+        assert how == "kill" or code == 130 or finished_first, (code, stderr[-2000:])
         whole = [p for p in runs.iterdir() if not p.name.startswith(".")]
         assert all(run_finished(p, report=True) for p in whole), "a half-made run is in runs/"
 
