@@ -75,10 +75,19 @@ def wait_until(condition, seconds: float) -> bool:
     return condition()
 
 
+def _as_from_a_shell() -> None:
+    """The grid starts with the signal state a terminal gives it (default Ctrl-C, nothing blocked), whatever
+    the test process inherited or changed: an ignored or blocked SIGINT would be inherited and the Ctrl-C
+    attempt would test nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
 def start_grid(grid_file: Path, token: str, stderr) -> subprocess.Popen:
     env = {**os.environ, MARK: token}
     return subprocess.Popen([sys.executable, "-m", "oncotransfer.cli", "grid", str(grid_file), "--workers", "2"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+                            env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+                            preexec_fn=_as_from_a_shell)
 
 
 def in_flight(partial: Path, since_ns: int) -> bool:
