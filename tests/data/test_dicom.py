@@ -13,8 +13,8 @@ from PIL import Image
 pydicom = pytest.importorskip("pydicom")
 from pydicom.data import get_testdata_file, get_testdata_files  # noqa: E402
 
-from oncotransfer.data import dicom as D  # noqa: E402
-from oncotransfer.data.images import ImageReadError, open_rgb  # noqa: E402
+from oncotransfer.data.readers import dicom as D  # noqa: E402
+from oncotransfer.data.readers import ImageReadError, open_rgb  # noqa: E402
 from oncotransfer.data.manifest import load_manifest  # noqa: E402
 from oncotransfer.errors import ConfigError, MissingExtraError  # noqa: E402
 
@@ -215,7 +215,7 @@ def test_recognised_with_or_without_suffix_and_frames_policy(tmp_path):
     with pytest.raises(ImageReadError, match="frame 9 does not exist"):
         open_rgb(f"{f}#frame=9")
     assert D.is_dicom_bytes(f.read_bytes()) and np.asarray(open_rgb(f.read_bytes()))[0, 0, 0] == 80
-    assert np.asarray(open_rgb(f.read_bytes(), dicom_frame=1))[0, 0, 0] == 40  # serve under index:1
+    assert np.asarray(open_rgb(f.read_bytes(), frame=1))[0, 0, 0] == 40  # serve under index:1
     assert D.frames_for(5, "middle") == [2] and D.frames_for(5, "all") == [0, 1, 2, 3, 4]
     assert D.frames_for(5, "index:3") == [3] and "has 5 frames" in D.frames_for(5, "index:7")
     assert D.frames_for(1, "index:7") == [0]

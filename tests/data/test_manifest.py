@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from oncotransfer.data.images import ImageReadError, decode_many, open_rgb, phash64
+from oncotransfer.data.images import decode_many, phash64
+from oncotransfer.data.readers import ImageReadError, open_rgb
 from oncotransfer.data.inspect import inspect_dataset
 from oncotransfer.data.manifest import duplicate_groups, load_manifest, sha256_file
 from oncotransfer.errors import DataError

@@ -133,7 +133,7 @@ def test_bomb_headers_are_refused_before_decoding(tmp_path, monkeypatch):
 
 
 def test_pixel_limit_from_the_environment(tmp_path, monkeypatch):
-    from oncotransfer.data.safety import ingest_max_pixels
+    from oncotransfer.data.readers import ingest_max_pixels
     from oncotransfer.errors import ConfigError
     monkeypatch.setenv("ONCOTRANSFER_MAX_PIXELS", "200")
     assert ingest_max_pixels() == 200

@@ -26,7 +26,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 from skimage.morphology import remove_small_objects
 
-from oncotransfer.data.images import IMAGE_SUFFIXES
+from oncotransfer.data.readers import IMAGE_SUFFIXES
 from oncotransfer.errors import DataError
 from oncotransfer.io import atomic_path, atomic_write_bytes
 

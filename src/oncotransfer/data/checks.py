@@ -9,9 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from oncotransfer.data.dicom import is_dicom_path
-from oncotransfer.data.images import IMAGE_SUFFIXES
-from oncotransfer.data.safety import regular_file_problem
+from oncotransfer.data.readers import is_readable_name, known_suffixes, regular_file_problem
 from oncotransfer.errors import DataError
 
 
@@ -55,10 +53,10 @@ def check_listed_files(paths: list[str], csv: Path) -> None:
 
 
 def scan_class_folder(d: Path) -> tuple[list[str], dict[str, str], list[str]]:
-    """(image and DICOM files, {path: why skipped} for image-named entries that are not regular files, notes)."""
+    """(files some reader owns, {path: why skipped} for image-named entries that are not regular files, notes)."""
     found, skipped, notes = [], {}, []
     for f in sorted(d.rglob("*")):
-        if f.suffix.lower() in IMAGE_SUFFIXES or (f.is_file() and is_dicom_path(f)):
+        if is_readable_name(f):
             why = regular_file_problem(f)
             if why is None:
                 found.append(str(f))
@@ -70,7 +68,7 @@ def scan_class_folder(d: Path) -> tuple[list[str], dict[str, str], list[str]]:
 
 
 def empty_class_note(d: Path) -> str:
-    return (f"class folder {d.name!r} ({d}) holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) and is "
+    return (f"class folder {d.name!r} ({d}) holds no images ({', '.join(sorted(known_suffixes()))}) and is "
             "left out; remove it or add its images")
 
 

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from oncotransfer.data.dicom import is_dicom_path
-from oncotransfer.data.dicom_rows import summarise
-from oncotransfer.data.images import ImageReadError, open_rgb, phash64
+from oncotransfer.data.images import phash64
 from oncotransfer.data.manifest import Manifest, duplicate_groups, load_manifest
-from oncotransfer.data.safety import decode_failure, ingest_max_pixels, probe
+from oncotransfer.data.readers import ImageReadError, decode_failure, ingest_max_pixels, open_rgb, probe
+from oncotransfer.data.readers.dicom import summarise
 
 
 @dataclass
@@ -48,20 +47,20 @@ def inspect_dataset(path: str | Path, patient_regex: str | None = None, dicom_fr
     any decoding), then decoded for its pHash; a file that fails is named with its reason, never a traceback."""
     m = load_manifest(str(path), patient_regex, min_classes=1, dicom_frames=dicom_frames)
     limit = ingest_max_pixels() if max_pixels == -1 else max_pixels
-    sizes, modes, unreadable, ok, hashes = Counter(), Counter(), {}, [], []
+    sizes, modes, unreadable, ok, hashes, dicom = Counter(), Counter(), {}, [], [], []
     unreadable.update({_rel(m, p): why.split(": ", 1)[-1] for p, why in m.skipped.items()})
     for i, p in enumerate(m.paths):
         try:
-            if is_dicom_path(p):  # decoded size; the DICOM mode is the photometric interpretation (below)
-                img = open_rgb(p, max_pixels=limit)
+            head = probe(p, limit)
+            img = open_rgb(p, draft_size=256)
+            hashes.append(phash64(img))
+            if head.reader == "pillow":
+                sizes[(head.width, head.height)] += 1
+                modes[head.mode] += 1
+            else:  # decoded size; DICOM's mode is its photometric interpretation (in ``dicom`` below)
                 sizes[img.size] += 1
-                modes["DICOM"] += 1
-                hashes.append(phash64(img))
-            else:
-                w, h, mode = probe(p, limit)
-                hashes.append(phash64(open_rgb(p, draft_size=256)))
-                sizes[(w, h)] += 1
-                modes[mode] += 1
+                modes[head.reader.upper()] += 1
+                dicom += [p] if head.reader == "dicom" else []
             ok.append(i)
         except ImageReadError as e:
             unreadable[m.relpath(i)] = str(e).split(": ", 1)[-1]
@@ -73,8 +72,8 @@ def inspect_dataset(path: str | Path, patient_regex: str | None = None, dicom_fr
     near = duplicate_groups(sub.sha256, np.array(hashes, dtype=np.uint64))
     rep = InspectReport(m, {c: int((sub.labels == k).sum()) for k, c in enumerate(m.classes)}, None, sizes, modes,
                         unreadable)
-    if modes["DICOM"]:
-        rep.dicom = summarise(sub.paths)  # the objects that decoded
+    if dicom:
+        rep.dicom = summarise(dicom)  # the objects that decoded
     if sub.patients is not None:
         rep.per_patient = {str(p): {c: int(((sub.patients == p) & (sub.labels == k)).sum())
                                     for k, c in enumerate(m.classes)} for p in sorted(set(sub.patients))}

@@ -9,11 +9,10 @@ import numpy as np
 import pandas as pd
 
 from oncotransfer.data.checks import check_csv, check_listed_files, empty_class_note, scan_class_folder
-from oncotransfer.data.dicom import is_dicom_path
-from oncotransfer.data.dicom_rows import expand_rows
+from oncotransfer.data.frames import expand_rows, framed_reader
 from oncotransfer.data.groups import UnionFind
-from oncotransfer.data.images import IMAGE_SUFFIXES
-from oncotransfer.data.safety import regular_file_problem
+from oncotransfer.data.readers import is_readable_name, regular_file_problem
+from oncotransfer.data.readers.pillow import is_image_name
 from oncotransfer.errors import DataError
 from oncotransfer.io import sha256_file
 
@@ -83,7 +82,7 @@ def _from_folders(root: Path, skipped: dict[str, str] | None = None, notes: list
         if notes is not None:
             notes += extra + ([empty_class_note(d)] if not found else [])
     if not paths:
-        loose = [f for f in root.iterdir() if f.is_file() and (f.suffix.lower() in IMAGE_SUFFIXES or is_dicom_path(f))]
+        loose = [f for f in root.iterdir() if f.is_file() and is_readable_name(f)]
         hint = (" (images lie in the folder itself: put them in one sub-folder per class)" if loose else "")
         raise DataError(f"{root}: no images found in class sub-folders{hint}; expected "
                         "PATH/<class>/<image> or a manifest CSV with columns path,label[,patient]")
@@ -130,8 +129,9 @@ def load_manifest(path: str | Path, patient_regex: str | None = None, min_classe
                   dicom_frames: str = "middle") -> Manifest:
     """Read a class-per-folder tree, a manifest CSV, or a folder holding ``manifest.csv``.
 
-    DICOM objects become one row per frame that ``dicom_frames`` selects, with hashed PatientIDs as patients
-    (data/dicom.py); unusable ones are left out with their reason in ``skipped``."""
+    Multi-frame files (DICOM objects, NIfTI volumes) become one row per frame that ``dicom_frames`` selects,
+    with their group (hashed PatientID, volume) as patient (data/frames.py); unusable ones are left out with
+    their reason in ``skipped``."""
     if path is None:
         raise DataError("data.path is not set; this config names no data: pass it with --data PATH (or --set "
                         "data.path=PATH): a folder of class sub-folders, a manifest CSV or demo:NAME")
@@ -139,7 +139,7 @@ def load_manifest(path: str | Path, patient_regex: str | None = None, min_classe
     patients, skipped, notes = None, {}, []
     if not p.is_dir() and regular_file_problem(p):
         raise DataError(f"{p}: {regular_file_problem(p)}; give a folder of class sub-folders or a manifest CSV")
-    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+    if p.is_file() and is_image_name(p):
         raise DataError(f"{p}: is an image, not a data set; give its folder of class sub-folders or a manifest CSV")
     if p.is_file():
         paths, labels, patients = _from_csv(p)
@@ -155,7 +155,7 @@ def load_manifest(path: str | Path, patient_regex: str | None = None, min_classe
     if patient_regex:
         patients = list(_patients_from_regex(paths, patient_regex))
     sha = None
-    if any(is_dicom_path(f) for f in paths):
+    if any(framed_reader(f) is not None for f in paths):
         rows = expand_rows(paths, labels, patients, dicom_frames, sha256_file)
         paths, labels, patients, sha = rows.paths, rows.labels, rows.patients, rows.sha256
         skipped.update(rows.skipped)

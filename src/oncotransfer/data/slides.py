@@ -7,8 +7,6 @@ so splits never put tiles of one slide (or patient) on both sides.
 from __future__ import annotations
 
 import json
-import logging
-import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,83 +17,13 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from oncotransfer.data.manifest import read_table
-from oncotransfer.errors import ConfigError, DataError, MissingExtraError
+from oncotransfer.data.readers.slide import SLIDE_SUFFIXES, SlideError, open_slide, slide_property
+from oncotransfer.errors import ConfigError, DataError
 
-# What OpenSlide 4 reads (DICOM WSI is left to the DICOM reader).
-SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif"}
+__all__ = ["SLIDE_SUFFIXES", "SlideError", "open_slide", "plan", "thumbnail", "tissue_mask", "tile_slides"]
+
 THUMB_SIDE = 2048
 """Longest side of the low-resolution image used for tissue detection, thumbnails and heatmaps."""
-_EXTRA = "pip install 'oncotransfer[slides]'"
-
-
-class SlideError(DataError):
-    """One slide cannot be opened or has no usable resolution."""
-
-
-def open_slide(path: str | Path):
-    """An ``openslide.OpenSlide`` (SVS, NDPI, MRXS, generic tiled TIFF, ...), else a ``tiffslide.TiffSlide``
-    for TIFF-based files OpenSlide cannot read or when only tiffslide is installed. Both share one API."""
-    path = Path(path)
-    if not path.exists():
-        raise SlideError(f"{path}: no such slide")
-    try:
-        import openslide
-    except ImportError:
-        openslide = None
-    try:
-        import tiffslide
-    except ImportError:
-        tiffslide = None
-    if openslide is None and tiffslide is None:
-        raise MissingExtraError(f"reading whole-slide images needs openslide-python + openslide-bin (or tiffslide); "
-                                f"{_EXTRA}")
-    reason = ""
-    tiff = path.suffix.lower() in {".tif", ".tiff", ".svs"}
-    if openslide is not None:
-        try:
-            slide = openslide.OpenSlide(str(path))
-        except (openslide.OpenSlideError, OSError, ValueError) as e:  # unsupported format or corrupt file
-            reason = str(e) or type(e).__name__
-        else:
-            if slide.level_count > 1 or not tiff or tiffslide is None:
-                return slide
-            # OpenSlide reads a pyramid stored as SubIFDs as one flat level; tiffslide sees its levels.
-            try:
-                other = tiffslide.TiffSlide(str(path))
-            except Exception:  # not for tiffslide either: OpenSlide's flat view stands
-                return slide
-            if other.level_count > 1:
-                slide.close()
-                return other
-            other.close()
-            return slide
-    if tiffslide is not None and tiff:
-        quiet = logging.getLogger("tifffile")
-        level = quiet.level
-        quiet.setLevel(logging.CRITICAL)  # tifffile logs its own warning before raising: one line is ours
-        try:
-            slide = tiffslide.TiffSlide(str(path))
-            slide.level_dimensions  # noqa: B018 - force the pages to be parsed now, inside the try
-            return slide
-        except Exception as e:  # tifffile raises many types on damaged files; one line whatever the cause
-            reason = f"{reason}; tiffslide: {str(e)[:100] or type(e).__name__}" if reason else str(e)[:100]
-        finally:
-            quiet.setLevel(level)
-    raise SlideError(f"{path}: not a slide OpenSlide{'/tiffslide' if tiffslide else ''} can read "
-                     f"({reason[:160] or 'unsupported format'})")
-
-
-def _prop(slide, key: str) -> float | None:
-    """``openslide.<key>`` or ``tiffslide.<key>`` as a positive float, None when absent."""
-    for k in (f"openslide.{key}", f"tiffslide.{key}"):
-        v = slide.properties.get(k)
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            continue
-        if f > 0 and math.isfinite(f):
-            return f
-    return None
 
 
 @dataclass
@@ -134,10 +62,10 @@ def plan(slide, path: str | Path, tile_size: int = 224, mpp: float | None = None
     for name, v in (("--mpp", mpp), ("--magnification", magnification), ("--mpp-source", mpp_source)):
         if v is not None and not v > 0:
             raise ConfigError(f"{name} {v}: expected a positive number")
-    mpp0, source = _prop(slide, "mpp-x"), "metadata"
+    mpp0, source = slide_property(slide, "mpp-x"), "metadata"
     if mpp0 is None and mpp_source is not None:
         mpp0, source = float(mpp_source), "--mpp-source"
-    objective = _prop(slide, "objective-power")
+    objective = slide_property(slide, "objective-power")
     if magnification is not None and objective is not None:
         downsample = objective / magnification
         target = None if mpp0 is None else mpp0 * downsample

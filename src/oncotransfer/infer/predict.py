@@ -10,8 +10,8 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from oncotransfer.data.images import (IMAGE_SUFFIXES, MAX_PIXELS, ImageReadError, decode_for_model, normalise,
-                                     resize_uint8)
+from oncotransfer.data.images import decode_for_model, normalise, resize_uint8
+from oncotransfer.data.readers import MAX_PIXELS, ImageReadError, is_readable_name, known_suffixes
 from oncotransfer.errors import CheckpointError, ConfigError, DataError
 from oncotransfer.io import atomic_to_csv, atomic_write_bytes
 from oncotransfer.rundir import predictions_table
@@ -31,16 +31,14 @@ def onnx_available() -> bool:
 
 
 def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], dict[str, str]]:
-    """Files as given, folders walked recursively for image suffixes and DICOM; missing paths become errors."""
-    from oncotransfer.data.dicom import is_dicom_path
+    """Files as given, folders walked recursively for the files some reader owns; missing paths become errors."""
     out: list[Path] = []
     errors: dict[str, str] = {}
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and (f.suffix.lower() in IMAGE_SUFFIXES
-                                                                        or is_dicom_path(f)))
+            found = sorted(f for f in p.rglob("*") if f.is_file() and is_readable_name(f))
             if not found:
-                errors[str(p)] = f"{p}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+                errors[str(p)] = f"{p}: folder holds no images ({', '.join(sorted(known_suffixes()))})"
             out += found
         elif p.is_file():
             out.append(p)
@@ -260,7 +258,7 @@ class Predictor:
                       ) -> tuple[pd.DataFrame, dict[str, str]]:
         """Files and folders -> (rows: path, pred, prob_<class>...; {path: error} for the unreadable ones and
         those declaring more than ``max_pixels``)."""
-        from oncotransfer.data.dicom_rows import frame_paths
+        from oncotransfer.data.frames import frame_paths
         files, errors = expand_paths(paths)
         files = frame_paths(files, self.dicom_frames, errors)
         ok, tensors = [], []

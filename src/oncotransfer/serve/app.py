@@ -26,7 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from oncotransfer import __version__
-from oncotransfer.data.images import ImageReadError, ImageTooLargeError
+from oncotransfer.data.readers import ImageReadError, ImageTooLargeError
 from oncotransfer.errors import ConfigError
 from oncotransfer.serve.limits import Gate, ServeLimits
 from oncotransfer.serve.middleware import AccessLog, ServiceMiddleware
@@ -52,7 +52,8 @@ def create_app(run_dir: str | Path, engine: str = "auto", max_upload_mb: float =
     models by default, or fold ``fold`` alone. ``token``: require ``Authorization: Bearer <token>``;
     ``access_log``: a file to append JSON lines to, ``"-"`` for stdout, None for none; ``coverage``: the share
     of in-distribution images answered, the least confident rest referred (default ``DEFAULT_COVERAGE``)."""
-    from oncotransfer.data.images import decode_for_model, draft_size_for, probe_image
+    from oncotransfer.data.images import decode_for_model, draft_size_for
+    from oncotransfer.data.readers import probe
     from oncotransfer.infer.predict import DEFAULT_COVERAGE, Predictor
     coverage = DEFAULT_COVERAGE if coverage is None else float(coverage)
     if not 0 <= coverage <= 1:
@@ -105,7 +106,7 @@ def create_app(run_dir: str | Path, engine: str = "auto", max_upload_mb: float =
 
     def infer(data: bytes, explain: bool) -> dict:
         """Decode and classify (in a worker thread)."""
-        img, t = decode_for_model(data, predictor.size, max_pixels=limits.max_pixels, dicom_frame=predictor.dicom_frame)
+        img, t = decode_for_model(data, predictor.size, max_pixels=limits.max_pixels, frame=predictor.dicom_frame)
         batch = t.unsqueeze(0)
         if engines is not None and not explain:
             worker = engines.get()  # a single-threaded ONNX session of its own; the others serve other requests
@@ -145,8 +146,8 @@ def create_app(run_dir: str | Path, engine: str = "auto", max_upload_mb: float =
         if not data:
             raise HTTPException(400, "the uploaded file is empty")
         try:  # the header alone (in a thread: some formats parse a while): a 9000 x 9000 PNG stops here
-            _, _, need = await run_in_threadpool(probe_image, data, draft_size_for(predictor.size),
-                                                 limits.max_pixels)
+            need = (await run_in_threadpool(probe, data, limits.max_pixels, draft_size_for(predictor.size))
+                    ).peak_bytes
         except ImageReadError as e:
             raise _image_error(e, file.filename) from None
         if need > gate.budget:

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
-from oncotransfer.data.images import MAX_PIXELS
+from oncotransfer.data.readers import MAX_PIXELS
 from oncotransfer.runtime import usable_cores
 
 T = TypeVar("T")

@@ -8,8 +8,8 @@ import torch
 
 from oncotransfer.config import DataConfig
 from oncotransfer.data.checks import check_classes_present, check_label_conflicts
-from oncotransfer.data.dicom import FRAME_TAG
-from oncotransfer.data.dicom_rows import join_frames
+from oncotransfer.data.frames import join_frames
+from oncotransfer.data.readers import FRAME_TAG
 from oncotransfer.data.images import decode_many
 from oncotransfer.data.manifest import Manifest, drop, duplicate_groups, load_manifest
 from oncotransfer.errors import DataError

@@ -29,25 +29,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from oncotransfer.data.images import IMAGE_SUFFIXES, ImageReadError, ImageTooLargeError
+from oncotransfer.data.readers.base import (FRAME_TAG, ImageReadError, ImageTooLargeError, Probe, Reader,
+                                            one_line, split_frame)
+from oncotransfer.data.readers.pillow import IMAGE_SUFFIXES
 from oncotransfer.errors import MissingExtraError
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
-FRAME_TAG = "#frame="
-"""Manifest rows of a multi-frame object name their frame: ``path/to/object.dcm#frame=7`` (0-based)."""
 INSTALL_HINT = "pip install 'oncotransfer[dicom]'"
+__all__ = ["FRAME_TAG", "split_frame", "DicomReader", "read_info", "hash_id", "frames_for", "parse_frames"]
 
 
 # ---------------------------------------------------------------- recognising DICOM (no pydicom import)
-def split_frame(source: str | Path) -> tuple[str, int | None]:
-    """``file#frame=K`` -> (file, K); anything else -> (source, None)."""
-    s = str(source)
-    base, tag, k = s.rpartition(FRAME_TAG)
-    if tag and k.isdigit():
-        return base, int(k)
-    return s, None
-
-
 def has_preamble(path: str | Path) -> bool:
     """The 128-byte preamble followed by ``DICM`` (DICOM Part 10)."""
     try:
@@ -124,11 +116,6 @@ def _pydicom():
     return pydicom
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
 def _quiet(fn):
     """pydicom warns on odd values (an IS of '1A'): silenced, since what matters is reported as one line."""
     @functools.wraps(fn)
@@ -157,7 +144,7 @@ def _read(source, name: str, header_only: bool):
     except ImageReadError:
         raise
     except Exception as e:  # pydicom raises many types on corrupt input: each becomes one line
-        raise ImageReadError(f"{name}: unreadable DICOM ({_one_line(e)})") from None
+        raise ImageReadError(f"{name}: unreadable DICOM ({one_line(e)})") from None
 
 
 def _fix_transfer_syntax(ds) -> None:
@@ -209,7 +196,7 @@ def read_info(path: str | Path) -> DicomInfo:
                          getattr(ts, "name", str(ts)), (int(ds.Columns), int(ds.Rows)), hashed("PatientID", "p"),
                          hashed("StudyInstanceUID", "st"), hashed("SeriesInstanceUID", "se"))
     except Exception as e:  # a malformed header value
-        raise ImageReadError(f"{path}: unreadable DICOM header ({_one_line(e)})") from None
+        raise ImageReadError(f"{path}: unreadable DICOM header ({one_line(e)})") from None
 
 
 def frames_for(n: int, spec: str) -> list[int] | str:
@@ -338,8 +325,57 @@ def open_dicom(source: str | Path | bytes, frame: int | None = None, max_pixels:
     except ImageReadError:
         raise
     except Exception as e:
-        raise ImageReadError(f"{name}: cannot decode pixel data ({_one_line(e)})") from None
+        raise ImageReadError(f"{name}: cannot decode pixel data ({one_line(e)})") from None
     if pixels.ndim == 3 and pixels.shape[-1] != 3:
         raise ImageReadError(f"{name}: unsupported pixel layout {pixels.shape} "
                              f"({ds.get('PhotometricInterpretation')})")
     return Image.fromarray(np.ascontiguousarray(pixels)).convert("RGB")
+
+
+def summarise(paths: list[str]) -> dict:
+    """``data inspect``'s facts over the distinct DICOM objects among ``paths`` (frame rows included; hashed ids only)."""
+    from collections import Counter
+    objects = sorted({split_frame(p)[0] for p in paths})
+    keys = ("modality", "manufacturer", "frames", "bits_stored", "photometric", "transfer_syntax")
+    out: dict = {k: Counter() for k in keys}
+    series: dict[tuple, int] = {}
+    for p in objects:
+        try:
+            info = read_info(p)
+        except ImageReadError:
+            continue  # already listed as unreadable
+        for k in keys:
+            out[k][getattr(info, k)] += 1
+        key = (info.patient or "-", info.study or "-", info.series or "-", info.modality)
+        series[key] = series.get(key, 0) + 1
+    out["objects"] = len(objects)
+    out["patients"] = len({k[0] for k in series if k[0] != "-"})
+    out["studies"] = len({k[1] for k in series if k[1] != "-"})
+    out["series"] = series
+    return out
+
+
+class DicomReader(Reader):
+    """DICOM objects (pydicom): any photometric interpretation, multi-frame objects one frame at a time."""
+    name = "dicom"
+    suffixes = frozenset(DICOM_SUFFIXES)
+    framed = True
+
+    def claims(self, path: Path, head: bytes) -> bool:
+        suffix = path.suffix.lower()
+        return suffix in DICOM_SUFFIXES or (suffix not in IMAGE_SUFFIXES and head[128:132] == b"DICM")
+
+    def claims_bytes(self, data: bytes) -> bool:
+        return is_dicom_bytes(data)
+
+    def probe(self, source, max_pixels=None, draft_size=None) -> Probe:
+        if isinstance(source, bytes):
+            w, h, need = probe_dicom(source, max_pixels)
+            return Probe(self.name, "image", w, h, peak_bytes=need)
+        w, h, need = probe_dicom(source, max_pixels)
+        info = read_info(split_frame(source)[0])
+        return Probe(self.name, "frames" if info.frames > 1 else "image", w, h, frames=info.frames,
+                     mode=info.photometric, peak_bytes=need, group=info.patient)
+
+    def decode(self, source, frame=None, max_pixels=None, draft_size=None, us_region=True) -> Image.Image:
+        return open_dicom(source, frame, max_pixels)

@@ -1,5 +1,6 @@
-"""DICOM objects as manifest rows: frame expansion, hashed patients, ``data inspect``'s summary, ``predict``'s
-frame paths, and duplicate groups that keep an object's frames together (decoding is data/dicom.py's)."""
+"""Multi-frame files as manifest rows: DICOM cine loops and multi-frame objects, the slices of a NIfTI volume.
+Frame expansion with each file's group (hashed PatientID, volume) as patient, ``predict``'s frame paths, and
+duplicate groups that keep a file's frames together. Any reader with ``framed = True`` takes part."""
 from __future__ import annotations
 
 import hashlib
@@ -7,36 +8,52 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from oncotransfer.data.dicom import FRAME_TAG, frames_for, is_dicom_path, read_info, split_frame
-from oncotransfer.data.images import ImageReadError
+from oncotransfer.data.readers import FRAME_TAG, ImageReadError, Reader, probe, reader_for, split_frame
+from oncotransfer.data.readers.dicom import frames_for
+
+
+def framed_reader(path: str) -> Reader | None:
+    """The file's reader when it is one that may hold several frames (and ``path`` names no frame yet)."""
+    if split_frame(path)[1] is not None:
+        return None
+    try:
+        r = reader_for(path)
+    except ImageReadError:
+        return None  # not a regular file: decoding names it
+    return r if r.framed else None
 
 
 @dataclass
-class DicomRows:
-    """Manifest rows after DICOM objects were expanded to their frames (non-DICOM rows kept as they were)."""
+class FrameRows:
+    """Manifest rows after multi-frame files were expanded to their frames (other rows kept as they were)."""
     paths: list[str]
     labels: list[str]
     patients: list[str] | None
     sha256: list[str]
     skipped: dict[str, str]
+    without_group: list[str] | None = None
+    """Framed files whose header names no patient (the first 50), when no manifest column or regex gave one."""
 
 
 def expand_rows(paths: list[str], labels: list[str], patients: list[str] | None, frames: str,
-                sha256_file) -> DicomRows:
-    """One row per selected frame of each DICOM object; unusable objects go to ``skipped`` with one line.
+                sha256_file) -> FrameRows:
+    """One row per selected frame of each framed file; unusable files go to ``skipped`` with one line.
 
-    Patients given by a manifest column or a regex are kept; otherwise every row takes its object's hashed
-    PatientID, and the data set has patient ids only if every row has one. A multi-frame object's rows get
-    ``sha256(file sha256 + '#frame=K')``: distinct images for the feature caches, kept together by patient."""
-    out = DicomRows([], [], [], [], {})
+    Patients given by a manifest column or a regex are kept; otherwise every row takes its file's group (a
+    DICOM object's hashed PatientID, a volume's name), and the data set has patient ids only if every row has
+    one. A multi-frame file's rows get ``sha256(file sha256 + '#frame=K')``: distinct images for the feature
+    caches, kept together by patient."""
+    out = FrameRows([], [], [], [], {})
+    missing: list[str] = []
     dicom_patients: list[str | None] = []
     for i, path in enumerate(paths):
         given = None if patients is None else patients[i]
-        if not is_dicom_path(path):
+        reader = framed_reader(path)
+        if reader is None:
             rows, pid, digest = [path], None, sha256_file(path)
         else:
             try:
-                info = read_info(path)
+                info = probe(path)
             except ImageReadError as e:
                 out.skipped[path] = str(e)
                 continue
@@ -46,7 +63,9 @@ def expand_rows(paths: list[str], labels: list[str], patients: list[str] | None,
                 continue
             digest = sha256_file(path)
             rows = [path] if info.frames == 1 else [f"{path}{FRAME_TAG}{k}" for k in chosen]
-            pid = info.patient
+            pid = info.group
+            if pid is None and len(missing) < 50:
+                missing.append(path)
         for r in rows:
             out.paths.append(r)
             out.labels.append(labels[i])
@@ -55,42 +74,20 @@ def expand_rows(paths: list[str], labels: list[str], patients: list[str] | None,
             out.sha256.append(digest if r == path else hashlib.sha256(f"{digest}{r[len(path):]}".encode()).hexdigest())
     if patients is None:
         out.patients = dicom_patients if dicom_patients and all(dicom_patients) else None
-    return out
-
-
-def summarise(paths: list[str]) -> dict:
-    """``data inspect``'s DICOM facts over the distinct objects among ``paths`` (hashed ids only)."""
-    from collections import Counter
-    objects = sorted({split_frame(p)[0] for p in paths if is_dicom_path(p)})
-    keys = ("modality", "manufacturer", "frames", "bits_stored", "photometric", "transfer_syntax")
-    out: dict = {k: Counter() for k in keys}
-    series: dict[tuple, int] = {}
-    for p in objects:
-        try:
-            info = read_info(p)
-        except ImageReadError:
-            continue  # already listed as unreadable
-        for k in keys:
-            out[k][getattr(info, k)] += 1
-        key = (info.patient or "-", info.study or "-", info.series or "-", info.modality)
-        series[key] = series.get(key, 0) + 1
-    out["objects"] = len(objects)
-    out["patients"] = len({k[0] for k in series if k[0] != "-"})
-    out["studies"] = len({k[1] for k in series if k[1] != "-"})
-    out["series"] = series
+        out.without_group = missing if any(dicom_patients) or missing else []
     return out
 
 
 def frame_paths(files: list, frames: str, errors: dict[str, str]) -> list[str]:
-    """``predict``: each multi-frame DICOM file -> its ``file#frame=K`` entries under the run's policy (so a cine
-    loop gets one row per frame with ``all``); unusable objects go to ``errors``; other files are kept."""
+    """``predict``: each multi-frame file -> its ``file#frame=K`` entries under the run's policy (so a cine
+    loop gets one row per frame with ``all``); unusable files go to ``errors``; other files are kept."""
     out: list = []
     for f in files:
-        if not is_dicom_path(f) or split_frame(f)[1] is not None:
+        if framed_reader(str(f)) is None:
             out.append(f)
             continue
         try:
-            info = read_info(f)
+            info = probe(str(f))
         except ImageReadError as e:
             errors[str(f)] = str(e)
             continue

@@ -1,0 +1,104 @@
+"""One reader per file format, behind one interface (``Reader``: ``claims``, ``probe``, ``decode``).
+
+Every caller that opens a file (ingestion, ``data inspect``, checks, train, predict, serve, slides) goes through
+``reader_for`` / ``probe`` / ``open_rgb`` here. Adding a format is one module with a ``Reader`` subclass and one
+``register`` line below (see CONTRIBUTING.md, "Adding a file format").
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from PIL import Image
+
+from oncotransfer.data.readers.base import (DEFAULT_MAX_PIXELS, FRAME_TAG, MAX_PIXELS, ImageReadError,
+                                            ImageTooLargeError, Probe, Reader, decode_failure, ingest_max_pixels,
+                                            read_head, regular_file_problem, source_name, split_frame)
+from oncotransfer.data.readers.dicom import DicomReader
+from oncotransfer.data.readers.pillow import IMAGE_SUFFIXES, PillowReader
+from oncotransfer.data.readers.slide import SlideError, SlideReader
+from oncotransfer.errors import ConfigError
+
+__all__ = ["READERS", "Reader", "Probe", "ImageReadError", "ImageTooLargeError", "SlideError", "MAX_PIXELS",
+           "DEFAULT_MAX_PIXELS", "FRAME_TAG", "IMAGE_SUFFIXES", "register", "get_reader", "reader_for", "probe",
+           "open_rgb", "is_readable_name", "split_frame", "regular_file_problem", "ingest_max_pixels",
+           "decode_failure", "known_suffixes"]
+
+READERS: dict[str, Reader] = {}
+"""Registered readers in the order they are asked: specific formats before Pillow, the catch-all."""
+
+
+def register(reader: Reader) -> Reader:
+    """Add ``reader`` to the registry. Readers are asked in registration order, except Pillow, the catch-all
+    for images, which stays last."""
+    READERS[reader.name] = reader
+    if "pillow" in READERS and reader.name != "pillow":  # keep the catch-all last
+        READERS["pillow"] = READERS.pop("pillow")
+    return reader
+
+
+for _r in (SlideReader(), DicomReader(), PillowReader()):
+    register(_r)
+
+
+def get_reader(name: str) -> Reader:
+    try:
+        return READERS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, READERS, n=3)
+        raise ConfigError(f"unknown reader {name!r}" + (f"; did you mean {close}?" if close else "")
+                          + f" (registered: {', '.join(READERS)})") from None
+
+
+def known_suffixes() -> set[str]:
+    return {s for r in READERS.values() for s in r.suffixes}
+
+
+def reader_for(source: str | Path | bytes) -> Reader:
+    """The reader that owns ``source`` (a path, ``file#frame=K``, or uploaded bytes). ``ImageReadError`` when
+    the path is not a regular file; a file no specific reader claims goes to Pillow, which names what it is not."""
+    if isinstance(source, bytes):
+        return next(r for r in READERS.values() if r.claims_bytes(source))
+    base, _ = split_frame(source)
+    why = regular_file_problem(base)
+    if why:
+        raise ImageReadError(f"{source}: {why}")
+    path, head = Path(base), read_head(base, 1024)
+    for r in READERS.values():
+        if r.name != "pillow" and r.claims(path, head):
+            return r
+    return READERS["pillow"]
+
+
+def is_readable_name(path: str | Path) -> bool:
+    """Whether a file found in a class folder is one some reader owns (by name, or by the DICOM magic)."""
+    p = Path(path)
+    if any(p.name.lower().endswith(s) for s in known_suffixes()):
+        return True
+    return p.is_file() and READERS["dicom"].claims(p, read_head(p))
+
+
+def probe(source: str | Path | bytes, max_pixels: int | None = None, draft_size: int | None = None) -> Probe:
+    """Header facts of ``source`` from its reader, nothing decoded; ``ImageReadError`` (one line) otherwise."""
+    reader = reader_for(source)
+    try:
+        return reader.probe(source if isinstance(source, bytes) else str(source), max_pixels, draft_size)
+    except ImageReadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - hostile bytes can break a decoder plugin in any way
+        raise ImageReadError(decode_failure(source_name(source), e)) from None
+
+
+def open_rgb(source: str | Path | bytes, draft_size: int | None = None, max_pixels: int | None = None,
+             frame: int | None = None, us_region: bool = True) -> Image.Image:
+    """Decode one frame of ``source`` fully to RGB through its reader. ``file#frame=K`` picks frame K, else
+    ``frame``, else the middle one. A header declaring more than ``max_pixels`` (None: the reader's own bomb
+    limit) raises ``ImageTooLargeError`` before decoding; anything unusable raises ``ImageReadError``."""
+    reader = reader_for(source)
+    try:
+        return reader.decode(source if isinstance(source, bytes) else str(source), frame, max_pixels, draft_size,
+                             us_region)
+    except ImageReadError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ImageReadError(decode_failure(source_name(source), e)) from None

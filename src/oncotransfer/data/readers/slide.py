@@ -1,0 +1,171 @@
+"""Whole-slide images: OpenSlide (SVS, NDPI, MRXS, DICOM whole-slide, generic tiled TIFF...), tiffslide as its
+fallback. A slide is a pyramid cut into tiles (``data.slides``), never decoded whole: in a class folder, or
+sent to ``predict`` or ``serve`` as a picture, it is refused with the hint to tile it."""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from oncotransfer.data.readers.base import ImageReadError, Probe, Reader, has_suffix, one_line, read_head
+from oncotransfer.errors import MissingExtraError
+
+# Suffixes only slides use; ``.tif``/``.tiff`` are slides when pyramidal, and ``.dcm`` when VL Whole Slide.
+VENDOR_SUFFIXES = {".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif"}
+TIFF_SUFFIXES = {".tif", ".tiff"}
+SLIDE_SUFFIXES = VENDOR_SUFFIXES | TIFF_SUFFIXES | {".dcm"}
+WSI_SOP_CLASS = b"1.2.840.10008.5.1.4.1.1.77.1.6"
+"""VL Whole Slide Microscopy Image Storage: the file meta names it within the first few hundred bytes."""
+MPP_RANGE = (0.01, 10.0)
+"""Plausible level-0 µm/px of a microscope slide: 0.1-0.25 at 40-100x, up to a few µm/px for overviews. Outside
+it the resolution tags are a generic TIFF's print resolution (72/96/300 dpi = 353/265/85 µm/px), not a scan's."""
+EXTRA = "pip install 'oncotransfer[slides]'"
+TILE_HINT = ("a whole-slide image: cut it into tissue tiles with `oncotransfer slides tile` (or score it with "
+             "`oncotransfer predict RUN SLIDE --slide`)")
+
+
+class SlideError(ImageReadError):
+    """One slide cannot be opened, read, or has no usable resolution."""
+
+
+def is_dicom_wsi(path: str | Path, head: bytes | None = None) -> bool:
+    head = read_head(path, 1024) if head is None or len(head) < 1024 else head
+    return head[128:132] == b"DICM" and WSI_SOP_CLASS in head
+
+
+def is_pyramidal_tiff(path: str | Path) -> bool:
+    """A TIFF with more than one resolution level (a slide), read from its header (tifffile, else OpenSlide)."""
+    try:
+        import tifffile
+    except ImportError:
+        tifffile = None
+    if tifffile is not None:
+        quiet = logging.getLogger("tifffile")
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
+        try:
+            with tifffile.TiffFile(str(path)) as tf:
+                return bool(tf.series) and (len(tf.series[0].levels) > 1 or tf.is_svs or tf.is_ndpi
+                                            or tf.is_scn or tf.is_bif)
+        except Exception:  # not a TIFF tifffile can parse: the image reader will say why
+            return False
+        finally:
+            quiet.setLevel(level)
+    try:
+        import openslide
+        return openslide.OpenSlide.detect_format(str(path)) not in (None, "generic-tiff")
+    except Exception:
+        return False
+
+
+def open_slide(path: str | Path):
+    """An ``openslide.OpenSlide`` (SVS, NDPI, MRXS, DICOM, generic tiled TIFF, ...), else a
+    ``tiffslide.TiffSlide`` for TIFF-based files OpenSlide cannot read or when only tiffslide is installed. Both
+    share one API. ``SlideError`` (one line) when neither can open it."""
+    path = Path(path)
+    if not path.exists():
+        raise SlideError(f"{path}: no such slide")
+    try:
+        import openslide
+    except ImportError:
+        openslide = None
+    try:
+        import tiffslide
+    except ImportError:
+        tiffslide = None
+    if openslide is None and tiffslide is None:
+        raise MissingExtraError(f"reading whole-slide images needs openslide-python + openslide-bin (or tiffslide); "
+                                f"{EXTRA}")
+    reason = ""
+    tiff = path.suffix.lower() in {".tif", ".tiff", ".svs"}
+    if openslide is not None:
+        try:
+            slide = openslide.OpenSlide(str(path))
+        except (openslide.OpenSlideError, OSError, ValueError) as e:  # unsupported format or corrupt file
+            reason = str(e) or type(e).__name__
+        else:
+            if slide.level_count > 1 or not tiff or tiffslide is None:
+                return slide
+            # OpenSlide reads a pyramid stored as SubIFDs as one flat level; tiffslide sees its levels.
+            try:
+                other = tiffslide.TiffSlide(str(path))
+            except Exception:  # not for tiffslide either: OpenSlide's flat view stands
+                return slide
+            if other.level_count > 1:
+                slide.close()
+                return other
+            other.close()
+            return slide
+    if tiffslide is not None and tiff:
+        quiet = logging.getLogger("tifffile")
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)  # tifffile logs its own warning before raising: one line is ours
+        try:
+            slide = tiffslide.TiffSlide(str(path))
+            slide.level_dimensions  # noqa: B018 - force the pages to be parsed now, inside the try
+            return slide
+        except Exception as e:  # tifffile raises many types on damaged files; one line whatever the cause
+            reason = f"{reason}; tiffslide: {str(e)[:100] or type(e).__name__}" if reason else str(e)[:100]
+        finally:
+            quiet.setLevel(level)
+    raise SlideError(f"{path}: not a slide OpenSlide{'/tiffslide' if tiffslide else ''} can read "
+                     f"({reason[:160] or 'unsupported format'})")
+
+
+def slide_property(slide, key: str) -> float | None:
+    """``openslide.<key>`` or ``tiffslide.<key>`` as a positive finite float, None when absent."""
+    for k in (f"openslide.{key}", f"tiffslide.{key}"):
+        v = slide.properties.get(k)
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            continue
+        if f > 0 and math.isfinite(f):
+            return f
+    return None
+
+
+def slide_mpp(slide) -> tuple[float | None, str | None]:
+    """(level-0 µm/px, None) when the slide records a plausible resolution, else (None, why it was not used):
+    a value outside ``MPP_RANGE`` is a print resolution, and treating it as the scan's would cut tiles hundreds
+    of times too coarse."""
+    mpp = slide_property(slide, "mpp-x")
+    if mpp is None:
+        return None, None
+    lo, hi = MPP_RANGE
+    if not lo <= mpp <= hi:
+        dpi = 25400 / mpp
+        return None, (f"its resolution tags say {mpp:.4g} µm/px ({dpi:.0f} pixels per inch), not a microscope's "
+                      f"({lo:g}-{hi:g} µm/px): ignored as missing")
+    return mpp, None
+
+
+class SlideReader(Reader):
+    name = "slide"
+    suffixes = frozenset(VENDOR_SUFFIXES)
+
+    def claims(self, path: Path, head: bytes) -> bool:
+        if has_suffix(path, VENDOR_SUFFIXES):
+            return True
+        suffix = path.suffix.lower()
+        if suffix in TIFF_SUFFIXES:
+            return is_pyramidal_tiff(path)
+        return (suffix == ".dcm" or head[128:132] == b"DICM") and is_dicom_wsi(path)
+
+    def probe(self, source, max_pixels=None, draft_size=None) -> Probe:
+        if isinstance(source, bytes):
+            raise SlideError(f"upload: {TILE_HINT}")
+        slide = open_slide(source)
+        try:
+            w, h = (int(v) for v in slide.dimensions)
+            mpp, _ = slide_mpp(slide)
+            return Probe(self.name, "slide", w, h, frames=int(slide.level_count), mode="pyramid", mpp=mpp)
+        except SlideError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged header can fail in the binding in any way
+            raise SlideError(f"{source}: unreadable slide ({one_line(e)})") from None
+        finally:
+            slide.close()
+
+    def decode(self, source, frame=None, max_pixels=None, draft_size=None, us_region=True):
+        raise SlideError(f"{source}: {TILE_HINT}")
