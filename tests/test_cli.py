@@ -74,9 +74,10 @@ def test_corrupt_image_is_named_and_not_fatal(tmp_path, monkeypatch, capsys):
         for i in range(2):
             png(tmp_path / c / f"{i}.png", 40 * i)
     (tmp_path / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
-    code, out, _ = run_main(monkeypatch, capsys, "data", "inspect", str(tmp_path))
+    code, out, err = run_main(monkeypatch, capsys, "data", "inspect", str(tmp_path))
     assert code == 0
-    assert "broken.png" in out and "unreadable" in out
+    assert "broken.png" in err and "unreadable" in err  # warnings on stderr: the summary on stdout can be piped
+    assert "warning" not in out and "images, 2 classes" in out
 
 
 @pytest.mark.parametrize("case", ["missing-path", "empty-folder", "one-class"])
@@ -264,7 +265,7 @@ def test_data_inspect_hostile_files_one_line(case, tmp_path, monkeypatch, capsys
     (tmp_path / "a" / "x.png").write_bytes(bomb if case == "bomb-header" else os.urandom(300))
     code, out, err = run_main(monkeypatch, capsys, "data", "inspect", str(tmp_path))
     assert code == 0 and "Traceback" not in err
-    assert "x.png" in out and ("too large" if case == "bomb-header" else "unreadable") in out
+    assert "x.png" in err and ("too large" if case == "bomb-header" else "unreadable") in err
 
 
 def test_positive_classes_naming_every_class_stops_before_training(tmp_path, monkeypatch, capsys):

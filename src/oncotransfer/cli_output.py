@@ -188,8 +188,10 @@ def _print_dicom(out: Stream, d: dict) -> None:
         out.print(f"... {len(rows) - 30} more series")
 
 
-def print_inspect(out: Stream, rep: Any) -> None:
-    """``data inspect`` for people: counts per class and patient, sizes, modes, problems."""
+def print_inspect(out: Stream, rep: Any, err: Stream | None = None) -> None:
+    """``data inspect`` for people: counts per class and patient, sizes, modes on ``out``; every ``warning:``
+    line (unreadable files, empty classes...) on ``err`` (standard error), so that the summary can be piped."""
+    err = err or out
     m = rep.manifest
     out.print(f"{m.root}: {len(m)} images, {len(m.classes)} classes"
               + (f", {len(rep.per_patient)} patients" if rep.per_patient else ", no patient ids"))
@@ -197,7 +199,7 @@ def print_inspect(out: Stream, rep: Any) -> None:
     out.print(f"class imbalance (largest / smallest): {rep.imbalance:.2f}"
               + (f" (class(es) {rep.empty_classes} have no readable image)" if rep.empty_classes else ""))
     for note in m.notes:
-        out.print(f"warning: {note}")
+        err.print(f"warning: {note}")
     if rep.per_patient:
         table(out, ["patient", *m.classes], [[p, *[row[c] for c in m.classes]] for p, row in rep.per_patient.items()])
     out.print("image sizes: " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in rep.sizes.most_common(5)))
@@ -205,7 +207,7 @@ def print_inspect(out: Stream, rep: Any) -> None:
     if rep.dicom:
         _print_dicom(out, rep.dicom)
     for name, why in rep.unreadable.items():
-        out.print(f"warning: unreadable, skipped: {name}: {why}")
+        err.print(f"warning: unreadable, skipped: {name}: {why}")
     out.print(f"byte-identical groups: {len(rep.exact_duplicates)}; near-identical (pHash <= 4): "
               f"{len(rep.near_duplicates)}")
     for g in rep.near_duplicates[:10]:

@@ -273,9 +273,10 @@ def test_inspect_summarises_dicom_without_raw_ids(tmp_path, monkeypatch, capsys)
     assert code == 0, err
     assert "DICOM: 10 object(s), 6 patient(s), 6 study(ies)" in out
     for needle in ("modality: US (10)", "manufacturer: TestVendor (10)", "frames per object: 1 (8), 3 (2)",
-                   "bits stored: 8 (10)", "MONOCHROME2 (10)", "truncated.dcm", D.hash_id(next(iter(ids.values()))),
+                   "bits stored: 8 (10)", "MONOCHROME2 (10)", D.hash_id(next(iter(ids.values()))),
                    D.hash_id("1.2.826.0.1.1", "st")):
         assert needle in out, needle
+    assert "truncated.dcm" in err and "truncated.dcm" not in out  # warnings go to stderr
     assert "MRN" not in out and "DOE" not in out and "1.2.826" not in out
     code, _, err = run_main(monkeypatch, capsys, "data", "inspect", str(tmp_path / "ds"), "--dicom-frames", "every")
     assert code == 2 and "dicom_frames" in err and len(err.strip().splitlines()) == 1
@@ -378,3 +379,24 @@ def test_frames_of_one_object_stay_together_without_patient_ids(tmp_path):
     for f in split.folds:
         assert not set(objects[f.train]) & set(objects[f.test])
     assert split.grouped_by == "duplicates" and split.image_level
+
+
+def test_a_split_by_patient_names_the_objects_without_patient_id(tmp_path):
+    """The error says which objects lack a PatientID and offers what `train` takes (no --patient-regex)."""
+    from oncotransfer.config import SplitConfig
+    from oncotransfer.data.manifest import load_manifest
+    from oncotransfer.data.splits import make_split
+    from oncotransfer.errors import LeakageError
+    grey = synthetic_grey(4, size=16, seed=5)
+    for c, images in grey.items():
+        for k, img in enumerate(images):
+            pid = ("", "") if k % 2 else raw_ids(k)  # every second object without a PatientID
+            write_us(tmp_path / c / f"o{k}.dcm", img, *pid)
+    m = load_manifest(tmp_path)
+    assert m.patients is None and sorted(map(lambda p: Path(p).name, m.ungrouped)) == ["o1.dcm", "o1.dcm", "o3.dcm",
+                                                                                      "o3.dcm"]
+    with pytest.raises(LeakageError) as e:
+        make_split(m, SplitConfig(kind="kfold", folds=2, group_by_patient=True))
+    msg = str(e.value)
+    assert "4 object(s) have no PatientID" in msg and "o1.dcm" in msg and "data.patient_regex" in msg
+    assert "--patient-regex" not in msg

@@ -74,7 +74,7 @@ def expand_rows(paths: list[str], labels: list[str], patients: list[str] | None,
             out.sha256.append(digest if r == path else hashlib.sha256(f"{digest}{r[len(path):]}".encode()).hexdigest())
     if patients is None:
         out.patients = dicom_patients if dicom_patients and all(dicom_patients) else None
-        out.without_group = missing if any(dicom_patients) or missing else []
+        out.without_group = missing
     return out
 
 

@@ -30,6 +30,9 @@ class Manifest:
     """path -> reason for files left out (unreadable, truncated)."""
     notes: list[str] = field(default_factory=list)
     """Warnings found while listing the data (an empty class folder, a symlinked folder not followed)."""
+    ungrouped: list[str] = field(default_factory=list)
+    """Multi-frame files whose header names no patient (DICOM without PatientID), when nothing else gave
+    patients: the reason the data set has no patient ids although its objects could have had them."""
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -38,7 +41,7 @@ class Manifest:
         idx = np.asarray(idx, dtype=int)
         return Manifest(self.root, [self.paths[i] for i in idx], self.labels[idx], self.classes,
                         None if self.patients is None else self.patients[idx],
-                        [self.sha256[i] for i in idx], dict(self.skipped), list(self.notes))
+                        [self.sha256[i] for i in idx], dict(self.skipped), list(self.notes), list(self.ungrouped))
 
     def relpath(self, i: int) -> str:
         p = Path(self.paths[i])
@@ -154,11 +157,12 @@ def load_manifest(path: str | Path, patient_regex: str | None = None, min_classe
         root = p
     if patient_regex:
         patients = list(_patients_from_regex(paths, patient_regex))
-    sha = None
+    sha, ungrouped = None, []
     if any(framed_reader(f) is not None for f in paths):
         rows = expand_rows(paths, labels, patients, dicom_frames, sha256_file)
         paths, labels, patients, sha = rows.paths, rows.labels, rows.patients, rows.sha256
         skipped.update(rows.skipped)
+        ungrouped = rows.without_group or []
         if not paths:
             raise DataError(f"{p}: none of the {len(rows.skipped)} DICOM object(s) is usable, e.g. "
                             f"{next(iter(rows.skipped.values()))}")
@@ -169,7 +173,7 @@ def load_manifest(path: str | Path, patient_regex: str | None = None, min_classe
     index = {c: i for i, c in enumerate(classes)}
     return Manifest(root, paths, np.array([index[c] for c in labels]), classes,
                     None if patients is None else np.array(patients, dtype=object),
-                    sha if sha is not None else [_sha256_or_marker(f) for f in paths], skipped, notes)
+                    sha if sha is not None else [_sha256_or_marker(f) for f in paths], skipped, notes, ungrouped)
 
 
 def _sha256_or_marker(path: str) -> str:

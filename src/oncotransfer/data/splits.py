@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -199,10 +200,20 @@ def _kfold(s: SplitInputs) -> list[Fold]:
 @register_splitter("lopo")
 def _leave_one_patient_out(s: SplitInputs) -> list[Fold]:
     if s.manifest.patients is None:
-        raise DataError("split.kind lopo (leave-one-patient-out) needs patient ids; give a patient column "
-                        "or --patient-regex")
+        raise DataError("split.kind lopo (leave-one-patient-out) needs patient ids; " + how_to_give_patients(s.manifest))
     idx = np.arange(len(s.y))
     return _with_inner_val(s, LeaveOneGroupOut().split(idx, s.y, s.manifest.patients.astype(str)))
+
+
+def how_to_give_patients(manifest: Manifest) -> str:
+    """The ways to give patient ids, naming the objects whose header lacks one when that is why there are none."""
+    how = ("give a patient column in a manifest CSV (path,label,patient) or a regex on file names "
+           "(data.patient_regex in the config, or --set data.patient_regex='^(P\\d+)')")
+    missing = manifest.ungrouped
+    if not missing:
+        return how
+    names = ", ".join(Path(p).name for p in missing[:3]) + (" and more" if len(missing) > 3 else "")
+    return f"{len(missing)}{'+' if len(missing) >= 50 else ''} object(s) have no PatientID in their header ({names}); {how}"
 
 
 def make_split(manifest: Manifest, cfg: SplitConfig, dup_groups: np.ndarray | None = None) -> Split:
@@ -212,9 +223,9 @@ def make_split(manifest: Manifest, cfg: SplitConfig, dup_groups: np.ndarray | No
     warnings = []
     if cfg.group_by_patient and manifest.patients is None:
         if not cfg.allow_image_level_split:
-            raise LeakageError("split.group_by_patient is true but the data has no patient ids; give a patient "
-                               "column in the manifest or --patient-regex, or set split.allow_image_level_split: "
-                               "true (the report will say the split is image-level)")
+            raise LeakageError("split.group_by_patient is true but the data has no patient ids; "
+                               + how_to_give_patients(manifest) + ", or set split.allow_image_level_split: true "
+                               "(the report will say the split is image-level)")
         warnings.append("no patient ids: the split is IMAGE-LEVEL; images of one patient may be on both sides")
     elif not cfg.group_by_patient and manifest.patients is not None:
         if not cfg.allow_image_level_split:

@@ -136,7 +136,7 @@ def check_pixels(width: int, height: int, limit: int | None, name: str, per: str
     """``ImageTooLargeError`` when a declared size (header only, nothing decoded) exceeds ``limit``."""
     if limit is not None and width * height > limit:
         raise ImageTooLargeError(f"{name}: image too large: its header declares {width} x {height} = "
-                                 f"{width * height:,} pixels{per}, above the limit of {limit:,} (set "
+                                 f"{width * height:,} pixels{per}, above the limit of {limit:,}; refused before decoding (set "
                                  "ONCOTRANSFER_MAX_PIXELS to allow more)")
 
 
