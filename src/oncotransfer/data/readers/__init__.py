@@ -15,6 +15,7 @@ from oncotransfer.data.readers.base import (DEFAULT_MAX_PIXELS, FRAME_TAG, MAX_P
                                             ImageTooLargeError, Probe, Reader, decode_failure, ingest_max_pixels,
                                             read_head, regular_file_problem, source_name, split_frame)
 from oncotransfer.data.readers.dicom import DicomReader
+from oncotransfer.data.readers.nifti import NiftiReader
 from oncotransfer.data.readers.pillow import IMAGE_SUFFIXES, PillowReader
 from oncotransfer.data.readers.slide import SlideError, SlideReader
 from oncotransfer.errors import ConfigError
@@ -37,7 +38,7 @@ def register(reader: Reader) -> Reader:
     return reader
 
 
-for _r in (SlideReader(), DicomReader(), PillowReader()):
+for _r in (SlideReader(), DicomReader(), NiftiReader(), PillowReader()):
     register(_r)
 
 
