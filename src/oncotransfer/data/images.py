@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from oncotransfer.data.readers import ImageReadError, decode_failure, ingest_max_pixels, open_rgb, probe
+from oncotransfer.errors import MissingExtraError
 
 
 def resize_uint8(img: Image.Image, size: int) -> torch.Tensor:
@@ -53,6 +54,8 @@ def decode_many(paths: list[str], size: int, workers: int = 2, phash: bool = Fal
             return i, t, (phash64(img) if phash else 0), None
         except ImageReadError as e:
             return i, None, 0, str(e)
+        except MissingExtraError:
+            raise  # the format's library is not installed: one line for the command, not one per file
         except Exception as e:  # noqa: BLE001 - hostile bytes can break a decoder plugin in any way
             return i, None, 0, decode_failure(str(paths[i]), e)
     ok, tensors, hashes, failed = [], [], [], {}

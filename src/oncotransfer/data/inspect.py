@@ -11,6 +11,7 @@ from oncotransfer.data.images import phash64
 from oncotransfer.data.manifest import Manifest, duplicate_groups, load_manifest
 from oncotransfer.data.readers import ImageReadError, decode_failure, ingest_max_pixels, open_rgb, probe
 from oncotransfer.data.readers.dicom import summarise
+from oncotransfer.errors import MissingExtraError
 
 
 @dataclass
@@ -64,6 +65,8 @@ def inspect_dataset(path: str | Path, patient_regex: str | None = None, dicom_fr
             ok.append(i)
         except ImageReadError as e:
             unreadable[m.relpath(i)] = str(e).split(": ", 1)[-1]
+        except MissingExtraError:
+            raise
         except Exception as e:  # noqa: BLE001 - hostile bytes can break a decoder plugin in any way
             unreadable[m.relpath(i)] = decode_failure(p, e).split(": ", 1)[-1]
     sub = m.subset(ok)

@@ -164,7 +164,7 @@ def load_manifest(path: str | Path, patient_regex: str | None = None, min_classe
         skipped.update(rows.skipped)
         ungrouped = rows.without_group or []
         if not paths:
-            raise DataError(f"{p}: none of the {len(rows.skipped)} DICOM object(s) is usable, e.g. "
+            raise DataError(f"{p}: none of the {len(rows.skipped)} multi-frame file(s) (DICOM, NIfTI) is usable, e.g. "
                             f"{next(iter(rows.skipped.values()))}")
     classes = sorted(set(labels))
     if len(classes) < min_classes:

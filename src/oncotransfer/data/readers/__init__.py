@@ -18,7 +18,7 @@ from oncotransfer.data.readers.dicom import DicomReader
 from oncotransfer.data.readers.nifti import NiftiReader
 from oncotransfer.data.readers.pillow import IMAGE_SUFFIXES, PillowReader
 from oncotransfer.data.readers.slide import SlideError, SlideReader
-from oncotransfer.errors import ConfigError
+from oncotransfer.errors import ConfigError, MissingExtraError
 
 __all__ = ["READERS", "Reader", "Probe", "ImageReadError", "ImageTooLargeError", "SlideError", "MAX_PIXELS",
            "DEFAULT_MAX_PIXELS", "FRAME_TAG", "IMAGE_SUFFIXES", "register", "get_reader", "reader_for", "probe",
@@ -84,7 +84,7 @@ def probe(source: str | Path | bytes, max_pixels: int | None = None, draft_size:
     reader = reader_for(source)
     try:
         return reader.probe(source if isinstance(source, bytes) else str(source), max_pixels, draft_size)
-    except ImageReadError:
+    except (ImageReadError, MissingExtraError):  # a missing extra stops the command, not one file at a time
         raise
     except Exception as e:  # noqa: BLE001 - hostile bytes can break a decoder plugin in any way
         raise ImageReadError(decode_failure(source_name(source), e)) from None
@@ -99,7 +99,7 @@ def open_rgb(source: str | Path | bytes, draft_size: int | None = None, max_pixe
     try:
         return reader.decode(source if isinstance(source, bytes) else str(source), frame, max_pixels, draft_size,
                              us_region)
-    except ImageReadError:
+    except (ImageReadError, MissingExtraError):
         raise
     except Exception as e:  # noqa: BLE001
         raise ImageReadError(decode_failure(source_name(source), e)) from None

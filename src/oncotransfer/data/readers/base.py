@@ -75,7 +75,7 @@ class Reader:
     """Files may hold several frames or slices that become one manifest row each (``file#frame=K``)."""
 
     def claims(self, path: Path, head: bytes) -> bool:
-        """True when ``path`` (first 132 bytes ``head``) is this reader's format."""
+        """True when ``path`` (whose first 1024 bytes are ``head``) is this reader's format."""
         return has_suffix(path, self.suffixes)
 
     def claims_bytes(self, data: bytes) -> bool:

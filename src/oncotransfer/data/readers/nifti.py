@@ -53,12 +53,15 @@ def _nibabel():
 
 
 def volume_name(path: str | Path) -> str:
-    """``case_07.nii.gz`` -> ``case_07``: the group that keeps a volume's slices in one fold."""
-    name = Path(path).name
+    """``.../case_07/t1.nii.gz`` -> ``case_07/t1``: the group that keeps a volume's slices in one fold. The
+    folder is part of it because layouts with one folder per case often give every volume the same file name."""
+    p = Path(path)
+    name = p.name
     for s in (".nii.gz", ".nii"):
         if name.lower().endswith(s):
-            return name[:-len(s)]
-    return name
+            name = name[:-len(s)]
+            break
+    return f"{p.parent.name}/{name}"
 
 
 def _load(path: str, name: str):
