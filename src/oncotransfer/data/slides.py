@@ -344,7 +344,7 @@ def tile_slides(source: str | Path, out_dir: str | Path, tile_size: int = 224, m
         raise DataError(f"{source}: no slide could be tiled, e.g. {next(iter(failed.values()))}")
     if not rows:
         raise DataError(f"{source}: no tile has at least {min_tissue:g} tissue; lower --min-tissue or choose "
-                        f"--tissue ({' | '.join(TISSUE_MODES)}); thumbnails in {out / 'thumbnails'}")
+                        f"--tissue brightfield or fluorescence; thumbnails in {out / 'thumbnails'}")
     cols = ["path", "label", "slide", "patient", "x", "y", "tissue"]
     pd.DataFrame(rows, columns=cols).to_csv(out / "manifest.csv", index=False)
     (out / "tiling.json").write_text(json.dumps({
