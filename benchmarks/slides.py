@@ -17,6 +17,13 @@ ONNX Runtime throughput, and peak memory.
 4. ``slides tile`` on the same slide (tiles written as PNG), tiles/s.
 
 Targets (issue 11): streaming >= 80% of the ONNX Runtime throughput; peak memory < 2 GB.
+
+    python benchmarks/slides.py --real [DIR]    (default ../shared/data/real-files/slides)
+
+Every file under DIR (recursively) through ``slides tile`` one at a time, at the defaults (224 px tiles at
+0.5 µm/px, auto tissue mask): which reader claims and opens it, the outcome (tiled, a one-line reason, or a
+traceback: the target is none), tissue mode and fraction, tiles kept and tiles/s; and what ``find_slides`` makes
+of the folder (a DICOM series is one slide). Target (issue 19): 0 tracebacks.
 """
 from __future__ import annotations
 
@@ -141,13 +148,67 @@ def measure(run: Path, slide: Path, baseline_tiles: int) -> dict:
     return out
 
 
+def real_files(folder: Path, tile_size: int = 224, mpp: float | None = None, mpp_source: float | None = None) -> int:
+    """The --real table; returns the number of tracebacks."""
+    import traceback
+    from oncotransfer.data import slides as S
+    from oncotransfer.data.readers.base import read_head
+    from oncotransfer.data.readers.slide import SlideReader
+    from oncotransfer.errors import OncoError
+    skipped: dict[str, str] = {}
+    listed = {str(f) for f in S.find_slides(folder, skipped)}
+    rows, tracebacks = [], 0
+    with tempfile.TemporaryDirectory(prefix="bench_real_") as tmp:
+        for k, f in enumerate(sorted(p for p in folder.rglob("*") if p.is_file())):
+            claimed = SlideReader().claims(f, read_head(f, 1024))
+            try:
+                slide = S.open_slide(f)
+                opened = f"{type(slide).__module__.split('.')[0]} ({slide.properties.get('openslide.vendor', '?')})"
+                slide.close()
+            except OncoError:
+                opened = "-"
+            except Exception:  # noqa: BLE001 - counted: a traceback is what this table hunts
+                opened = "traceback"
+            mode = frac = kept = rate = "-"
+            t = time.perf_counter()
+            try:
+                r = S.tile_slides(f, Path(tmp) / str(k), tile_size, mpp, mpp_source=mpp_source)
+                info = r.slides[0]
+                rate = f"{info['tiles'] / (time.perf_counter() - t):.1f}"
+                outcome, mode, frac = "tiled", info["tissue"], f"{info['tissue_fraction']:.3f}"
+                kept = f"{info['tiles']} / {info['grid_tiles']}"
+            except OncoError as e:
+                outcome = "error: " + str(e).replace(f"{f}: ", "").replace("|", "/")[:90]
+            except Exception:  # noqa: BLE001
+                tracebacks += 1
+                outcome = "TRACEBACK " + traceback.format_exc().strip().splitlines()[-1][:100]
+            folder_says = "slide" if str(f) in listed else "skipped: " + skipped.get(str(f), "not a slide")[:28]
+            rows.append((str(f.relative_to(folder)), f"{'slide' if claimed else 'other'} / {opened}", outcome, mode,
+                         frac, kept, rate, folder_says))
+    at = f"{tile_size} px at {mpp or 0.5:g} µm/px" + (f", --mpp-source {mpp_source:g}" if mpp_source else "")
+    head = ("file", "claims / opened by", f"outcome ({at})", "tissue", "fraction", "tiles kept",
+            "tiles/s", "find_slides on the folder")
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, tuple("-" * w for w in widths), *rows]:
+        print(" | ".join(f"{str(v):<{w}}" for v, w in zip(r, widths)))
+    print(f"\n{len(rows)} files, {tracebacks} traceback(s) (target 0)")
+    return tracebacks
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--side", type=int, default=20480, help="slide width = height in px (level 0)")
     ap.add_argument("--baseline-tiles", type=int, default=512, help="pre-loaded tiles for the ORT-only figure")
     ap.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
     ap.add_argument("--measure", nargs=2, metavar=("RUN", "SLIDE"), help=argparse.SUPPRESS)
+    ap.add_argument("--tile-size", type=int, default=224, help="--real: tile px")
+    ap.add_argument("--mpp", type=float, default=None, help="--real: tile µm/px (default 0.5)")
+    ap.add_argument("--mpp-source", type=float, default=None, help="--real: level-0 µm/px for every file")
+    ap.add_argument("--real", nargs="?", type=Path, const=ROOT.parent / "shared" / "data" / "real-files" / "slides",
+                    help="table of every file under this folder through `slides tile` (real scanners' files)")
     args = ap.parse_args()
+    if args.real:
+        sys.exit(1 if real_files(args.real.resolve(), args.tile_size, args.mpp, args.mpp_source) else 0)
     if args.measure:
         print(json.dumps(measure(Path(args.measure[0]), Path(args.measure[1]), args.baseline_tiles)))
         return

@@ -9,7 +9,7 @@ import typer
 
 from oncotransfer.cli_output import (Stream, emit_json, external_lines, print_inspect, print_predictions, reporter,
                                      table)
-from oncotransfer.cli_slides import MPP_SOURCE_HELP, slides_app
+from oncotransfer.cli_slides import MPP_SOURCE_HELP, TISSUE_HELP, slides_app
 from oncotransfer.errors import OncoError, os_error_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -270,6 +270,7 @@ def predict(run_dir: Path = typer.Argument(..., help="run directory"),
             magnification: Optional[float] = typer.Option(None, help="--slide: tile magnification instead of --mpp"),
             mpp_source: Optional[float] = typer.Option(None, help=f"--slide: {MPP_SOURCE_HELP}"),
             min_tissue: Optional[float] = typer.Option(None, help="--slide: least tissue fraction of a tile"),
+            tissue: Optional[str] = typer.Option(None, help=f"--slide: {TISSUE_HELP} (default: as in training)"),
             max_pixels: int = typer.Option(64_000_000, "--max-pixels", min=1, help="images declaring more "
                                            "pixels are refused before decoding"),
             abstain: bool = typer.Option(False, "--abstain", help="add refer/refer_reason: out-of-distribution "
@@ -284,7 +285,8 @@ def predict(run_dir: Path = typer.Argument(..., help="run directory"),
                               "scored by the run's ONNX export of all its fold models)")
         from oncotransfer.infer.slides import predict_slides
         df, errors = predict_slides(run_dir, paths, out, aggregate, tile_size, mpp, magnification, mpp_source,
-                                    min_tissue, log=lambda s: err.print(s, highlight=False, soft_wrap=True))
+                                    min_tissue, log=lambda s: err.print(s, highlight=False, soft_wrap=True),
+                                    tissue=tissue)
         console.print(f"{len(df)} slide(s) -> {out}, tiles and heatmaps in {out.parent / (out.stem + '_slides')}",
                       highlight=False, soft_wrap=True)
     else:

@@ -3,6 +3,7 @@ through its ONNX export (probabilities equal to scoring the written tiles), heat
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -225,3 +226,78 @@ def test_evaluate_on_other_slide_tiles_gives_slide_metrics(slide_run):
     metrics = evaluate_on(run, str(tmp / "tiles"), engine="torch")
     assert metrics["slides"]["slides"] == 6 and metrics["pooled"]["n"] == 120
     assert (run / "slide_predictions_report_external.csv").is_file()
+
+
+REAL = Path(__file__).parents[2].parent / "shared" / "data" / "real-files"
+real = pytest.mark.skipif(not REAL.is_dir(), reason="../shared/data/real-files is absent")
+
+
+@real
+def test_predict_slide_on_a_corrupt_slide_is_one_line_and_a_folder_goes_on(slide_run, tmp_path, monkeypatch,
+                                                                           capsys):
+    import shutil
+    from test_cli import assert_one_line_error, run_main
+    tmp, run = slide_run
+    bad = tmp_path / "in" / "unreadable.svs"
+    bad.parent.mkdir()
+    shutil.copy(REAL / "slides" / "openslide-fixtures" / "unreadable.svs", bad)
+    # 16 px tiles at the fixture's own 0.499 µm/px: one tile fits, so its corrupt pixels are read
+    opts = ["--slide", "--tile-size", "16", "--mpp", "0.499", "--out", str(tmp_path / "p.csv")]
+    code, _, err = run_main(monkeypatch, capsys, "predict", str(run), str(bad), *opts)
+    assert_one_line_error(code, err, "unreadable.svs", "cannot read its thumbnail", "Bogus marker length")
+    shutil.copy(tmp / "slides" / "s0.tif", bad.parent / "s0.tif")
+    code, out, err = run_main(monkeypatch, capsys, "predict", str(run), str(bad.parent), *opts)
+    assert code == 1 and "Traceback" not in err and "1 slide(s)" in out
+    assert f"failed: {bad}: cannot read its thumbnail (OpenSlideError: Bogus marker length)" in err
+    assert list(pd.read_csv(tmp_path / "p.csv").slide) == ["s0"]
+
+
+@real
+def test_predict_slide_on_a_slide_smaller_than_a_tile_fails(slide_run, tmp_path, monkeypatch, capsys):
+    from test_cli import assert_one_line_error, run_main
+    _, run = slide_run
+    small = REAL / "slides" / "openslide-fixtures" / "small.svs"
+    code, _, err = run_main(monkeypatch, capsys, "predict", str(run), str(small), "--slide",
+                            "--out", str(tmp_path / "p.csv"))
+    assert_one_line_error(code, err, "small.svs", "16 x 16 px is smaller than one 64 px tile")
+
+
+def test_predict_slide_warns_when_tiles_are_cut_at_another_resolution_than_training(slide_run, tmp_path):
+    from oncotransfer.infer.slides import predict_slides
+    tmp, run = slide_run
+    said: list[str] = []
+    predict_slides(run, [str(tmp / "slides" / "s0.tif")], tmp_path / "a.csv", log=said.append)
+    assert not [s for s in said if s.startswith("warning")]  # training's 0.5 µm/px by default
+    assert "brightfield tissue mask" in said[-1]
+    predict_slides(run, [str(tmp / "slides" / "s0.tif")], tmp_path / "b.csv", mpp=1.0, log=said.append)
+    warnings = [s for s in said if s.startswith("warning")]
+    assert len(warnings) == 1 and "1 µm/px" in warnings[0] and "trained on tiles at 0.5 µm/px" in warnings[0]
+
+
+def test_predict_slide_cli_runs_without_pytorch_under_1_gib(slide_run, tmp_path):
+    """The whole ``predict --slide`` command, as a user runs it, in a fresh process: torch never imported, and
+    the process's peak RSS (VmHWM: ru_maxrss would include the forking parent's pages) under 1 GiB."""
+    import os
+    import subprocess
+    import sys
+    from oncotransfer.infer.slides import tile_model
+    tmp, run = slide_run
+    tile_model(run)  # the export exists first: making it needs torch, scoring must not
+    code = ("import sys\n"
+            "sys.argv = ['oncotransfer'] + sys.argv[1:]\n"
+            "from oncotransfer import cli\n"
+            "try:\n    cli.main()\n    rc = 0\n"
+            "except SystemExit as e:\n    rc = 0 if e.code is None else e.code\n"
+            "finally:\n"
+            "    hwm = [ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmHWM:')][0]\n"
+            "    print('RESULT', rc, 'torch' in sys.modules, int(hwm) * 1024)\n")
+    src = str(Path(__file__).parents[2] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", code, "predict", str(run), str(tmp / "slides" / "s0.tif"),
+                           "--slide", "--out", str(tmp_path / "s.csv")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT")][-1].split()
+    assert line[1] == "0", done.stderr
+    assert line[2] == "False"  # torch not in sys.modules
+    assert int(line[3]) < 2 ** 30
+    assert list(pd.read_csv(tmp_path / "s.csv").slide) == ["s0"]

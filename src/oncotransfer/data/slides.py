@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -17,10 +18,14 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from oncotransfer.data.manifest import read_table
-from oncotransfer.data.readers.slide import SLIDE_SUFFIXES, SlideError, open_slide, slide_property
-from oncotransfer.errors import ConfigError, DataError
+from oncotransfer.data.readers.base import one_line, read_head
+from oncotransfer.data.readers.slide import (SLIDE_SUFFIXES, SlideError, SlideReader, dicom_series_uid, is_dicom_wsi,
+                                             open_slide, slide_mpp, slide_property)
+from oncotransfer.data.tissue import TISSUE_MODES, tissue_mask
+from oncotransfer.errors import ConfigError, DataError, OncoError
 
-__all__ = ["SLIDE_SUFFIXES", "SlideError", "open_slide", "plan", "thumbnail", "tissue_mask", "tile_slides"]
+__all__ = ["SLIDE_SUFFIXES", "TISSUE_MODES", "SlideError", "open_slide", "plan", "thumbnail", "tissue_mask",
+           "tile_slides", "find_slides"]
 
 THUMB_SIDE = 2048
 """Longest side of the low-resolution image used for tissue detection, thumbnails and heatmaps."""
@@ -42,6 +47,8 @@ class Geometry:
     size0: float
     level: int
     read: int
+    mpp0_ignored: str | None = None
+    """Why the file's own resolution was not used (implausible, or overridden by --mpp-source)."""
 
     def grid(self) -> tuple[int, int]:
         return int(self.width // self.size0), int(self.height // self.size0)
@@ -62,9 +69,13 @@ def plan(slide, path: str | Path, tile_size: int = 224, mpp: float | None = None
     for name, v in (("--mpp", mpp), ("--magnification", magnification), ("--mpp-source", mpp_source)):
         if v is not None and not v > 0:
             raise ConfigError(f"{name} {v}: expected a positive number")
-    mpp0, source = slide_property(slide, "mpp-x"), "metadata"
-    if mpp0 is None and mpp_source is not None:
+    meta, ignored = slide_mpp(slide)
+    if mpp_source is not None:  # the user's word wins: files carry wrong resolutions (see readers.slide_mpp)
         mpp0, source = float(mpp_source), "--mpp-source"
+        if meta is not None and abs(meta - mpp0) > 0.01 * meta:
+            ignored = f"the file says {meta:.4g} µm/px; --mpp-source {mpp0:g} used instead"
+    else:
+        mpp0, source = meta, "metadata" if meta is not None else "none"
     objective = slide_property(slide, "objective-power")
     if magnification is not None and objective is not None:
         downsample = objective / magnification
@@ -72,12 +83,15 @@ def plan(slide, path: str | Path, tile_size: int = 224, mpp: float | None = None
     else:
         target = 10.0 / magnification if magnification is not None else (0.5 if mpp is None else float(mpp))
         if mpp0 is None:
-            raise SlideError(f"{path}: the slide records no resolution (microns per pixel); give "
+            raise SlideError(f"{path}: {ignored or 'the slide records no resolution (microns per pixel)'}; give "
                              "--mpp-source MPP (the scanner's level-0 µm/px, e.g. 0.25 for 40x)")
         downsample = target / mpp0
     if downsample < 0.95:
-        raise SlideError(f"{path}: scanned at {mpp0} µm/px, coarser than the {target} µm/px asked for; "
-                         "tiles would be upsampled: ask for a coarser --mpp or lower --magnification")
+        fix = ("give the right --mpp-source" if source == "--mpp-source" else
+               "ask for a coarser --mpp or lower --magnification, or, if the file's resolution is wrong, give "
+               "--mpp-source (the scanner's level-0 µm/px)")
+        raise SlideError(f"{path}: scanned at {mpp0:g} µm/px ({source}), coarser than the {target:g} µm/px asked "
+                         f"for; tiles would be upsampled: {fix}")
     coarsest = max(slide.level_dimensions[-1])
     if coarsest > 4 * THUMB_SIDE:  # a flat (single-level) image: the thumbnail would decode it whole
         raise SlideError(f"{path}: no pyramid (its coarsest level is {coarsest} px wide); write one, e.g. "
@@ -86,24 +100,31 @@ def plan(slide, path: str | Path, tile_size: int = 224, mpp: float | None = None
     level = int(slide.get_best_level_for_downsample(downsample))
     read = max(1, int(round(size0 / float(slide.level_downsamples[level]))))
     w, h = (int(v) for v in slide.dimensions)
-    return Geometry(path.stem, str(path), w, h, mpp0, source, target, downsample, tile_size, size0, level, read)
+    geom = Geometry(path.stem, str(path), w, h, mpp0, source, target, downsample, tile_size, size0, level, read,
+                    ignored)
+    if 0 in geom.grid():  # "0 of 0 tiles" and exit 0 would read as a slide without tissue
+        at = f"{target:g} µm/px" if target else f"downsample {downsample:g}"
+        raise SlideError(f"{path}: {w} x {h} px is smaller than one {tile_size} px tile at {at} ({size0:.0f} px of "
+                         "the slide); give a smaller --tile-size or a finer --mpp")
+    return geom
 
 
-def thumbnail(slide, side: int = THUMB_SIDE) -> Image.Image:
+@contextmanager
+def reading(path: str | Path, what: str = "read the slide") -> Iterator[None]:
+    """Any failure of the slide's libraries (OpenSlide, tifffile, codecs, OpenCV) as one ``SlideError`` line
+    naming the file: a corrupt tile in one slide must not end a folder's run with a traceback."""
+    try:
+        yield
+    except OncoError:
+        raise
+    except Exception as e:  # noqa: BLE001 - OpenSlideError, ValueError, struct.error, cv2.error...
+        raise SlideError(f"{path}: cannot {what} ({type(e).__name__}: {one_line(e, 120)})") from None
+
+
+def thumbnail(slide, side: int = THUMB_SIDE, path: str | Path = "slide") -> Image.Image:
     """RGB image of the whole slide, longest side at most ``side`` (read from a low-resolution level)."""
-    return slide.get_thumbnail((side, side)).convert("RGB")
-
-
-def tissue_mask(thumb: Image.Image) -> tuple[np.ndarray, float]:
-    """(bool mask, threshold): Otsu on the blurred HSV saturation, which is near 0 on glass and high on
-    stained tissue. The threshold is kept within 12-25 (of 255): glass stays below 12 even with JPEG noise,
-    pale loose stroma is above 25, and an all-tissue (or all-glass) slide is not split in two by Otsu."""
-    import cv2
-    sat = cv2.medianBlur(cv2.cvtColor(np.asarray(thumb), cv2.COLOR_RGB2HSV)[..., 1], 5)
-    # OpenCV's Otsu: the same threshold as skimage.filters.threshold_otsu on uint8, 5x faster.
-    otsu = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[0] if sat.min() != sat.max() else 0
-    thr = float(np.clip(otsu, 12, 25))
-    return sat > thr, thr
+    with reading(path, "read its thumbnail"):
+        return slide.get_thumbnail((side, side)).convert("RGB")
 
 
 def tissue_fractions(geom: Geometry, mask: np.ndarray) -> np.ndarray:
@@ -172,16 +193,34 @@ def draw_tiles(thumb: Image.Image, geom: Geometry, coords: list[tuple[int, int, 
     return out
 
 
-def find_slides(source: str | Path) -> list[Path]:
-    """One slide file, or every slide file under a folder (recursively)."""
+def find_slides(source: str | Path, skipped: dict[str, str] | None = None) -> list[Path]:
+    """One slide file, or every slide under a folder (recursively): what ``readers.SlideReader`` claims (vendor
+    suffixes, pyramidal TIFFs, DICOM whole-slide files), one file per DICOM series (OpenSlide opens the whole
+    pyramid from any file of it). ``skipped`` receives the slide-like files left out and why."""
     p = Path(source).expanduser()
     if p.is_file():
         return [p]
     if not p.is_dir():
         raise DataError(f"{p}: no such slide or folder")
-    found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES)
+    skipped = {} if skipped is None else skipped
+    reader, found, series = SlideReader(), [], {}
+    for f in sorted(f for f in p.rglob("*") if f.is_file()):
+        head = read_head(f, 1024)
+        if not reader.claims(f, head):
+            if f.suffix.lower() in SLIDE_SUFFIXES:
+                skipped[str(f)] = ("a DICOM file but not a whole-slide image" if f.suffix.lower() == ".dcm"
+                                   else "not a pyramidal TIFF (a flat image, or one its reader cannot parse)")
+            continue
+        uid = dicom_series_uid(f) if is_dicom_wsi(f, head) else None
+        if uid is not None and uid in series:
+            skipped[str(f)] = f"another file of the DICOM whole-slide series of {series[uid].name}"
+            continue
+        if uid is not None:
+            series[uid] = f
+        found.append(f)
     if not found:
-        raise DataError(f"{p}: no slides found ({', '.join(sorted(SLIDE_SUFFIXES))})")
+        raise DataError(f"{p}: no slides found (vendor files {', '.join(sorted(SLIDE_SUFFIXES - {'.dcm'}))}, "
+                        f"pyramidal TIFF or DICOM whole-slide){f'; {len(skipped)} file(s) skipped' if skipped else ''}")
     names = [f.stem for f in found]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -213,15 +252,28 @@ class TileResult:
                 + (f"; {len(self.failed)} slide(s) failed" if self.failed else ""))
 
 
+def slide_tiles(slide, path: Path, tile_size: int, mpp: float | None, magnification: float | None,
+                mpp_source: float | None, min_tissue: float, tissue: str = "auto"
+                ) -> tuple[Geometry, Image.Image, list[tuple[int, int, float]], dict]:
+    """Geometry, thumbnail, kept tiles and the tissue facts (mode, threshold, fraction of the thumbnail) of one
+    open slide: what ``slides tile`` and ``predict --slide`` share. Library failures are one ``SlideError``."""
+    geom = plan(slide, path, tile_size, mpp, magnification, mpp_source)
+    thumb = thumbnail(slide, path=path)
+    with reading(path, "find its tissue"):
+        mask, thr, mode = tissue_mask(thumb, tissue)
+        coords = tissue_tiles(geom, mask, min_tissue)
+    return geom, thumb, coords, {"tissue": mode, "tissue_threshold": thr,
+                                 "tissue_fraction": round(float(mask.mean()), 4)}
+
+
 def tile_slide(path: Path, out_dir: Path, tile_size: int, mpp: float | None, magnification: float | None,
-               mpp_source: float | None, min_tissue: float, workers: int = 2) -> tuple[list[dict], dict]:
+               mpp_source: float | None, min_tissue: float, workers: int = 2, tissue: str = "auto"
+               ) -> tuple[list[dict], dict]:
     """Tile one slide into ``out_dir/tiles/<slide>/``; returns (manifest rows, slide summary)."""
     slide = open_slide(path)
     try:
-        geom = plan(slide, path, tile_size, mpp, magnification, mpp_source)
-        thumb = thumbnail(slide)
-        mask, thr = tissue_mask(thumb)
-        coords = tissue_tiles(geom, mask, min_tissue)
+        geom, thumb, coords, found = slide_tiles(slide, path, tile_size, mpp, magnification, mpp_source,
+                                                 min_tissue, tissue)
         folder = out_dir / "tiles" / geom.slide
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -237,8 +289,7 @@ def tile_slide(path: Path, out_dir: Path, tile_size: int, mpp: float | None, mag
         thumbs.mkdir(parents=True, exist_ok=True)
         draw_tiles(thumb, geom, coords).save(thumbs / f"{geom.slide}.png")
         nx, ny = geom.grid()
-        info = {**asdict(geom), "tiles": len(rows), "grid_tiles": nx * ny, "tissue_threshold": thr,
-                "min_tissue": min_tissue}
+        info = {**asdict(geom), "tiles": len(rows), "grid_tiles": nx * ny, **found, "min_tissue": min_tissue}
         return rows, info
     finally:
         slide.close()
@@ -247,14 +298,19 @@ def tile_slide(path: Path, out_dir: Path, tile_size: int, mpp: float | None, mag
 def tile_slides(source: str | Path, out_dir: str | Path, tile_size: int = 224, mpp: float | None = None,
                 magnification: float | None = None, mpp_source: float | None = None,
                 labels: str | Path | None = None, min_tissue: float = 0.5, overwrite: bool = False,
-                log: Callable[[str], None] | None = None) -> TileResult:
+                log: Callable[[str], None] | None = None, tissue: str = "auto") -> TileResult:
     """``slides tile``: tiles, OUT/manifest.csv, OUT/thumbnails/<slide>.png and OUT/tiling.json. A slide that
-    cannot be read is named with its reason in ``failed`` and the others are still tiled."""
+    cannot be read is named with its reason in ``failed`` (and tiling.json) and the others are still tiled."""
     say = log or (lambda s: None)
+    if tissue not in TISSUE_MODES:
+        raise ConfigError(f"--tissue {tissue}: expected one of {' | '.join(TISSUE_MODES)}")
     out = Path(out_dir)
     if (out / "manifest.csv").exists() and not overwrite:
         raise DataError(f"{out}/manifest.csv exists; choose another OUT or pass --overwrite")
-    slides = find_slides(source)
+    skipped: dict[str, str] = {}
+    slides = find_slides(source, skipped)
+    for f, why in skipped.items():
+        say(f"skipped {f}: {why}")
     table = read_labels(labels) if labels else None
     if table is not None:
         unlabelled = [p.name for p in slides if p.stem not in table]
@@ -266,26 +322,33 @@ def tile_slides(source: str | Path, out_dir: str | Path, tile_size: int = 224, m
     single = Path(source).is_file()
     for path in slides:
         try:
-            got, info = tile_slide(path, out, tile_size, mpp, magnification, mpp_source, min_tissue)
-        except (SlideError, OSError) as e:
+            with reading(path):
+                got, info = tile_slide(path, out, tile_size, mpp, magnification, mpp_source, min_tissue,
+                                       tissue=tissue)
+        except SlideError as e:
             if single:
-                raise e if isinstance(e, SlideError) else SlideError(f"{path}: {e}") from None
+                raise
             failed[str(path)] = str(e)
-            say(f"skipped: {e}")
+            say(f"failed: {e}")
             continue
         label, patient = table[path.stem] if table is not None else ("", None)
         for r in got:
             r.update(label=label, patient=patient or path.stem)
         rows += got
         infos.append(info)
-        say(f"{path.name}: {info['tiles']} of {info['grid_tiles']} tiles kept at "
-            f"{'%.3g µm/px' % info['mpp'] if info['mpp'] else 'downsample %.3g' % info['downsample']}")
+        at = "%.3g µm/px" % info["mpp"] if info["mpp"] else "downsample %.3g" % info["downsample"]
+        say(f"{path.name}: {info['tiles']} of {info['grid_tiles']} tiles kept at {at} ({info['tissue']} tissue "
+            f"mask, {info['tissue_fraction']:.0%} of the slide)"
+            + (f"; {info['mpp0_ignored']}" if info.get("mpp0_ignored") else ""))
     if not infos:
         raise DataError(f"{source}: no slide could be tiled, e.g. {next(iter(failed.values()))}")
+    if not rows:
+        raise DataError(f"{source}: no tile has at least {min_tissue:g} tissue; lower --min-tissue or choose "
+                        f"--tissue brightfield or fluorescence; thumbnails in {out / 'thumbnails'}")
     cols = ["path", "label", "slide", "patient", "x", "y", "tissue"]
     pd.DataFrame(rows, columns=cols).to_csv(out / "manifest.csv", index=False)
     (out / "tiling.json").write_text(json.dumps({
         "tile_size": tile_size, "mpp": mpp, "magnification": magnification, "mpp_source": mpp_source,
-        "min_tissue": min_tissue, "labels": str(labels) if labels else None, "slides": infos,
-        "failed": failed}, indent=2))
+        "min_tissue": min_tissue, "tissue": tissue, "labels": str(labels) if labels else None, "slides": infos,
+        "failed": failed, "skipped": skipped}, indent=2))
     return TileResult(out, out / "manifest.csv", infos, failed)

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from oncotransfer.errors import CheckpointError, DataError
+from oncotransfer.errors import CheckpointError, ConfigError, DataError
 from oncotransfer.evaluate.slides import aggregate, describe_aggregate, parse_aggregate
 from oncotransfer.io import sha256_file
 from oncotransfer.rundir import read_checkpoint_meta, read_ood_meta
@@ -196,17 +196,20 @@ def heatmap_png(thumb: Image.Image, geom, tiles: pd.DataFrame, score: np.ndarray
 
 
 def score_slide(pred: TileModel, path: Path, tile_size: int, mpp: float | None, magnification: float | None,
-                mpp_source: float | None, min_tissue: float, batch_size: int = 16, depth: int = 3
+                mpp_source: float | None, min_tissue: float, batch_size: int = 16, depth: int = 3,
+                tissue: str = "auto", facts: dict | None = None
                 ) -> tuple[pd.DataFrame, np.ndarray, object, Image.Image]:
     """Tile probabilities of one slide: (rows slide,x,y,tissue,pred,prob_<class>[,ood_score,in_distribution],
     (N, C) probs, geometry, thumbnail). Tiles are read at ``tile_size`` and squash-resized to the model's size as
-    in training; ``in_distribution`` is empty when the export has no threshold."""
+    in training; ``in_distribution`` is empty when the export has no threshold. ``facts`` receives the tissue
+    mask's mode, threshold and fraction."""
     from oncotransfer.data import slides as S
     slide = S.open_slide(path)
     try:
-        geom = S.plan(slide, path, tile_size, mpp, magnification, mpp_source)
-        thumb = S.thumbnail(slide)
-        coords = S.tissue_tiles(geom, S.tissue_mask(thumb)[0], min_tissue)
+        geom, thumb, coords, found = S.slide_tiles(slide, path, tile_size, mpp, magnification, mpp_source,
+                                                   min_tissue, tissue)
+        if facts is not None:
+            facts.update(found)
 
         def batches():
             for part, arr in S.iter_tiles(slide, geom, coords, batch_size):
@@ -238,14 +241,18 @@ def score_slide(pred: TileModel, path: Path, tile_size: int, mpp: float | None, 
 def predict_slides(run_dir: str | Path, sources: list[str], out: str | Path, aggregate_spec: str = "mean",
                    tile_size: int | None = None, mpp: float | None = None, magnification: float | None = None,
                    mpp_source: float | None = None, min_tissue: float | None = None, batch_size: int = 16,
-                   log: Callable[[str], None] | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
+                   log: Callable[[str], None] | None = None, tissue: str | None = None
+                   ) -> tuple[pd.DataFrame, dict[str, str]]:
     """The ``predict --slide`` command. ``out``: one row per slide (slide, tiles, aggregate, pred,
     prob_<class>, and ``ood_tiles``, the share of tiles out of distribution, when the run has a detector);
     beside it ``<out stem>_slides/<slide>_tiles.csv`` and ``<slide>_heatmap.png``. Tiling
     defaults come from the run's training tiles (tiling.json), else the model's input size at 0.5 µm/px.
-    Batches of 16: ONNX Runtime's arena for a batch of 32 224-px images alone holds about 0.8 GB."""
-    from oncotransfer.data.slides import SlideError, find_slides
+    Batches of 16: ONNX Runtime's arena for a batch of 32 224-px images alone holds about 0.8 GB.
+    When no slide could be scored, the (first) reason is raised: one line, exit nonzero."""
+    from oncotransfer.data.slides import TISSUE_MODES, SlideError, find_slides, reading
     parse_aggregate(aggregate_spec)
+    if tissue is not None and tissue not in TISSUE_MODES:
+        raise ConfigError(f"--tissue {tissue}: expected one of {' | '.join(TISSUE_MODES)}")
     say = log or (lambda s: None)
     pred = tile_model(run_dir, say)
     classes = pred.classes
@@ -255,30 +262,39 @@ def predict_slides(run_dir: str | Path, sources: list[str], out: str | Path, agg
         mpp, magnification = trained.get("mpp"), trained.get("magnification")
     tile_size = int(tile_size or trained.get("tile_size") or pred.size)
     min_tissue = float(trained.get("min_tissue", 0.5) if min_tissue is None else min_tissue)
-    paths, errors = [], {}
+    tissue = tissue or trained.get("tissue") or "auto"
+    paths, errors, skipped = [], {}, {}
     for s in sources:
         try:
-            paths += find_slides(s)
+            paths += find_slides(s, skipped)
         except DataError as e:
             errors[s] = str(e)
+    for f, why in skipped.items():
+        say(f"skipped {f}: {why}")
     out = Path(out)
     folder = out.parent / f"{out.stem}_slides"
     folder.mkdir(parents=True, exist_ok=True)
     from oncotransfer.evaluate.metrics import resolve_positive
     pos = resolve_positive(classes, positive)
     score_of = [classes.index(p) for p in pos] if pos else None
-    rows, seen = [], set()
+    rows, seen, warned = [], set(), set()
     for path in paths:
         if path.stem in seen:  # its outputs would overwrite the first one's
             errors[str(path)] = f"{path}: a slide named {path.stem!r} was already scored; rename one of them"
             continue
         seen.add(path.stem)
+        facts: dict = {}
         try:
-            df, probs, geom, thumb = score_slide(pred, path, tile_size, mpp, magnification, mpp_source,
-                                                 min_tissue, batch_size)
-        except (SlideError, OSError) as e:
+            with reading(path):
+                df, probs, geom, thumb = score_slide(pred, path, tile_size, mpp, magnification, mpp_source,
+                                                     min_tissue, batch_size, tissue=tissue, facts=facts)
+        except SlideError as e:
             errors[str(path)] = str(e)
             continue
+        warn = resolution_warning(geom, trained)
+        if warn and warn not in warned:
+            warned.add(warn)
+            say(warn)
         df.to_csv(folder / f"{geom.slide}_tiles.csv", index=False)
         if len(probs) == 0:
             errors[str(path)] = f"{path}: no tissue tile found (min tissue {min_tissue:g}); lower --min-tissue"
@@ -290,7 +306,7 @@ def predict_slides(run_dir: str | Path, sources: list[str], out: str | Path, agg
         rows.append({"slide": geom.slide, "path": str(path), "tiles": len(probs), "aggregate": aggregate_spec,
                      "pred": classes[int(np.argmax(p))], **{f"prob_{c}": float(v) for c, v in zip(classes, p)}})
         at = f"{geom.mpp:g} µm/px" if geom.mpp else f"downsample {geom.downsample:g}"
-        line = (f"{path.name}: {len(probs)} tiles at {at} -> "
+        line = (f"{path.name}: {len(probs)} tiles at {at}, {facts['tissue']} tissue mask -> "
                 f"{rows[-1]['pred']} ({describe_aggregate(aggregate_spec, classes, positive)})")
         if pred.ood_output:
             rows[-1]["ood_tiles"], line = _ood_share(df, line)
@@ -298,9 +314,25 @@ def predict_slides(run_dir: str | Path, sources: list[str], out: str | Path, agg
     summary = pd.DataFrame(rows, columns=["slide", "path", "tiles", "aggregate", "pred",
                                           *[f"prob_{c}" for c in classes],
                                           *(["ood_tiles"] if pred.ood_output else [])])
+    if not rows and errors:  # nothing scored: the reason is the command's one-line error
+        first = next(iter(errors.values()))
+        raise DataError(first if len(errors) == 1 else f"no slide could be scored ({len(errors)} failed), e.g. {first}")
     out.parent.mkdir(parents=True, exist_ok=True)
     summary.to_csv(out, index=False)
     return summary, errors
+
+
+def resolution_warning(geom, trained: dict) -> str | None:
+    """A warning line when the slide's tiles are cut at another µm/px than the run's training tiles (more than 5%
+    apart): a model sees cells at one size, and at another its probabilities are not what validation measured."""
+    want = trained.get("mpp")
+    if not want:  # trained at a magnification or not on slide tiles: its resolution is not known here
+        mpps = {s.get("mpp") for s in trained.get("slides") or [] if s.get("mpp")}
+        want = mpps.pop() if len(mpps) == 1 else None
+    if not want or not geom.mpp or abs(geom.mpp / want - 1) <= 0.05:
+        return None
+    return (f"warning: tiles cut at {geom.mpp:g} µm/px, but the run trained on tiles at {want:g} µm/px; its "
+            f"probabilities are only validated at {want:g} µm/px (omit --mpp/--magnification to use it)")
 
 
 def _ood_share(tiles: pd.DataFrame, line: str) -> tuple[float, str]:

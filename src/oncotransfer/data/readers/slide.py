@@ -33,6 +33,18 @@ def is_dicom_wsi(path: str | Path, head: bytes | None = None) -> bool:
     return head[128:132] == b"DICM" and WSI_SOP_CLASS in head
 
 
+def dicom_series_uid(path: str | Path) -> str | None:
+    """The SeriesInstanceUID of a DICOM file (its header only), None when unreadable: the levels of one DICOM
+    whole-slide image are separate files of one series, and OpenSlide opens the whole pyramid from any of them."""
+    try:
+        import pydicom
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        uid = ds.get("SeriesInstanceUID")
+    except Exception:  # noqa: BLE001 - a damaged header: the file then counts as a slide of its own
+        return None
+    return str(uid) if uid else None
+
+
 def is_pyramidal_tiff(path: str | Path) -> bool:
     """A TIFF with more than one resolution level (a slide), read from its header (tifffile, else OpenSlide)."""
     try:
