@@ -46,6 +46,18 @@ def test_predict_without_explain_has_no_overlay(client):
     assert r.status_code == 200 and r.json()["overlay_png"] is None
 
 
+def _slide() -> bytes:
+    """A small pyramidal TIFF: a whole slide, whose full level Pillow would otherwise score as one picture."""
+    import numpy as np
+    import tifffile
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as tif:
+        for side in (512, 256):
+            tif.write(np.full((side, side, 3), 200, np.uint8), tile=(128, 128), photometric="rgb",
+                      subfiletype=0 if side == 512 else 1)  # reduced-resolution level
+    return buf.getvalue()
+
+
 def _bomb() -> bytes:
     buf = io.BytesIO()
     Image.new("L", (20000, 20000)).save(buf, format="PNG", optimize=True)
@@ -58,6 +70,7 @@ def _bomb() -> bytes:
     ("empty", {"file": ("e.jpg", b"", "image/jpeg")}, 400, "empty"),
     ("bomb", {"file": ("b.png", _bomb(), "image/png")}, 413, "too large"),
     ("too big", {"file": ("big.bin", b"\0" * (2 * 2**20), "application/octet-stream")}, 413, "limit"),
+    ("whole slide", {"file": ("s.tif", _slide(), "image/tiff")}, 415, "slides tile"),
     ("wrong field", {"image": (IMG.name, IMG.read_bytes(), "image/jpeg")}, 422, "'file'"),
 ])
 def test_bad_requests_get_clear_4xx_and_service_stays_up(client, case, files, status, words):

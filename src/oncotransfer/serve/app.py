@@ -26,7 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from oncotransfer import __version__
-from oncotransfer.data.readers import ImageReadError, ImageTooLargeError
+from oncotransfer.data.readers import ImageReadError, ImageTooLargeError, SlideError
 from oncotransfer.errors import ConfigError
 from oncotransfer.serve.limits import Gate, ServeLimits
 from oncotransfer.serve.middleware import AccessLog, ServiceMiddleware
@@ -41,7 +41,7 @@ def _error(status: int, message: str, headers: dict | None = None) -> JSONRespon
 
 def _image_error(e: ImageReadError, filename: str | None) -> HTTPException:
     msg = str(e)
-    status = 413 if isinstance(e, ImageTooLargeError) else 415 if "not an image" in msg else 400
+    status = 413 if isinstance(e, ImageTooLargeError) else 415 if "not an image" in msg or isinstance(e, SlideError) else 400
     return HTTPException(status, f"{filename or 'upload'}: {msg.split(': ', 1)[-1]}")
 
 

@@ -3,6 +3,7 @@ fallback. A slide is a pyramid cut into tiles (``data.slides``), never decoded w
 sent to ``predict`` or ``serve`` as a picture, it is refused with the hint to tile it."""
 from __future__ import annotations
 
+import io
 import logging
 import math
 from pathlib import Path
@@ -45,8 +46,14 @@ def dicom_series_uid(path: str | Path) -> str | None:
     return str(uid) if uid else None
 
 
-def is_pyramidal_tiff(path: str | Path) -> bool:
-    """A TIFF with more than one resolution level (a slide), read from its header (tifffile, else OpenSlide)."""
+TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
+
+
+def is_pyramidal_tiff(path: str | Path | bytes) -> bool:
+    """A TIFF (a file, or uploaded bytes) with more than one resolution level (a slide), read from its header
+    (tifffile, else OpenSlide)."""
+    if isinstance(path, bytes) and path[:4] not in TIFF_MAGIC:
+        return False
     try:
         import tifffile
     except ImportError:
@@ -56,13 +63,15 @@ def is_pyramidal_tiff(path: str | Path) -> bool:
         level = quiet.level
         quiet.setLevel(logging.CRITICAL)
         try:
-            with tifffile.TiffFile(str(path)) as tf:
+            with tifffile.TiffFile(io.BytesIO(path) if isinstance(path, bytes) else str(path)) as tf:
                 return bool(tf.series) and (len(tf.series[0].levels) > 1 or tf.is_svs or tf.is_ndpi
                                             or tf.is_scn or tf.is_bif)
         except Exception:  # not a TIFF tifffile can parse: the image reader will say why
             return False
         finally:
             quiet.setLevel(level)
+    if isinstance(path, bytes):
+        return False
     try:
         import openslide
         return openslide.OpenSlide.detect_format(str(path)) not in (None, "generic-tiff")
@@ -163,6 +172,10 @@ class SlideReader(Reader):
         if suffix in TIFF_SUFFIXES:
             return is_pyramidal_tiff(path)
         return (suffix == ".dcm" or head[128:132] == b"DICM") and is_dicom_wsi(path)
+
+    def claims_bytes(self, data: bytes) -> bool:
+        # An uploaded slide would otherwise reach Pillow, which decodes its largest level as one picture.
+        return (data[128:132] == b"DICM" and WSI_SOP_CLASS in data[:1024]) or is_pyramidal_tiff(data)
 
     def probe(self, source, max_pixels=None, draft_size=None) -> Probe:
         if isinstance(source, bytes):
