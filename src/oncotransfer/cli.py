@@ -61,7 +61,7 @@ def data_inspect(path: str = typer.Argument(..., help="class-per-folder tree, ma
     from oncotransfer.data.inspect import inspect_dataset
     validate({"data": {"dicom_frames": dicom_frames}}, "--dicom-frames")  # a bad value is one line
     rep = inspect_dataset(path, patient_regex, dicom_frames, -1 if max_pixels is None else max_pixels)
-    emit_json(inspect_summary(rep)) if json_ else print_inspect(console, rep)
+    emit_json(inspect_summary(rep)) if json_ else print_inspect(console, rep, err)
 
 
 @models_app.command("list")
