@@ -214,10 +214,11 @@ def test_real_ultrasound_regions():
     assert not D.read_info(us1).us_region and pixels(us1).shape == (480, 640, 3)
 
 
-def test_pydicom_ultrasound_regions_are_clamped():
-    ds = pydicom.dcmread(get_testdata_file("examples_palette.dcm"), stop_before_pixels=True)
-    assert (ds.Rows, ds.Columns) == (350, 800) and region_box(ds) == (120, 60, 799, 349)
-    assert pixels(get_testdata_file("examples_palette.dcm")).shape == (290, 680, 3)
+def test_regions_reaching_past_the_frame_are_not_trusted():
+    for name, size in (("examples_palette.dcm", (350, 800)), ("examples_ybr_color.dcm", (240, 320))):
+        ds = pydicom.dcmread(get_testdata_file(name), stop_before_pixels=True)  # frames cut / downscaled after
+        assert (ds.Rows, ds.Columns) == size and ds.SequenceOfUltrasoundRegions and region_box(ds) is None
+        assert pixels(get_testdata_file(name)).shape[:2] == size
 
 
 def test_region_crop_removes_the_banner_and_off_keeps_it(tmp_path):

@@ -17,9 +17,11 @@ Box = tuple[int, int, int, int]
 def region_box(ds, rows: int | None = None, cols: int | None = None) -> Box | None:
     """The largest declared region by area, clamped to the frame; None when the object declares none usable.
 
-    Coordinates are inclusive (RegionLocationMinX0..MaxX1) and are clamped to the frame, since writers do
-    declare regions past its edge (``OBXXXX1A.dcm``: MaxX1 = 800 in an 800-wide frame). Degenerate regions
-    (empty after clamping) are ignored; one covering the whole frame is returned and crops nothing."""
+    Coordinates are inclusive (RegionLocationMinX0..MaxX1). A corner one pixel past the frame is clamped
+    (``OBXXXX1A.dcm``: MaxX1 = 800 in an 800-wide frame, an exclusive bound written as inclusive); a region
+    reaching further is ignored, since its header then describes other pixels (pydicom's
+    ``examples_ybr_color.dcm`` declares 84..595 x 31..414 on a 320 x 240 frame: the loop was downscaled after
+    the region was written, and a clamped crop would cut the wrong part). Degenerate regions are ignored."""
     regions = ds.get("SequenceOfUltrasoundRegions") if hasattr(ds, "get") else None
     if not regions:
         return None
@@ -31,6 +33,8 @@ def region_box(ds, rows: int | None = None, cols: int | None = None) -> Box | No
             x0, y0 = int(r.RegionLocationMinX0), int(r.RegionLocationMinY0)
             x1, y1 = int(r.RegionLocationMaxX1), int(r.RegionLocationMaxY1)
         except (AttributeError, TypeError, ValueError):  # a region without its corners says nothing usable
+            continue
+        if x1 > cols or y1 > rows:  # beyond the frame: the region is not about these pixels
             continue
         x0, y0, x1, y1 = max(0, x0), max(0, y0), min(cols - 1, x1), min(rows - 1, y1)
         area = (x1 - x0 + 1) * (y1 - y0 + 1)
