@@ -162,12 +162,13 @@ def inspect_summary(rep: Any) -> dict[str, Any]:
             "per_patient": rep.per_patient,
             "sizes": [{"width": w, "height": h, "images": n} for (w, h), n in rep.sizes.most_common()],
             "modes": dict(rep.modes), "unreadable": rep.unreadable, "exact_duplicates": rep.exact_duplicates,
-            "near_duplicates": rep.near_duplicates, "cross_class_duplicates": rep.cross_class,
+            "near_duplicates": rep.near_duplicates, "cross_class_duplicates": rep.cross_class, "blank": rep.blank,
             "dicom": _dicom_summary(rep.dicom) if rep.dicom else None}
 
 
 def _dicom_summary(d: dict) -> dict[str, Any]:
     return {"objects": d["objects"], "patients": d["patients"], "studies": d["studies"],
+            "burned_in_annotation": d.get("burned_in", 0), "us_region": d.get("us_region", 0),
             **{k: dict(d[k]) for k in ("modality", "manufacturer", "frames", "bits_stored", "photometric",
                                        "transfer_syntax")},
             "series": [{"patient": p, "study": st, "series": se, "modality": mod, "objects": n}
@@ -181,6 +182,8 @@ def _print_dicom(out: Stream, d: dict) -> None:
                        ("bits_stored", "bits stored"), ("photometric", "photometric interpretation"),
                        ("transfer_syntax", "transfer syntax")):
         out.print(f"  {label}: " + ", ".join(f"{k} ({n})" for k, n in d[key].most_common()))
+    out.print(f"  declare burned-in annotation: {d.get('burned_in', 0)}; ultrasound image region usable: "
+              f"{d.get('us_region', 0)} (data.us_region: auto crops them to it)")
     rows = sorted(d["series"].items())
     table(out, ["patient", "study", "series", "modality", "objects"],
           [[p, st, se, mod, n] for (p, st, se, mod), n in rows[:30]])
@@ -190,7 +193,8 @@ def _print_dicom(out: Stream, d: dict) -> None:
 
 def print_inspect(out: Stream, rep: Any, err: Stream | None = None) -> None:
     """``data inspect`` for people: counts per class and patient, sizes, modes on ``out``; every ``warning:``
-    line (unreadable files, empty classes...) on ``err`` (standard error), so that the summary can be piped."""
+    line (unreadable files, blank images, empty classes...) on ``err`` (standard error), so that the summary can
+    be piped."""
     err = err or out
     m = rep.manifest
     out.print(f"{m.root}: {len(m)} images, {len(m.classes)} classes"
@@ -208,6 +212,8 @@ def print_inspect(out: Stream, rep: Any, err: Stream | None = None) -> None:
         _print_dicom(out, rep.dicom)
     for name, why in rep.unreadable.items():
         err.print(f"warning: unreadable, skipped: {name}: {why}")
+    for name, why in rep.blank.items():
+        err.print(f"warning: blank image: {name}: {why}", highlight=False, soft_wrap=True)
     out.print(f"byte-identical groups: {len(rep.exact_duplicates)}; near-identical (pHash <= 4): "
               f"{len(rep.near_duplicates)}")
     for g in rep.near_duplicates[:10]:
@@ -232,6 +238,8 @@ def trust_lines(df: Any) -> list[str]:
         if len(flags) and out:
             lines.append(f"{out} of {len(df)} image(s) out of distribution (do not look like the training images): "
                          "their answers should not be trusted; see the in_distribution column")
+    for path, why in (getattr(df, "attrs", {}).get("blank") or {}).items():
+        lines.append(f"warning: blank input, scored anyway: {path}: {why}")
     if "refer" in df.columns and len(df):
         n = int(df["refer"].astype(bool).sum())
         lines.append(f"refer to a person: {n} of {len(df)} image(s) (refer, refer_reason columns)")

@@ -46,6 +46,20 @@ class DataConfig(_Strict):
             return v  # the same forms as data/dicom.py's parse_frames (config stays free of data imports)
         raise ValueError("expected 'middle', 'all' or 'index:N' (0-based frame of multi-frame objects)")
 
+    us_region: str = "auto"
+    """Ultrasound DICOM objects that declare image regions (Sequence of Ultrasound Regions): ``auto`` cuts each
+    frame to its largest declared region before anything else, dropping the banners, burned-in text and scales
+    around it, in training, predict, serve and Grad-CAM alike; ``off`` keeps the whole frame."""
+
+    @field_validator("us_region", mode="before")
+    @classmethod
+    def _us_region(cls, v):
+        if isinstance(v, bool):  # YAML 1.1 reads a bare off / on as a boolean
+            v = "auto" if v else "off"
+        if v in ("auto", "off"):
+            return v
+        raise ValueError("expected 'auto' (crop ultrasound objects to their declared image region) or 'off'")
+
 
 class SplitConfig(_Strict):
     kind: str = "holdout"

@@ -37,20 +37,21 @@ def phash64(img: Image.Image) -> int:
     return int(str(imagehash.phash(img)), 16)
 
 
-def decode_many(paths: list[str], size: int, workers: int = 2, phash: bool = False, max_pixels: int | None = -1
-                ) -> tuple[torch.Tensor, list[int], dict[int, str], np.ndarray | None]:
+def decode_many(paths: list[str], size: int, workers: int = 2, phash: bool = False, max_pixels: int | None = -1,
+                us_region: bool = True) -> tuple[torch.Tensor, list[int], dict[int, str], np.ndarray | None]:
     """Decode and resize every image once, in parallel threads (Pillow releases the GIL).
 
     Returns (uint8 tensor (M, 3, size, size) of the readable ones, their indices, {index: error}, and the
     readable images' perceptual hashes as uint64 when ``phash``). A file that is not a regular file or whose
     header declares more than ``max_pixels`` (-1: the ingestion limit, ``data.readers.ingest_max_pixels``) is refused undecoded.
+    ``us_region``: ultrasound objects are cut to their declared image region (``data.us_region: auto``).
     """
     limit = ingest_max_pixels() if max_pixels == -1 else max_pixels
 
     def one(i: int):
         try:
             probe(paths[i], limit)
-            img, t = decode_for_model(paths[i], size)
+            img, t = decode_for_model(paths[i], size, us_region=us_region)
             return i, t, (phash64(img) if phash else 0), None
         except ImageReadError as e:
             return i, None, 0, str(e)

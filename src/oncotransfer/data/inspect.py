@@ -11,6 +11,7 @@ from oncotransfer.data.images import phash64
 from oncotransfer.data.manifest import Manifest, duplicate_groups, load_manifest
 from oncotransfer.data.readers import ImageReadError, decode_failure, ingest_max_pixels, open_rgb, probe
 from oncotransfer.data.readers.dicom import summarise
+from oncotransfer.data.readers.quality import blank_reason
 from oncotransfer.errors import MissingExtraError
 
 
@@ -25,6 +26,8 @@ class InspectReport:
     exact_duplicates: list[list[str]] = field(default_factory=list)
     near_duplicates: list[list[str]] = field(default_factory=list)
     cross_class: list[list[str]] = field(default_factory=list)
+    blank: dict[str, str] = field(default_factory=dict)
+    """Images that decode to a constant or near-blank picture: {relative path: reason} (``readers.quality``)."""
     dicom: dict | None = None
     """DICOM data: counts of modality, manufacturer, frames, bit depth, photometric interpretation and transfer
     syntax over the objects, and the (hashed) patient / study / series ids (data/dicom.py ``summarise``)."""
@@ -48,13 +51,15 @@ def inspect_dataset(path: str | Path, patient_regex: str | None = None, dicom_fr
     any decoding), then decoded for its pHash; a file that fails is named with its reason, never a traceback."""
     m = load_manifest(str(path), patient_regex, min_classes=1, dicom_frames=dicom_frames)
     limit = ingest_max_pixels() if max_pixels == -1 else max_pixels
-    sizes, modes, unreadable, ok, hashes, dicom = Counter(), Counter(), {}, [], [], []
+    sizes, modes, unreadable, ok, hashes, dicom, blank = Counter(), Counter(), {}, [], [], [], {}
     unreadable.update({_rel(m, p): why.split(": ", 1)[-1] for p, why in m.skipped.items()})
     for i, p in enumerate(m.paths):
         try:
             head = probe(p, limit)
             img = open_rgb(p, draft_size=256)
             hashes.append(phash64(img))
+            if why := blank_reason(img):
+                blank[m.relpath(i)] = why
             if head.reader == "pillow":
                 sizes[(head.width, head.height)] += 1
                 modes[head.mode] += 1
@@ -74,7 +79,7 @@ def inspect_dataset(path: str | Path, patient_regex: str | None = None, dicom_fr
     exact = duplicate_groups(sub.sha256)
     near = duplicate_groups(sub.sha256, np.array(hashes, dtype=np.uint64))
     rep = InspectReport(m, {c: int((sub.labels == k).sum()) for k, c in enumerate(m.classes)}, None, sizes, modes,
-                        unreadable)
+                        unreadable, blank=blank)
     if dicom:
         rep.dicom = summarise(dicom)  # the objects that decoded
     if sub.patients is not None:

@@ -12,6 +12,7 @@ from PIL import Image
 
 from oncotransfer.data.images import decode_for_model, normalise, resize_uint8
 from oncotransfer.data.readers import MAX_PIXELS, ImageReadError, is_readable_name, known_suffixes
+from oncotransfer.data.readers.quality import blank_reason
 from oncotransfer.errors import CheckpointError, ConfigError, DataError
 from oncotransfer.io import atomic_to_csv, atomic_write_bytes
 from oncotransfer.rundir import predictions_table
@@ -117,6 +118,12 @@ class Predictor:
     def dicom_frames(self) -> str:
         """The run's frame policy for multi-frame DICOM (``middle`` for runs saved before it existed)."""
         return ((self.meta.get("config") or {}).get("data") or {}).get("dicom_frames") or "middle"
+
+    @property
+    def us_region(self) -> bool:
+        """Crop ultrasound objects to their declared region, as the run's training did (``data.us_region``);
+        runs saved before the setting existed trained on whole frames, so they keep whole frames."""
+        return ((self.meta.get("config") or {}).get("data") or {}).get("us_region", "off") == "auto"
 
     @property
     def dicom_frame(self) -> int | None:
@@ -257,20 +264,27 @@ class Predictor:
     def predict_paths(self, paths: Iterable[str | Path], tta: bool = False, max_pixels: int | None = None
                       ) -> tuple[pd.DataFrame, dict[str, str]]:
         """Files and folders -> (rows: path, pred, prob_<class>...; {path: error} for the unreadable ones and
-        those declaring more than ``max_pixels``)."""
+        those declaring more than ``max_pixels``). Blank inputs are scored and named in
+        ``table.attrs["blank"]`` ({path: reason}, ``data.readers.quality``), the CSV's columns unchanged."""
         from oncotransfer.data.frames import frame_paths
         files, errors = expand_paths(paths)
         files = frame_paths(files, self.dicom_frames, errors)
-        ok, tensors = [], []
+        ok, tensors, blank = [], [], {}
         for f in files:
             try:
-                tensors.append(decode_for_model(f, self.size, max_pixels)[1])
-                ok.append(str(f))
+                t = decode_for_model(f, self.size, max_pixels, us_region=self.us_region)[1]
             except ImageReadError as e:
                 errors[str(f)] = str(e)
+                continue
+            tensors.append(t)
+            ok.append(str(f))
+            if why := blank_reason(t.numpy()):  # the model's input, as training checks it
+                blank[str(f)] = why
         batch = torch.stack(tensors) if tensors else torch.zeros((0, 3, self.size, self.size), dtype=torch.uint8)
         probs, ood = self.predict_with_ood(batch, tta)
-        return self.frame(ok, probs, ood), errors
+        table = self.frame(ok, probs, ood)
+        table.attrs["blank"] = blank
+        return table, errors
 
     def frame(self, paths: list[str], probs: np.ndarray, ood: np.ndarray | None = None) -> pd.DataFrame:
         return predictions_table(paths, probs, self.classes, ood_scores=ood, in_distribution=self.in_distribution(ood))
@@ -345,7 +359,7 @@ def run_predict(run_dir: str | Path, paths: list[str], out: str | Path, tta: boo
         folder.mkdir(parents=True, exist_ok=True)
         used: set[str] = set()
         for path, label in zip(df["path"], df["pred"]):
-            img, t = decode_for_model(path, pred.size)
+            img, t = decode_for_model(path, pred.size, us_region=pred.us_region)
             batch = t.unsqueeze(0)
             heat = heatmap(pred.model, pred.normalised(batch), pred.classes.index(label))
             name = Path(path).stem

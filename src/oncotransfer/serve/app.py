@@ -106,7 +106,8 @@ def create_app(run_dir: str | Path, engine: str = "auto", max_upload_mb: float =
 
     def infer(data: bytes, explain: bool) -> dict:
         """Decode and classify (in a worker thread)."""
-        img, t = decode_for_model(data, predictor.size, max_pixels=limits.max_pixels, frame=predictor.dicom_frame)
+        img, t = decode_for_model(data, predictor.size, max_pixels=limits.max_pixels, frame=predictor.dicom_frame,
+                                  us_region=predictor.us_region)
         batch = t.unsqueeze(0)
         if engines is not None and not explain:
             worker = engines.get()  # a single-threaded ONNX session of its own; the others serve other requests

@@ -10,6 +10,7 @@ from oncotransfer.config import DataConfig
 from oncotransfer.data.checks import check_classes_present, check_label_conflicts
 from oncotransfer.data.frames import join_frames
 from oncotransfer.data.readers import FRAME_TAG
+from oncotransfer.data.readers.quality import blank_reason
 from oncotransfer.data.images import decode_many
 from oncotransfer.data.manifest import Manifest, drop, duplicate_groups, load_manifest
 from oncotransfer.errors import DataError
@@ -26,14 +27,23 @@ class LoadedData:
     """uint64 perceptual hash per (kept) image when computed; saved in split.csv for overlap checks."""
 
 
+def blank_warnings(paths: list[str], images: torch.Tensor) -> list[str]:
+    """``blank image kept: PATH: constant image (every pixel = 0)`` for each blank model input (kept in the run:
+    a user decides whether a blank frame belongs in the data; a silently wrong decode looks like this)."""
+    return [f"blank image kept: {p}: {why}" for p, img in zip(paths, images)
+            if (why := blank_reason(img.numpy()))]
+
+
 def load_data(cfg: DataConfig, size: int, workers: int = 2, phash: bool = True) -> LoadedData:
     manifest = load_manifest(cfg.path, cfg.patient_regex, dicom_frames=cfg.dicom_frames)
     check_label_conflicts(manifest.paths, manifest.labels, manifest.classes, manifest.sha256)
-    images, ok, failed, hashes = decode_many(manifest.paths, size, workers, phash=phash)
+    images, ok, failed, hashes = decode_many(manifest.paths, size, workers, phash=phash,
+                                             us_region=cfg.us_region == "auto")
     warnings = list(manifest.notes) + [f"skipped unreadable image: {why}" for why in
                                        list(manifest.skipped.values()) + list(failed.values())]
     if failed:
         manifest = drop(manifest, failed)
+    warnings += blank_warnings(manifest.paths, images)
     if len(manifest) == 0:
         raise DataError(f"{cfg.path}: none of the images could be read")
     check_classes_present(manifest.labels, manifest.classes, failed, str(cfg.path))

@@ -31,12 +31,15 @@ from PIL import Image
 
 from oncotransfer.data.readers.base import (FRAME_TAG, ImageReadError, ImageTooLargeError, Probe, Reader,
                                             one_line, split_frame)
+from oncotransfer.data.readers.dicom_pixels import to_rgb8
+from oncotransfer.data.readers.us_region import burned_in, crop_to_region, region_box
 from oncotransfer.data.readers.pillow import IMAGE_SUFFIXES
 from oncotransfer.errors import MissingExtraError
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
 INSTALL_HINT = "pip install 'oncotransfer[dicom]'"
-__all__ = ["FRAME_TAG", "split_frame", "DicomReader", "read_info", "hash_id", "frames_for", "parse_frames"]
+__all__ = ["FRAME_TAG", "split_frame", "DicomReader", "read_info", "hash_id", "frames_for", "parse_frames", "to_rgb8",
+           "NOT_IMAGES"]
 
 
 # ---------------------------------------------------------------- recognising DICOM (no pydicom import)
@@ -139,12 +142,39 @@ def _read(source, name: str, header_only: bool):
             raise ImageReadError(f"{name}: DICOM object without pixel data ({getattr(kind, 'name', kind)})")
         if "Rows" not in ds or "Columns" not in ds:
             raise ImageReadError(f"{name}: not a DICOM image (no Rows/Columns)")
+        what = not_an_image(ds)
+        if what:
+            raise ImageReadError(f"{name}: {what}, not an image to classify")
         _fix_transfer_syntax(ds)
         return ds
     except ImageReadError:
         raise
     except Exception as e:  # pydicom raises many types on corrupt input: each becomes one line
         raise ImageReadError(f"{name}: unreadable DICOM ({one_line(e)})") from None
+
+
+NOT_IMAGES = {
+    "1.2.840.10008.5.1.4.1.1.66.4": ("a segmentation object", "SEG"),        # Segmentation Storage
+    "1.2.840.10008.5.1.4.1.1.66.7": ("a segmentation object", "SEG"),        # Label Map Segmentation Storage
+    "1.2.840.10008.5.1.4.1.1.481.2": ("a radiotherapy dose grid", "RTDOSE"),  # RT Dose Storage
+    "1.2.840.10008.5.1.4.1.1.30": ("a parametric map", "PMAP"),             # Parametric Map Storage
+}
+"""Objects with pixel data that are not pictures of a patient: masks, dose grids, computed maps. They decode
+(a segmentation to near-black binary frames) and would train or be scored as if they were images."""
+
+
+def not_an_image(ds) -> str | None:
+    """``a segmentation object (SEG)`` when ``ds`` holds pixel data that is not an image, else None (by SOP
+    class, else by modality for objects without one)."""
+    uid = str(ds.get("SOPClassUID", "") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID", "") or "")
+    if uid in NOT_IMAGES:
+        what, code = NOT_IMAGES[uid]
+        return f"{what} ({code})"
+    modality = str(ds.get("Modality", "") or "").upper()
+    for what, code in NOT_IMAGES.values():
+        if modality == code:
+            return f"{what} ({code})"
+    return None
 
 
 def _fix_transfer_syntax(ds) -> None:
@@ -179,6 +209,10 @@ class DicomInfo:
     patient: str | None
     study: str | None
     series: str | None
+    burned_in: bool = False
+    """BurnedInAnnotation is YES: text or marks are part of the pixels."""
+    us_region: bool = False
+    """Declares a usable ultrasound image region (``us_region.region_box``)."""
 
 
 @_quiet
@@ -194,7 +228,8 @@ def read_info(path: str | Path) -> DicomInfo:
         return DicomInfo(n_frames(ds), str(ds.get("Modality", "") or "?"), str(ds.get("Manufacturer", "") or "?"),
                          int(ds.get("BitsStored", 0) or 0), str(ds.get("PhotometricInterpretation", "") or "?"),
                          getattr(ts, "name", str(ts)), (int(ds.Columns), int(ds.Rows)), hashed("PatientID", "p"),
-                         hashed("StudyInstanceUID", "st"), hashed("SeriesInstanceUID", "se"))
+                         hashed("StudyInstanceUID", "st"), hashed("SeriesInstanceUID", "se"), burned_in(ds),
+                         region_box(ds) is not None)
     except Exception as e:  # a malformed header value
         raise ImageReadError(f"{path}: unreadable DICOM header ({one_line(e)})") from None
 
@@ -228,54 +263,6 @@ def _check_decoder(ds, name: str) -> None:
         raise ImageReadError(f"{name}: transfer syntax {uid.name} needs a pixel-data plugin: {INSTALL_HINT}")
 
 
-def _window_range(ds) -> tuple[float, float]:
-    """Output range of pydicom's windowing (PS3.3 C.11.2.1.2): the stored range, after rescale if any."""
-    bits = int(ds.get("BitsStored", 8) or 8)
-    if ds.get("ModalityLUTSequence"):
-        lo, hi = 0.0, 2.0 ** ds.ModalityLUTSequence[0].LUTDescriptor[2] - 1
-    elif int(ds.get("PixelRepresentation", 0) or 0) == 0:
-        lo, hi = 0.0, 2.0 ** bits - 1
-    else:
-        lo, hi = -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
-    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
-    if slope is not None and intercept is not None:
-        lo, hi = sorted((lo * float(slope) + float(intercept), hi * float(slope) + float(intercept)))
-    return lo, hi
-
-
-def _stretch(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    arr = np.asarray(arr, dtype=np.float64)
-    if not hi > lo:
-        return np.zeros(arr.shape, dtype=np.uint8)
-    return np.clip(np.rint((arr - lo) / (hi - lo) * 255), 0, 255).astype(np.uint8)
-
-
-def to_rgb8(arr: np.ndarray, ds) -> np.ndarray:
-    """One decoded frame -> uint8 (H, W) grey or (H, W, 3) RGB, as a viewer would display it."""
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
-    pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if pi == "PALETTE COLOR":
-        rgb = apply_color_lut(arr, ds)
-        return rgb if rgb.dtype == np.uint8 else _stretch(rgb, 0, 2 ** 16 - 1)
-    if arr.ndim == 3:  # colour: pydicom has already turned YBR_FULL / YBR_FULL_422 into RGB
-        if arr.dtype == np.uint8:
-            return arr
-        return _stretch(arr, 0, 2 ** int(ds.get("BitsStored", 16) or 16) - 1)
-    out = apply_modality_lut(arr, ds)  # rescale slope/intercept or a modality LUT
-    if "VOILUTSequence" in ds or "WindowCenter" in ds:
-        voi = apply_voi_lut(out, ds, index=0)
-        if "VOILUTSequence" in ds and ds.VOILUTSequence:
-            lo, hi = 0.0, 2.0 ** ds.VOILUTSequence[0].LUTDescriptor[2] - 1
-        else:
-            lo, hi = _window_range(ds)
-        grey = _stretch(voi, lo, hi)
-    elif out.dtype.kind == "u" and int(ds.get("BitsStored", 16) or 16) <= 8:
-        grey = out.astype(np.uint8)  # 8-bit grey (most ultrasound): shown as stored, like the same image as PNG
-    else:  # no display window stated: the used range stretched to 8 bits, as for 16-bit PNGs
-        grey = _stretch(out, float(np.min(out)), float(np.max(out)))
-    return 255 - grey if pi == "MONOCHROME1" else grey  # MONOCHROME1: low values are white
-
-
 @_quiet
 def probe_dicom(source: str | Path | bytes, max_pixels: int | None = None) -> tuple[int, int, int]:
     """(columns, rows, estimated peak decoded bytes of one frame) from the header; the pixel limit as in
@@ -291,9 +278,11 @@ def probe_dicom(source: str | Path | bytes, max_pixels: int | None = None) -> tu
     return cols, rows, rows * cols * (8 * int(ds.get("SamplesPerPixel", 1) or 1) + 3)
 
 
-def open_dicom(source: str | Path | bytes, frame: int | None = None, max_pixels: int | None = None) -> Image.Image:
+def open_dicom(source: str | Path | bytes, frame: int | None = None, max_pixels: int | None = None,
+               us_region: bool = True) -> Image.Image:
     """One frame (``file#frame=K`` or ``frame``; default the middle one) -> RGB PIL image. A frame of more than
-    ``max_pixels`` (Rows x Columns, read from the header) is refused before its pixel data is decoded."""
+    ``max_pixels`` (Rows x Columns, read from the header) is refused before its pixel data is decoded.
+    ``us_region``: an ultrasound object is cut to its declared image region (``us_region.crop_to_region``)."""
     if isinstance(source, bytes):
         name, src = "upload", io.BytesIO(source)
     else:
@@ -322,6 +311,8 @@ def open_dicom(source: str | Path | bytes, frame: int | None = None, max_pixels:
                 raise
             arr = pixel_array(_read(src, name, header_only=False), index=index)
         pixels = to_rgb8(arr, ds)
+        if us_region:
+            pixels = crop_to_region(pixels, ds)
     except ImageReadError:
         raise
     except Exception as e:
@@ -338,6 +329,7 @@ def summarise(paths: list[str]) -> dict:
     objects = sorted({split_frame(p)[0] for p in paths})
     keys = ("modality", "manufacturer", "frames", "bits_stored", "photometric", "transfer_syntax")
     out: dict = {k: Counter() for k in keys}
+    out["burned_in"] = out["us_region"] = 0  # objects declaring burned-in annotation / a usable US region
     series: dict[tuple, int] = {}
     for p in objects:
         try:
@@ -348,6 +340,8 @@ def summarise(paths: list[str]) -> dict:
             out[k][getattr(info, k)] += 1
         key = (info.patient or "-", info.study or "-", info.series or "-", info.modality)
         series[key] = series.get(key, 0) + 1
+        out["burned_in"] += int(info.burned_in)
+        out["us_region"] += int(info.us_region)
     out["objects"] = len(objects)
     out["patients"] = len({k[0] for k in series if k[0] != "-"})
     out["studies"] = len({k[1] for k in series if k[1] != "-"})
@@ -374,8 +368,9 @@ class DicomReader(Reader):
             return Probe(self.name, "image", w, h, peak_bytes=need)
         w, h, need = probe_dicom(source, max_pixels)
         info = read_info(split_frame(source)[0])
+        notes = ("declares burned-in annotation",) if info.burned_in else ()
         return Probe(self.name, "frames" if info.frames > 1 else "image", w, h, frames=info.frames,
-                     mode=info.photometric, peak_bytes=need, group=info.patient)
+                     mode=info.photometric, peak_bytes=need, group=info.patient, notes=notes)
 
     def decode(self, source, frame=None, max_pixels=None, draft_size=None, us_region=True) -> Image.Image:
-        return open_dicom(source, frame, max_pixels)
+        return open_dicom(source, frame, max_pixels, us_region)
