@@ -262,6 +262,12 @@ def test_us_region_config_reaches_training_predict_and_serve(tmp_path, one_threa
                     "train": {"epochs": 2, "cache_dir": str(tmp_path / "cache"), "num_workers": 1,
                               "feature_engine": "torch"}, "evaluate": {"bootstrap": 0}}, "test")
     run_dir = run_experiment(cfg).run_dir
+    keys = {d.name for d in (tmp_path / "cache").iterdir() if d.is_dir()}
+    # (whole frames share their banner, so pHash would merge them into one group: split by image here)
+    run_experiment(cfg.model_copy(update={"data": cfg.data.model_copy(update={"us_region": "off"}),
+                                          "split": cfg.split.model_copy(update={"group_duplicates": False})}))
+    # one file, two images (cropped, whole): `off` must not read the features cached for `auto`'s crops
+    assert len({d.name for d in (tmp_path / "cache").iterdir() if d.is_dir()} - keys) == 1
     pred = Predictor.from_run(run_dir, "torch")
     assert pred.us_region
     write_us(tmp_path / "new" / "black.dcm", np.zeros((120, 160)), REGION)

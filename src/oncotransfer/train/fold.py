@@ -107,6 +107,9 @@ def _cache_key(model: Classifier, cfg: ExperimentConfig, engine: str, device: to
            "precision": "fp32 onnxruntime" if engine == "onnx" else precision_label(device, cfg.train.fast_cpu)}
     if model.pool_stages > 1:  # only then, so existing caches keep their keys
         key["pool_stages"] = model.pool_stages
+    # Rows are addressed by file hash, but data.us_region decodes one ultrasound file to two different images
+    # (cropped or whole): without it in the key, `off` would read the features of `auto`'s crops.
+    key["us_region"] = cfg.data.us_region
     return key
 
 
