@@ -69,3 +69,33 @@ def test_a_whole_slide_in_a_class_folder_is_named_with_the_hint_to_tile_it(tmp_p
     assert all("slides tile" in why for why in rep.unreadable.values()), rep.unreadable
     with pytest.raises(readers.ImageReadError, match="whole-slide image: cut it into tissue tiles"):
         readers.open_rgb(tmp_path / "a" / "scan.tif")
+
+
+def test_files_without_a_suffix_are_read_by_signature_or_named(tmp_path):
+    """PACS exports name objects without a suffix: DICOM without its preamble and images are read by their
+    signature; a suffix-less file no reader knows (an object truncated inside its header) is named, not lost."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from oncotransfer.data.manifest import load_manifest
+    for c, value in (("a", 40), ("b", 200)):
+        (tmp_path / c).mkdir()
+        for i in range(2):
+            Image.new("RGB", (32, 32), (value + i, 0, 0)).save(tmp_path / c / f"{i}.png")
+    ct = get_testdata_file("CT_small.dcm")
+    ds = pydicom.dcmread(ct)
+    ds.preamble = None
+    del ds.file_meta
+    ds.save_as(tmp_path / "a" / "raw_object", enforce_file_format=False, implicit_vr=True, little_endian=True)
+    assert (tmp_path / "a" / "raw_object").read_bytes()[128:132] != b"DICM"
+    # truncated inside its preamble (rtplan.dcm's is zeros; CT_small's holds a TIFF header, read as one)
+    (tmp_path / "a" / "cut_object").write_bytes(Path(get_testdata_file("rtplan.dcm")).read_bytes()[:100])
+    Image.new("RGB", (32, 32), (90, 0, 0)).save(tmp_path / "b" / "IM0001", format="PNG")
+    (tmp_path / "b" / "notes.txt").write_text("not data")
+    m = load_manifest(tmp_path)
+    names = sorted(Path(p).name for p in m.paths)
+    assert names == ["0.png", "0.png", "1.png", "1.png", "IM0001", "raw_object"]
+    assert list(map(lambda p: Path(p).name, m.skipped)) == ["cut_object"]
+    assert "no DICOM or image signature" in m.skipped[str(tmp_path / "a" / "cut_object")]
+    assert readers.probe(tmp_path / "a" / "raw_object").reader == "dicom"
+    rep = inspect_dataset(tmp_path)
+    assert "a/cut_object" in rep.unreadable and not set(rep.unreadable) - {"a/cut_object"}

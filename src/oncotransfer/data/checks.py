@@ -53,7 +53,9 @@ def check_listed_files(paths: list[str], csv: Path) -> None:
 
 
 def scan_class_folder(d: Path) -> tuple[list[str], dict[str, str], list[str]]:
-    """(files some reader owns, {path: why skipped} for image-named entries that are not regular files, notes)."""
+    """(files some reader owns, {path: why skipped} for image-named entries that are not regular files and for
+    files without a suffix that no reader recognises, notes). A suffix-less file is what a PACS export or a
+    truncated object looks like: it is named, not passed over (other suffixes, e.g. notes.txt, are not data)."""
     found, skipped, notes = [], {}, []
     for f in sorted(d.rglob("*")):
         if is_readable_name(f):
@@ -62,6 +64,10 @@ def scan_class_folder(d: Path) -> tuple[list[str], dict[str, str], list[str]]:
                 found.append(str(f))
             elif not why.startswith("a folder"):
                 skipped[str(f)] = f"{f}: {why}"
+        elif not f.suffix and not f.name.startswith(".") and not f.is_dir():
+            why = regular_file_problem(f)
+            skipped[str(f)] = f"{f}: " + (why or "no suffix, and no DICOM or image signature: not a file any "
+                                          "reader knows (a truncated DICOM object?)")
         if f.is_symlink() and f.is_dir():
             notes.append(f"symbolic link to a folder not followed: {f}")
     return found, skipped, notes

@@ -72,11 +72,15 @@ def reader_for(source: str | Path | bytes) -> Reader:
 
 
 def is_readable_name(path: str | Path) -> bool:
-    """Whether a file found in a class folder is one some reader owns (by name, or by the DICOM magic)."""
+    """Whether a file found in a class folder is one some reader owns: by name, or, for a name without a
+    suffix, by its signature (DICOM with or without preamble, an image format)."""
     p = Path(path)
     if any(p.name.lower().endswith(s) for s in known_suffixes()):
         return True
-    return p.is_file() and READERS["dicom"].claims(p, read_head(p))
+    if p.suffix or not p.is_file():
+        return False
+    head = read_head(p, 1024)
+    return any(r.claims(p, head) for r in READERS.values())
 
 
 def probe(source: str | Path | bytes, max_pixels: int | None = None, draft_size: int | None = None) -> Probe:

@@ -62,6 +62,19 @@ def is_dicom_path(path: str | Path) -> bool:
     return suffix not in IMAGE_SUFFIXES and p.is_file() and has_preamble(p)
 
 
+_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"OB", b"OD", b"OF",
+        b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI", b"UL", b"UN",
+        b"UR", b"US", b"UT", b"UV"}
+
+
+def is_raw_dicom(head: bytes) -> bool:
+    """A DICOM data set written without the 128-byte preamble and ``DICM`` (common in older PACS exports): it
+    starts with an element of group 0002 (file meta) or 0008 (identification), explicit VR or implicit."""
+    if len(head) < 8 or head[:2] not in (b"\x02\x00", b"\x08\x00") or head[3] != 0:
+        return False
+    return head[4:6] in _VRS or int.from_bytes(head[4:8], "little") < 1024  # a sane implicit-VR length
+
+
 def is_dicom_bytes(data: bytes) -> bool:
     return data[128:132] == b"DICM"
 
@@ -357,7 +370,9 @@ class DicomReader(Reader):
 
     def claims(self, path: Path, head: bytes) -> bool:
         suffix = path.suffix.lower()
-        return suffix in DICOM_SUFFIXES or (suffix not in IMAGE_SUFFIXES and head[128:132] == b"DICM")
+        if suffix in DICOM_SUFFIXES:
+            return True
+        return suffix not in IMAGE_SUFFIXES and (head[128:132] == b"DICM" or (not suffix and is_raw_dicom(head)))
 
     def claims_bytes(self, data: bytes) -> bool:
         return is_dicom_bytes(data)

@@ -66,9 +66,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"GIF87a", b"GIF89a", b"BM")
+
+
+def has_image_magic(head: bytes) -> bool:
+    """The signature of a format Pillow reads (PNG, JPEG, TIFF, GIF, BMP, WebP) at the start of a file."""
+    return head.startswith(IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
 class PillowReader(Reader):
     name = "pillow"
     suffixes = frozenset(IMAGE_SUFFIXES)
+
+    def claims(self, path: Path, head: bytes) -> bool:
+        # a file without a suffix (PACS exports, renamed files) is an image when it starts like one
+        return has_suffix(path, self.suffixes) or (not path.suffix and has_image_magic(head))
 
     def claims_bytes(self, data: bytes) -> bool:
         return True  # the fallback for uploads: Pillow identifies the format from the bytes
