@@ -14,17 +14,20 @@ from oncotransfer.rundir import (LAYOUT, mark_unfinished, read_checkpoint_meta, 
 POOLED = {"accuracy": 0.75, "n": 4, "binary": None}
 
 
+PRE = {"size": 64, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+
+
 def test_layout_1_files_without_a_layout_field_still_read(tmp_path):
     """Every run directory written before layouts (tests, the shipped demo docs, users' runs) reads as layout 1."""
     (tmp_path / "run.json").write_text(json.dumps({"name": "old", "classes": ["a", "b"], "seconds": 3.5}))
     (tmp_path / "metrics.json").write_text(json.dumps({"name": "old", "pooled": POOLED}))
     (tmp_path / "meta.json").write_text(json.dumps({"classes": ["a", "b"], "backbone": {"name": "x"},
-                                                   "preprocessing": {"size": 64}}))
+                                                   "preprocessing": PRE}))
     info = read_run_info(tmp_path)
     assert info.layout == 1 and info.classes == ["a", "b"] and info.content() == {
         "name": "old", "classes": ["a", "b"], "seconds": 3.5}
     assert read_metrics(tmp_path).layout == 1
-    assert read_checkpoint_meta(tmp_path).preprocessing == {"size": 64}
+    assert read_checkpoint_meta(tmp_path).preprocessing == PRE
     assert run_finished(tmp_path)
     assert not run_finished(tmp_path, report=True)  # layout 1: the report files themselves must be there
     for f in ("report.md", "report.html"):

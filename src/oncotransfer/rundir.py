@@ -8,20 +8,40 @@ recording in ``report`` whether they were written. A run directory of a newer la
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Annotated, Any, ClassVar, Literal, Sequence
 
 import numpy as np
 import pandas as pd
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from oncotransfer.errors import CheckpointError, RunLayoutError
 from oncotransfer.io import write_json
 
 LAYOUT = 2
 RUN_INFO, METRICS, META = "run.json", "metrics.json", "meta.json"
+
+
+def _temperature(t: float | None) -> float | None:
+    # a temperature of 0 or NaN gives empty probabilities, a negative one flips every prediction
+    if t is not None and not (math.isfinite(t) and t > 0):
+        raise ValueError(f"temperature {t!r}: expected a finite number > 0")
+    return t
+
+
+Temperature = Annotated[float | None, AfterValidator(_temperature)]
+Sha256 = Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
+ClassName = Annotated[str, Field(min_length=1)]
+
+
+def _unique(values: list, what: str) -> list:
+    if len(set(values)) != len(values):
+        raise ValueError(f"{what} named twice: {sorted({v for v in values if values.count(v) > 1})}")
+    return values
 
 
 class _RunFile(BaseModel):
@@ -50,32 +70,78 @@ class RunInfo(_RunFile):
     warnings: list[Any] | None = None
     skipped: dict[str, str] | None = None
     checkpoint: str | None = None
-    temperatures: dict[str, float | None] | None = None
+    temperatures: dict[str, Temperature] | None = None
     calibration: dict[str, Any] | None = None
     processes: int | None = None
 
 
+class FileDigest(BaseModel):
+    """What a run directory holds a file as: its sha256 and size, checked by ``verified_bytes`` on every read."""
+    model_config = ConfigDict(extra="allow")
+    sha256: Sha256 | None = None  # None: written before files carried digests (read unchecked)
+    bytes: int | None = Field(default=None, ge=0)
+
+
+class FoldEntry(FileDigest):
+    """One fold model of ``meta.json``'s ``folds``: its file (relative to ``checkpoint/``, never outside it)."""
+    fold: int = Field(ge=0)
+    file: str = Field(pattern=r"^(model\.safetensors|folds/fold[0-9]+\.safetensors)$")
+    temperature: Temperature = None
+
+
+class Preprocessing(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    size: int = Field(ge=8, le=4096)
+    mean: list[float] = Field(min_length=3, max_length=3)
+    std: list[float] = Field(min_length=3, max_length=3)
+
+    @model_validator(mode="after")
+    def _finite(self) -> "Preprocessing":
+        if not all(math.isfinite(v) for v in self.mean) or not all(math.isfinite(v) and v > 0 for v in self.std):
+            raise ValueError(f"mean {self.mean} / std {self.std}: expected finite numbers, std > 0")
+        return self
+
+
+class BackboneInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1)
+
+
+def _checked(model: type[BaseModel]) -> AfterValidator:
+    """Validate a block against ``model`` but keep it the plain dict callers read (``meta.preprocessing["size"]``)."""
+    return AfterValidator(lambda d: (model.model_validate(d), d)[1])
+
+
 class CheckpointMeta(_RunFile):
-    """``checkpoint/meta.json``: everything needed to rebuild the classifier beside ``model.safetensors``."""
+    """``checkpoint/meta.json``: everything needed to rebuild the classifier beside ``model.safetensors``,
+    with the digest of every model file it names (``folds``)."""
     format: str = "oncotransfer-checkpoint/1"
     version: str | None = None
-    classes: list[str]
-    backbone: dict[str, Any]
+    classes: Annotated[list[ClassName], Field(min_length=1), AfterValidator(lambda v: _unique(v, "class"))]
+    backbone: Annotated[dict[str, Any], _checked(BackboneInfo)]
     head: dict[str, Any] | None = None
     freeze: str | None = None
     weights: dict[str, Any] | None = None
-    preprocessing: dict[str, Any]
+    preprocessing: Annotated[dict[str, Any], _checked(Preprocessing)]
     config: dict[str, Any] | None = None
-    fold: int | None = None
-    n_folds: int | None = None
-    temperature: float | None = None
-    folds: list[dict[str, Any]] | None = None
+    fold: int | None = Field(default=None, ge=0)
+    n_folds: int | None = Field(default=None, ge=1)
+    temperature: Temperature = None
+    folds: Annotated[list[FoldEntry], Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _distinct_folds(self) -> "CheckpointMeta":
+        # one file listed for two folds is an ensemble holding one model twice
+        if self.folds:
+            _unique([e.fold for e in self.folds], "fold")
+            _unique([e.file for e in self.folds], "file")
+        return self
 
 
 class OODMember(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    fold: int
-    threshold: float | None
+    fold: int = Field(ge=0)
+    threshold: Annotated[float, Field(allow_inf_nan=False)] | None
     """The score that ``pass_rate`` of this fold's validation images stay under; None without a validation subset."""
     n_fit: int
     n_val: int
@@ -86,7 +152,7 @@ class OODMeta(_RunFile):
     means and a precision matrix) are ``checkpoint/ood.safetensors`` as ``fold{k}.<name>``, checked by digest."""
     format: str = "oncotransfer-ood/1"
     detector: str
-    pass_rate: float
+    pass_rate: float = Field(gt=0, lt=1)
     params: dict[str, Any] = {}
     members: list[OODMember]
     features: str
@@ -99,7 +165,7 @@ class OODMeta(_RunFile):
     thresholds: dict[str, Any] | None = None
     """How the thresholds were set: ``pooled`` (one from all folds' validation scores), the per-fold values it
     replaced, and the number of validation images."""
-    tensors_sha256: str
+    tensors_sha256: Sha256
 
 
 OOD_META = "ood.json"
@@ -119,6 +185,86 @@ def write_ood_meta(checkpoint_dir: str | Path, meta: OODMeta | dict[str, Any]) -
     return data
 
 
+EXPORT_INFO = "model.json"
+
+
+class ExportMember(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    fold: int = Field(ge=0)
+    temperature: Temperature = None
+
+
+class ExportInfo(FileDigest, _RunFile):
+    """``export/model.json``: what ``export`` wrote (``file``, with its digest) and from which checkpoint."""
+    format: Literal["onnx", "torchscript"]
+    file: Literal["model.onnx", "model.ts"]
+    classes: Annotated[list[ClassName], Field(min_length=1)]
+    checkpoint_digest: Sha256 | None = None
+    members: Annotated[list[ExportMember], Field(min_length=1)] | None = None
+    temperature: Temperature = None
+    ood: dict[str, Any] | None = None
+
+
+def export_fix(run_dir: Path) -> str:
+    return f"run `oncotransfer export {run_dir}` again (or use --engine torch)"
+
+
+def read_export_info(run_dir: str | Path) -> ExportInfo | None:
+    """``RUN/export/model.json``, validated; None when the run has no export description."""
+    path = Path(run_dir) / "export" / EXPORT_INFO
+    if not path.is_file():
+        return None
+    return _read(path, ExportInfo, Path(run_dir), export_fix(Path(run_dir)))
+
+
+def file_digest(path: str | Path) -> dict[str, Any]:
+    """``{"sha256", "bytes"}`` of a file, as ``FileDigest`` records it."""
+    data = Path(path).read_bytes()
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def verified_bytes(path: Path, digest: FileDigest | dict | None, described_by: str, fix: str) -> bytes:
+    """The content of ``path``, read once, after checking it against the digest its metadata recorded: a file
+    cut short, damaged, or replaced by another (a fold file copied over another fold's) is one line naming it
+    and how to rebuild it. No digest (files written before digests): the content as it is."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (named by {described_by}); copy the whole run directory, "
+                              f"or {fix}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e}); {fix}") from None
+    d = FileDigest.model_validate(digest) if isinstance(digest, dict) else (digest or FileDigest())
+    if d.bytes is not None and len(data) != d.bytes:
+        raise CheckpointError(f"{path}: {len(data)} bytes where {described_by} records {d.bytes} (cut short or "
+                              f"replaced); the file is damaged: {fix}")
+    if d.sha256 is not None and hashlib.sha256(data).hexdigest() != d.sha256:
+        raise CheckpointError(f"{path}: content differs from the sha256 {described_by} records (damaged, or "
+                              f"replaced by another file); {fix}")
+    return data
+
+
+def tensors_from_bytes(data: bytes, path: Path, fix: str) -> dict[str, Any]:
+    """Parse safetensors ``data`` read from ``path``; a file that does not parse is one line naming it."""
+    from safetensors.torch import load
+    try:
+        if len(data) < 8 or int.from_bytes(data[:8], "little") > len(data) - 8:
+            raise ValueError("cut short: the header is longer than the file")
+        return load(data)
+    except Exception as e:  # safetensors raises its own error types (and a Rust panic type) for damaged files
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:100]}); "
+                              f"the file is damaged: {fix}") from None
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors ``data`` that ``tensors_from_bytes`` parsed ({} when it has none)."""
+    try:
+        meta = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__")
+    except (ValueError, AttributeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 class Metrics(_RunFile):
     """``metrics.json``: the top-level blocks typed, the nested metrics dicts as ``evaluate.metrics`` makes them."""
     name: str | None = None
@@ -135,7 +281,10 @@ class Metrics(_RunFile):
     _bookkeeping: ClassVar[set[str]] = {"layout", "report"}
 
 
-def _read(path: Path, model: type[_RunFile], run_dir: Path) -> Any:
+RETRAIN = "re-run training (or `train --resume RUN_DIR`) to rewrite it"
+
+
+def _read(path: Path, model: type[_RunFile], run_dir: Path, fix: str = RETRAIN) -> Any:
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
@@ -143,9 +292,11 @@ def _read(path: Path, model: type[_RunFile], run_dir: Path) -> Any:
                               "(oncotransfer train CONFIG) and give its run directory") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({getattr(e, 'msg', e)}); the file is damaged: "
-                              "re-run training (or `train --resume RUN_DIR`) to rewrite it") from None
+                              f"{fix}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e}); {fix}") from None
     if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object; re-run training to rewrite it")
+        raise CheckpointError(f"{path}: expected a JSON object; the file is damaged: {fix}")
     layout = raw.get("layout", 1)
     if isinstance(layout, int) and not isinstance(layout, bool) and layout > LAYOUT:
         raise RunLayoutError(f"{run_dir}: written by a newer oncotransfer (run directory layout {layout}; this "
@@ -157,7 +308,7 @@ def _read(path: Path, model: type[_RunFile], run_dir: Path) -> Any:
         err = e.errors()[0]
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         raise CheckpointError(f"{path}: {key}: {err['msg']}; the file is damaged or was edited by hand: "
-                              "re-run training to rewrite it") from None
+                              f"{fix}") from None
 
 
 def _dump(obj: _RunFile | dict[str, Any], model: type[_RunFile]) -> dict[str, Any]:

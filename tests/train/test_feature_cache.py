@@ -109,3 +109,38 @@ def test_onnx_features_match_torch(tmp_path: Path) -> None:
     assert got.shape == ref.shape
     assert float((got - ref).abs().max()) < 1e-3
     assert (tmp_path / cache.model_key / "backbone_64.onnx").is_file()
+
+
+@pytest.mark.parametrize("damage", ["rows swapped", "features zeroed", "another view's file", "no digest"])
+def test_a_feature_entry_that_does_not_match_its_digest_is_recomputed(tmp_path: Path, damage: str, caplog) -> None:
+    """An entry whose row hashes were swapped, whose features were changed, or that holds another view's rows
+    was used without a word (probabilities off by up to 0.99); it is recomputed, with a warning."""
+    import json
+    from oncotransfer.io import atomic_save_tensors, read_tensors
+    feats = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    shas = [f"s{i}" for i in range(4)]
+    calls = []
+
+    def compute(missing):
+        calls.append(list(missing))
+        return feats[missing]
+    cache = FeatureCache(tmp_path, {"m": 1})
+    cache.get({"view": 0}, shas, compute)
+    cache.get({"view": 1}, shas, lambda m: -feats[m])
+    path = cache._file({"view": 0})
+    tensors, meta = read_tensors(path)
+    if damage == "rows swapped":
+        meta["shas"] = json.dumps(shas[::-1])
+    elif damage == "features zeroed":
+        tensors["features"] = torch.zeros_like(tensors["features"])
+    elif damage == "another view's file":
+        tensors, meta = read_tensors(cache._file({"view": 1}))
+    else:
+        meta.pop("sha256")
+    atomic_save_tensors(tensors, path, meta)
+    calls.clear()
+    again = FeatureCache(tmp_path, {"m": 1})
+    out = again.get({"view": 0}, shas, compute)
+    assert calls == [[0, 1, 2, 3]] and again.hits == 0
+    assert torch.equal(out, feats)
+    assert "feature cache entry" in caplog.text and "recomputed" in caplog.text

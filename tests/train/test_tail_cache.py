@@ -118,6 +118,56 @@ def test_a_damaged_entry_is_recomputed_not_trusted(tmp_path, damage):
     assert src.computed == 0  # repaired: trusted again
 
 
+@pytest.mark.parametrize("damage", ["rows swapped in the index", "array zeroed", "array NaN", "array of another view",
+                                    "array wrong shape", "index null", "index names another file"])
+def test_an_entry_that_does_not_match_its_digest_is_recomputed_with_a_warning(tmp_path, damage, caplog):
+    src, other = Source(6), Source(6, seed=5)
+    ActivationCache(tmp_path / "c", KEY).get({"view": 0}, shas(6), src.compute(list(range(6))))
+    ActivationCache(tmp_path / "c", KEY).get({"view": 1}, shas(6), other.compute(list(range(6))))
+    index = next(p for p in (tmp_path / "c").rglob("*.json") if json.loads(p.read_text())["view"] == {"view": 0})
+    info = json.loads(index.read_text())
+    npy = index.parent / info["file"]
+    if damage == "rows swapped in the index":
+        info["shas"] = info["shas"][::-1]
+    elif damage == "array zeroed":
+        np.save(npy, np.zeros_like(np.load(npy)))
+    elif damage == "array NaN":
+        np.save(npy, np.full_like(np.load(npy), np.nan))
+    elif damage == "array of another view":
+        other_index = next(p for p in (tmp_path / "c").rglob("*.json") if p != index)
+        np.save(npy, np.load(other_index.parent / json.loads(other_index.read_text())["file"]))
+    elif damage == "array wrong shape":
+        np.save(npy, np.load(npy).reshape(6, -1)[:, :5].copy())
+    elif damage == "index names another file":
+        info["file"] = "x.npy"
+    index.write_text("null" if damage == "index null" else json.dumps(info))
+    src.calls.clear()
+    cache = ActivationCache(tmp_path / "c", KEY)
+    arr, rows = cache.get({"view": 0}, shas(6), src.compute(list(range(6))))
+    assert src.computed == 6 and cache.hits == 0
+    np.testing.assert_array_equal(np.asarray(arr)[rows], src.data.astype(np.float16))
+    assert "activation cache entry" in caplog.text and "recomputed" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["../../../victim.txt", "ABS"])
+def test_an_index_naming_a_file_outside_the_cache_never_touches_it(tmp_path, name):
+    """The rewrite of an entry removed the file its old index named: an index climbing out of the cache
+    (``../../x``) made it delete a file anywhere. Only the entry's own file beside its index is read or removed."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    cache_root = tmp_path / "deep" / "cache"
+    src = Source(4)
+    ActivationCache(cache_root, KEY).get({"view": 0}, shas(3), src.compute(list(range(3))))
+    index = next(cache_root.rglob("*.json"))
+    info = json.loads(index.read_text())
+    info["file"] = str(victim) if name == "ABS" else name
+    assert (index.parent / info["file"]).resolve() == victim.resolve()
+    index.write_text(json.dumps(info))
+    arr, rows = ActivationCache(cache_root, KEY).get({"view": 0}, shas(4), src.compute(list(range(4))))
+    assert victim.read_text() == "keep me"
+    np.testing.assert_array_equal(np.asarray(arr)[rows], src.data[:4].astype(np.float16))
+
+
 # ---------------------------------------------------------------- ActivationBank
 
 def bank_views(tmp_path, n: int = 12):

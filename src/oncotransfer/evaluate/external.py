@@ -9,16 +9,18 @@ import pandas as pd
 
 from oncotransfer.data.overlap import find_overlap, training_reference
 from oncotransfer.errors import OncoError
+from oncotransfer.runtables import check_split
 
 
 def overlap_checked(run_dir: str | Path, df: pd.DataFrame, folds: list[int], size: int
                     ) -> tuple[pd.DataFrame, dict | None]:
     """(predictions without the hash columns, the overlap summary for metrics and report; None when the run
-    has no split.csv to compare with). The clean remainder is scored with the run's own metric settings."""
+    has no split.csv to compare with). The clean remainder is scored with the run's own metric settings.
+    A missing or damaged split.csv is an error (``runtables.check_split``): a skipped check would let training
+    images be scored as external ones without a word."""
     run_dir = Path(run_dir)
     shas, phash = df.pop("sha256").tolist(), df.pop("phash")
-    if not (run_dir / "split.csv").is_file():
-        return df, None
+    check_split(run_dir)
     ref = training_reference(run_dir, folds, size)
     ph = None if phash.isna().any() else phash.to_numpy(dtype=np.uint64)
     ov = find_overlap(shas, ph, ref)

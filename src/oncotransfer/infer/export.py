@@ -72,6 +72,7 @@ def export_run(run_dir: str | Path, fmt: Literal["onnx", "torchscript"] = "onnx"
     from oncotransfer.infer.predict import checkpoint_digest
     from oncotransfer.infer.predict import Predictor
     from oncotransfer.io import write_json
+    from oncotransfer.rundir import file_digest
     say = log or (lambda s: None)
     if fmt not in ("onnx", "torchscript"):
         raise ConfigError(f"--format {fmt!r}: expected onnx or torchscript")
@@ -112,7 +113,8 @@ def export_run(run_dir: str | Path, fmt: Literal["onnx", "torchscript"] = "onnx"
         raise ExportParityError(f"{path.name}: exported outputs differ from PyTorch by {diff:.2e} "
                                 f"(> {PARITY_TOL:g}) on {len(ref)} images; the export was removed")
     write_json(out_dir / "model.json", {
-        "format": fmt, "file": path.name, "oncotransfer_version": __version__, "classes": meta["classes"],
+        "format": fmt, "file": path.name, **file_digest(path), "oncotransfer_version": __version__,
+        "classes": meta["classes"],
         "preprocessing": {**pre, "resize": pre.get("resize", "squash-bilinear-antialias"),
                           "note": "RGB, squash-resize to size x size, scale to [0, 1], (x - mean) / std"},
         "backbone": meta["backbone"], "checkpoint_digest": checkpoint_digest(run_dir),

@@ -15,7 +15,7 @@ from oncotransfer.data.readers import MAX_PIXELS, ImageReadError, is_readable_na
 from oncotransfer.data.readers.quality import blank_reason
 from oncotransfer.errors import CheckpointError, ConfigError, DataError
 from oncotransfer.io import atomic_to_csv, atomic_write_bytes
-from oncotransfer.rundir import predictions_table
+from oncotransfer.rundir import export_fix, predictions_table, read_export_info, verified_bytes
 
 Engine = Literal["auto", "torch", "onnx"]
 DEFAULT_COVERAGE = 0.9
@@ -105,8 +105,7 @@ class Predictor:
                 raise CheckpointError(f"{run_dir}/export was written without the run's out-of-distribution detector "
                                       f"(or with another one); run `oncotransfer export {run_dir}` again or use "
                                       "--engine torch")
-            from oncotransfer.runtime import ort_session
-            session = ort_session(onnx_path)
+            session = _onnx_session(run_dir, onnx_path)
         return cls(members[0], meta, "onnx" if use_onnx else "torch", session, run_dir, ensemble, info, ood)
 
     @property
@@ -292,12 +291,10 @@ class Predictor:
 
 def _export_members(run_dir: Path) -> list[dict] | None:
     """The members (fold, temperature) the export holds; None for an export written before they were listed."""
-    info = run_dir / "export" / "model.json"
-    if not info.is_file():
+    info = read_export_info(run_dir)
+    if info is None or info.members is None:
         return None
-    members = json.loads(info.read_text()).get("members")
-    return None if members is None else [{"fold": int(m["fold"]), "temperature": m.get("temperature")}
-                                         for m in members]
+    return [{"fold": m.fold, "temperature": m.temperature} for m in info.members]
 
 
 def _ood_digest(ood) -> str | None:
@@ -307,19 +304,17 @@ def _ood_digest(ood) -> str | None:
 
 def _export_ood(run_dir: Path) -> str | None:
     """The detector digest an export holds (None: an export without an ``ood_score`` output)."""
-    try:
-        return (json.loads((run_dir / "export" / "model.json").read_text()).get("ood") or {}).get("tensors_sha256")
-    except (OSError, ValueError, AttributeError):
-        return None
+    info = read_export_info(run_dir)
+    ood = (info.ood or {}) if info is not None else {}
+    return ood.get("tensors_sha256") if isinstance(ood, dict) else None
 
 
 def _check_export_matches(run_dir: Path, meta: dict, members: list[dict] | None = None) -> None:
     """An export written before the checkpoint changed (or of other fold models, or temperatures) would
     silently answer for another model."""
-    info = run_dir / "export" / "model.json"
-    if info.is_file():
-        exported = json.loads(info.read_text())
-        if exported.get("classes") != meta["classes"] or exported.get("checkpoint_digest") not in (
+    exported = read_export_info(run_dir)
+    if exported is not None:
+        if exported.classes != meta["classes"] or exported.checkpoint_digest not in (
                 None, checkpoint_digest(run_dir)):
             raise CheckpointError(f"{run_dir}/export is stale (classes or weights differ from the checkpoint); "
                                   f"run `oncotransfer export {run_dir}` again or use --engine torch")
@@ -328,6 +323,22 @@ def _check_export_matches(run_dir: Path, meta: dict, members: list[dict] | None 
             raise CheckpointError(f"{run_dir}/export holds fold model(s) {[m['fold'] for m in held]} but "
                                   f"{[m['fold'] for m in members]} were asked for; export again with the same "
                                   "--fold or use --engine torch")
+
+
+def _onnx_session(run_dir: Path, path: Path):
+    """An ONNX Runtime session of the export, its file checked against model.json's digest first; a damaged
+    file is one line naming it."""
+    from oncotransfer.errors import MissingExtraError
+    from oncotransfer.runtime import ort_session
+    info = read_export_info(run_dir)
+    verified_bytes(path, info, "export/model.json", export_fix(run_dir))
+    try:
+        return ort_session(path)
+    except MissingExtraError:
+        raise
+    except Exception as e:  # onnxruntime raises its own error types for a damaged model
+        raise CheckpointError(f"{path}: does not load ({str(e).splitlines()[0][:100]}); the file is damaged: "
+                              f"{export_fix(run_dir)}") from None
 
 
 def checkpoint_digest(run_dir: Path) -> str:

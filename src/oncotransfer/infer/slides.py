@@ -21,7 +21,7 @@ from PIL import Image
 from oncotransfer.errors import CheckpointError, ConfigError, DataError
 from oncotransfer.evaluate.slides import aggregate, describe_aggregate, parse_aggregate
 from oncotransfer.io import sha256_file
-from oncotransfer.rundir import read_checkpoint_meta, read_ood_meta
+from oncotransfer.rundir import read_checkpoint_meta, read_export_info, read_ood_meta
 
 
 class TileModel:
@@ -78,13 +78,17 @@ class TileModel:
 
 def _export_current(run_dir: Path, meta: dict) -> dict | None:
     """export/model.json when the ONNX export holds exactly the run's models and out-of-distribution detector,
-    else None (an export written before the run had a detector lacks the ``ood_score`` output: stale)."""
+    else None (an export written before the run had a detector lacks the ``ood_score`` output: stale). A damaged
+    model.json, or a model file that differs from its digest, is stale too: exported again."""
     try:
-        info = json.loads((run_dir / "export" / "model.json").read_text())
-    except (OSError, ValueError):
+        typed = read_export_info(run_dir)
+    except CheckpointError:
         return None
-    if info.get("format") != "onnx" or not (run_dir / "export" / str(info.get("file"))).is_file():
+    if typed is None or typed.format != "onnx" or not (run_dir / "export" / typed.file).is_file():
         return None
+    if typed.sha256 is not None and sha256_file(run_dir / "export" / typed.file) != typed.sha256:
+        return None
+    info = typed.content()
     folds = meta.get("folds") or [{"fold": int(meta.get("fold") or 0), "temperature": meta.get("temperature")}]
     members = [{"fold": int(f["fold"]), "temperature": f.get("temperature")} for f in folds]
     ok = (info.get("classes") == meta.get("classes") and info.get("checkpoint_digest") in (None, sha256_file(run_dir / "checkpoint" / "model.safetensors"))

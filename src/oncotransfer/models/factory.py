@@ -6,9 +6,13 @@ from pathlib import Path
 
 import torch
 
+from pydantic import ValidationError
+
 from oncotransfer.config import HeadConfig, ModelConfig
+from oncotransfer.errors import CheckpointError
 from oncotransfer.models.backbones import get_backbone, with_normalisation
-from oncotransfer.models.checkpoint import fold_entry, fold_entries, fold_tensors, read_checkpoint
+from oncotransfer.models.checkpoint import (RETRAIN, checkpoint_dir, fold_entry, fold_entries, fold_tensors,
+                                            read_checkpoint)
 from oncotransfer.models.classifier import Classifier, feature_width
 from oncotransfer.models.heads import create_head
 from oncotransfer.models.weights import WeightsInfo, build_backbone
@@ -64,7 +68,12 @@ def _build(meta: dict, backbone=None):
     if backbone is None:
         backbone, _ = build_backbone(spec, "none")
     pool = int(((meta.get("config") or {}).get("model") or {}).get("pool_stages") or 1)
-    head = create_head(HeadConfig(**meta["head"]), feature_width(backbone, pool), len(meta["classes"]))
+    try:
+        head_cfg = HeadConfig(**(meta.get("head") or {}))
+    except (ValidationError, TypeError) as e:
+        raise CheckpointError(f"meta.json: head: {str(e).splitlines()[-1].strip()[:100]}; the file is damaged or "
+                              f"was edited by hand: {RETRAIN}") from None
+    head = create_head(head_cfg, feature_width(backbone, pool), len(meta["classes"]))
     w = meta.get("weights") or {}
     info = WeightsInfo(w.get("source", "checkpoint"), w.get("digest", ""), tuple(pre["mean"]), tuple(pre["std"]))
     return Classifier(backbone, head, spec, int(pre["size"]), info, freeze=meta.get("freeze", "frozen"),
@@ -78,7 +87,7 @@ def load_classifier(run_dir: str | Path, fold: int = 0):
     state, meta = read_checkpoint(run_dir)
     entry = fold_entry(Path(run_dir), meta, fold)
     model = _build(meta)
-    model.load_state_dict({**state, **fold_tensors(Path(run_dir), entry)}, strict=True)
+    _fill(model, {**state, **fold_tensors(Path(run_dir), entry)}, Path(run_dir), entry)
     return model.eval(), {**meta, "fold": int(entry["fold"]), "temperature": entry.get("temperature")}
 
 
@@ -96,11 +105,22 @@ def load_members(run_dir: str | Path, fold: int | None = None):
         if shared is not None and not any(k.startswith("backbone.") for k in extra):
             model = _build(meta, backbone=shared)
             full = {**state, **extra}
-            model.head.load_state_dict({k[5:]: v for k, v in full.items() if k.startswith("head.")}, strict=True)
+            _fill(model.head, {k[5:]: v for k, v in full.items() if k.startswith("head.")}, run_dir, e)
         else:
             model = _build(meta)
-            model.load_state_dict({**state, **extra}, strict=True)
+            _fill(model, {**state, **extra}, run_dir, e)
             if shared is None and not any(k.startswith("backbone.") for k in extra):
                 shared = model.backbone  # fold 0's own backbone, or one no fold file overrides
         members.append(model.eval())
     return members, entries, meta
+
+
+def _fill(module: torch.nn.Module, state: dict[str, torch.Tensor], run_dir: Path, entry: dict) -> None:
+    """``load_state_dict(strict=True)``, a mismatch (a fold file of a run with other classes or another backbone,
+    written before files carried digests) named in one line instead of torch's page of missing keys."""
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())
+        raise CheckpointError(f"{checkpoint_dir(run_dir) / entry['file']}: tensors do not fit the model meta.json "
+                              f"describes ({detail[:140]}); it belongs to another run: {RETRAIN}") from None

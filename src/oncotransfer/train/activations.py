@@ -8,9 +8,11 @@ being loaded, so memory stays bounded.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -57,7 +59,10 @@ class ActivationCache:
     """One fp16 ``.npy`` per (model key + cut, view key), rows addressed by image content hash.
 
     ``<view>.json`` names the ``.npy`` that holds its rows; a new version of the rows gets a new file name and
-    the JSON is replaced last, so a reader never pairs an index with a half-written array.
+    the JSON is replaced last, so a reader never pairs an index with a half-written array. The index also holds
+    the view key and a digest of (view key, row hashes, the ``.npy`` file's bytes): rows swapped in the index,
+    arrays zeroed or exchanged between views are dropped with a warning and recomputed, never used. The file
+    name in an index is never trusted as a path: only ``<view>.<rows>.<pid>.npy`` beside it is read or removed.
     """
 
     def __init__(self, root: str | Path | None, model_key: dict, engine: str = "torch"):
@@ -86,17 +91,26 @@ class ActivationCache:
             return [], None
         try:
             info = json.loads(index.read_text())
-            arr = np.load(index.parent / info["file"], mmap_mode="r")
-            if arr.shape[0] != len(info["shas"]):
-                raise ValueError("row count differs from the index")
+            path = _entry_file(index, info)
+            shas = info["shas"]
+            if not isinstance(shas, list) or not all(isinstance(h, str) for h in shas):
+                raise ValueError("the index's row hashes are not a list of strings")
+            if json.dumps(info.get("view"), sort_keys=True) != json.dumps(view_key, sort_keys=True):
+                raise ValueError("the index belongs to another view")
+            if info.get("sha256") != _entry_digest(view_key, shas, path):
+                raise ValueError("content differs from the digest in its index (rows swapped, arrays changed "
+                                 "or exchanged, or written before entries carried digests)")
+            arr = np.load(path, mmap_mode="r")
+            if arr.dtype != np.float16 or arr.ndim < 2 or arr.shape[0] != len(shas):
+                raise ValueError(f"array {arr.dtype} {tuple(arr.shape)} does not fit the index's {len(shas)} rows")
         except FileNotFoundError:
             return [], None  # another process replaced the entry between our reads: computed again
-        except (OSError, ValueError, EOFError, KeyError, TypeError, json.JSONDecodeError) as e:  # EOF: empty file
+        except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as e:  # EOF: empty file
             # A damaged entry is recomputed, not trusted; its new file replaces the index.
             log.warning(f"warning: activation cache entry {index} is damaged ({str(e).splitlines()[0][:120]}); "
                         "dropped, its activations are recomputed")
             return [], None
-        return info["shas"], arr
+        return shas, arr
 
     def get(self, view_key: dict, shas: list[str], compute: Callable[[list[int]], np.ndarray],
             chunk: int = 256, on_missing: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -121,12 +135,12 @@ class ActivationCache:
                chunks) -> np.ndarray:
         index = self._index_file(view_key)
         index.parent.mkdir(parents=True, exist_ok=True)
-        old_name = None
+        old = None
         if index.is_file():
             try:
-                old_name = json.loads(index.read_text()).get("file")
-            except (OSError, json.JSONDecodeError):
-                old_name = None
+                old = _entry_file(index, json.loads(index.read_text()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                old = None  # a damaged index names no file we may remove
         first = next(chunks)
         n_old = 0 if old_arr is None else len(old_arr)
         shape = (n_old + len(added), *first.shape[1:])
@@ -152,11 +166,30 @@ class ActivationCache:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        atomic_write_bytes(index, json.dumps({"file": name, "shas": known + added, "view": view_key,
-                                              "shape": list(shape)}).encode())
-        if old_name and old_name != name:
-            (index.parent / old_name).unlink(missing_ok=True)
+        shas = known + added
+        atomic_write_bytes(index, json.dumps({"file": name, "shas": shas, "view": view_key, "shape": list(shape),
+                                              "sha256": _entry_digest(view_key, shas, index.parent / name)}).encode())
+        if old is not None and old.name != name:
+            old.unlink(missing_ok=True)
         return np.load(index.parent / name, mmap_mode="r")
+
+
+def _entry_file(index: Path, info: dict) -> Path:
+    """The ``.npy`` an index names, only if it is this index's own file beside it (``<stem>.<rows>.<pid>.npy``):
+    a name that climbs out of the cache (``../../x``) or points elsewhere is a damaged index, never a path."""
+    name = info["file"]
+    if not isinstance(name, str) or not re.fullmatch(re.escape(index.stem) + r"\.[0-9]+\.[0-9]+\.npy", name):
+        raise ValueError(f"index names {str(name)[:60]!r}, not a file of this cache entry")
+    return index.parent / name
+
+
+def _entry_digest(view_key: dict, shas: list[str], path: Path) -> str:
+    """What an entry was computed from and holds: view key, row hashes in order, and the array file's bytes."""
+    h = hashlib.sha256(json.dumps({"view": view_key, "shas": shas}, sort_keys=True, default=str).encode())
+    with open(path, "rb") as f:  # read, not memory-mapped: hashing must not make the whole array resident
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class ActivationBank:

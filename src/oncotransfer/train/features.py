@@ -125,7 +125,7 @@ class FeatureCache:
         main = D.is_main()
         have: dict[str, torch.Tensor] = {}
         if main and path.is_file():
-            have = _read_entry(path)
+            have = _read_entry(path, view_key)
         missing = D.broadcast([i for i, s in enumerate(shas) if s not in have] if main else None)
         self.hits += len(shas) - len(missing)
         self.misses += len(missing)
@@ -136,25 +136,42 @@ class FeatureCache:
             for j, i in enumerate(missing):
                 have[shas[i]] = new[j]
             keys = list(have)
-            atomic_save_tensors({"features": torch.stack([have[k] for k in keys])}, path,
-                                {"shas": json.dumps(keys), "view": json.dumps(view_key, sort_keys=True)})
+            feats = torch.stack([have[k] for k in keys]).contiguous()
+            atomic_save_tensors({"features": feats}, path,
+                                {"shas": json.dumps(keys), "view": json.dumps(view_key, sort_keys=True),
+                                 "sha256": _entry_digest(view_key, keys, feats)})
         return D.broadcast(torch.stack([have[s] for s in shas]))
 
 
-def _read_entry(path: Path) -> dict[str, torch.Tensor]:
+def _read_entry(path: Path, view_key: dict) -> dict[str, torch.Tensor]:
     """Rows of one cache file by image hash; a file that does not load (cut short by a kill before writes were
-    atomic, damaged on disk) or whose rows disagree with its index is dropped with a warning and recomputed."""
+    atomic, damaged on disk), of another view, or whose rows disagree with the digest written beside them (rows
+    swapped or changed, a file written before entries carried digests) is dropped with a warning and recomputed."""
     try:
         tensors, metadata = read_tensors(path)  # one read: another process may rename a new version over it
         known, feats = json.loads(metadata["shas"]), tensors["features"]
+        if not isinstance(known, list) or not all(isinstance(h, str) for h in known):
+            raise ValueError("its row hashes are not a list of strings")
         if feats.ndim != 2 or feats.shape[0] != len(known):
             raise ValueError(f"{feats.shape[0]} rows for {len(known)} images")
+        if json.loads(metadata.get("view", "null")) != json.loads(json.dumps(view_key, default=str)):
+            raise ValueError("it holds another view's features")
+        if metadata.get("sha256") != _entry_digest(view_key, known, feats):
+            raise ValueError("content differs from the digest written with it")
     except Exception as e:  # safetensors raises its own error types for a damaged file
         log.warning(f"warning: feature cache entry {path} is damaged ({str(e).splitlines()[0][:120]}); "
                     "dropped, its features are recomputed")
         path.unlink(missing_ok=True)
         return {}
     return {s: feats[i] for i, s in enumerate(known)}
+
+
+def _entry_digest(view_key: dict, shas: list[str], feats: torch.Tensor) -> str:
+    """What an entry was computed from and holds: view key, row hashes in order, and the feature bytes."""
+    h = hashlib.sha256(json.dumps({"view": view_key, "shas": shas}, sort_keys=True, default=str).encode())
+    h.update(str(feats.dtype).encode() + str(tuple(feats.shape)).encode())
+    h.update(feats.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def cache_digest(obj: dict) -> str:
