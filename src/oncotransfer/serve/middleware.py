@@ -71,6 +71,8 @@ def open_log(target: str | Path) -> IO[str]:
     try:
         fd = os.open(target, flags, 0o640)
     except OSError as e:
+        if os.path.exists(target) and not os.path.isdir(target) and not os.path.isfile(target):
+            raise ConfigError(f"--log-file {target} is not a regular file; {fix}") from None  # a FIFO, a socket
         raise ConfigError(f"--log-file {target}: cannot open it to append ({e.strerror}); {fix}") from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode) and not os.path.samefile(target, os.devnull):
