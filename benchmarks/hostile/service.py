@@ -50,12 +50,18 @@ def serve(t: Path, name: str, opts: list[str], needles: tuple[str, ...], setup=N
 
 
 def scenario(t: Path, name: str, scen: str, opts: list[str] = (), timeout: float = 240) -> Case:
-    c = Case(FAMILY, name, [], False, ("verdict: ok",), timeout=timeout)
+    c = Case(FAMILY, name, [], False, ("verdict: ok",), timeout=timeout, check=no_raw_controls)
 
     def prepare() -> None:
         c.cmd = [sys.executable, CLIENT, str(newest_run(t)), scen, *opts]
     c.setup = prepare
     return c
+
+
+def no_raw_controls(r, t) -> tuple[str, str] | None:
+    """The server's own output (its stderr is printed by the client) holds no raw terminal control character."""
+    bad = sorted({repr(c) for c in r.out if (ord(c) < 32 and c not in "\n\t") or 0x7f <= ord(c) <= 0x9f})
+    return ("security", f"raw control characters printed: {bad}") if bad else None
 
 
 def token(t: Path, kind: str):
