@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("ONCOTRANSFER_ID_SALT", "benchmark")  # no key file written on the benchmark machine
+os.environ.setdefault("ONCOTRANSFER_ID_SALT", "benchmark-id-salt-16+bytes")  # no key file written on the benchmark machine
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 

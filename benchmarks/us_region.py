@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("ONCOTRANSFER_ID_SALT", "benchmark")
+os.environ.setdefault("ONCOTRANSFER_ID_SALT", "benchmark-id-salt-16+bytes")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))

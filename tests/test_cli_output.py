@@ -156,3 +156,42 @@ def test_grid_data_option_and_json_summary(tmp_path, monkeypatch, capsys):
     doc = json.loads(out)
     assert doc["grid"] == "tiny" and [c["n"] for c in doc["cells"]] == [2] and doc["report"].endswith("report.html")
     assert "runs: 2/2 done" in err.splitlines()
+
+
+HOSTILE_NAMES = ["x\x1b]0;owned\x07.png", "\x1b[2J\x1b[3Jclear.png", "bell\x07.png", "csi\x9b31m.png",
+                 "back\x08\x08\x08.png", "cr\rspoof.png", "bidi\u202egnp.exe", "nul\x00.png", "del\x7f.png"]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+@pytest.mark.parametrize("tty", [False, True])
+def test_user_text_never_reaches_the_terminal_as_control_codes(monkeypatch, name: str, tty: bool):
+    """A file name, label or class name with escapes prints as visible text on a terminal and in a pipe, in plain
+    lines, tables (cells and headers) and progress logs; rich markup in a name prints literally."""
+    term = Terminal() if tty else io.StringIO()
+    monkeypatch.setattr(sys, "stdout", term)
+    monkeypatch.setenv("NO_COLOR", "1")  # rich's own styling would add ESC on a terminal otherwise
+    s = Stream()
+    s.width = 400
+    s.print(f"warning: unreadable, skipped: {name}")
+    table(s, ["path", f"[red]{name}"], [[f"[bold]{name}", 1]])
+    LineProgress(s).log(name)
+    out = term.getvalue()
+    assert not [c for c in out if (ord(c) < 32 and c not in "\n\t") or 0x7f <= ord(c) <= 0x9f
+                or 0x202a <= ord(c) <= 0x202e], repr(out)
+    assert f"[red]{cli_safe(name)}" in out and f"[bold]{cli_safe(name)}" in out
+
+
+def cli_safe(name: str) -> str:
+    from oncotransfer.cli_output import safe_text
+    return safe_text(name)
+
+
+def test_safe_text_writes_controls_out_and_keeps_the_rest():
+    from oncotransfer.cli_output import safe_text
+    assert safe_text("a\x1b[31mb\tc\nd") == "a\\x1b[31mb\tc\nd"
+    assert safe_text("\u202e") == "\\u202e" and safe_text("naïve ü 漢字") == "naïve ü 漢字"
+
+
+def test_error_line_with_escapes_in_a_path_is_escaped(monkeypatch, capsys, tmp_path):
+    code, out, err = run(monkeypatch, capsys, "data", "inspect", str(tmp_path / "x\x1b]0;owned\x07"))
+    assert code == 2 and "\x1b" not in err and "\x07" not in err and "x\\x1b]0;owned\\x07" in err

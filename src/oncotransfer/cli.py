@@ -341,18 +341,19 @@ def serve(run_dir: Path = typer.Argument(..., help="run directory"),
     """Serve the model: POST /predict, GET /health, and an upload page at /."""
     from oncotransfer.serve.app import create_app
     from oncotransfer.serve.limits import ServeLimits
-    from oncotransfer.serve.server import read_token, run_server
+    from oncotransfer.serve.server import listen_socket, read_token, run_server
     token = read_token(token_file) if token_file else None
     limits = ServeLimits(max_concurrent=max_concurrent, max_queue=max_queue, timeout_s=timeout,
                          max_pixels=max_pixels, max_decode_mb=max_decode_mb, header_timeout_s=header_timeout,
                          body_timeout_s=body_timeout)
+    sock = listen_socket(host, port)  # bound before the model loads: a port in use is said at once
     application = create_app(run_dir, engine=engine, max_upload_mb=max_upload_mb, fold=fold, limits=limits,
                              token=token, access_log=log_file, coverage=coverage)
     p, g = application.state.predictor, application.state.gate
     err.print(f"serving {run_dir} on http://{host}:{port}/ ({p.describe()}, engine {p.engine}; "
               f"{g.max_concurrent} at once + {g.max_queue} waiting, {timeout:g} s limit"
               f"{', bearer token required' if token else ''})", highlight=False, soft_wrap=True)
-    run_server(application, host, port, limits)
+    run_server(application, host, port, limits, sock)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,16 @@ from typing import Any, Iterator, Sequence, TextIO
 from rich.console import Console
 
 WIDE = 10_000  # off a terminal rich would cut everything to 80 columns
+
+# C0 controls but tab and newline, DEL, C1 controls (0x9b is a one-byte CSI), and the bidi overrides that reorder what
+# a terminal shows: a file name, label or class name holding them could retitle, clear or spoof the terminal.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def safe_text(text: str) -> str:
+    """``text`` with every terminal control character written out (ESC -> ``\\x1b``), so that user-controlled
+    names print as what they are and never act on the terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
 
 
 def no_color() -> bool:
@@ -57,6 +68,8 @@ class Stream:
     def print(self, *objects: Any, markup: bool = False, **kw: Any) -> None:
         """Text as it is (no rich markup unless ``markup=True``), or any rich renderable."""
         kw.pop("highlight", None)
+        # Everything printed passes here; the tool's own text holds no control character, a user's name may.
+        objects = tuple(safe_text(o) if isinstance(o, str) else o for o in objects)
         if not markup and all(isinstance(o, str) for o in objects):
             sep, end = kw.get("sep", " "), kw.get("end", "\n")
             self.file.write(sep.join(objects) + end)
@@ -67,12 +80,15 @@ class Stream:
 
 def table(stream: Stream, columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> None:
     """A rich table on a terminal; otherwise a header and space-aligned rows, nothing cut."""
-    cells = [[str(c) for c in row] for row in rows]
+    cells = [[safe_text(str(c)) for c in row] for row in rows]
     if stream.tty:
         from rich.table import Table
-        t = Table(*columns, title=title)
+        from rich.text import Text
+        t = Table(title=title and Text(safe_text(title)))
+        for c in columns:
+            t.add_column(Text(safe_text(c)))
         for row in cells:
-            t.add_row(*row)
+            t.add_row(*map(Text, row))  # Text, not str: a file name like "[red]x.png" is not rich markup
         stream.rich().print(t)
         return
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
@@ -133,7 +149,7 @@ class BarProgress:
         self.tasks: dict[str, Any] = {}
 
     def log(self, line: str) -> None:
-        self.bars.console.print(line, markup=False, highlight=False)
+        self.bars.console.print(safe_text(line), markup=False, highlight=False)
 
     def progress(self, task: str, done: int, total: int) -> None:
         if task not in self.tasks:

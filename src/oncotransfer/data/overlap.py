@@ -10,6 +10,7 @@ import pandas as pd
 
 from oncotransfer.data.checks import skipped_summary
 from oncotransfer.data.manifest import Manifest
+from oncotransfer.io import read_csv
 
 NEAR_BITS = 4
 """Hamming distance of 64-bit pHashes at or below which two images count as near-identical: the threshold the
@@ -74,7 +75,7 @@ def training_reference(run_dir: str | Path, folds: list[int] | None = None, size
     from oncotransfer.data.images import decode_many
     from oncotransfer.data.manifest import sha256_file
     run_dir = Path(run_dir)
-    split = pd.read_csv(run_dir / "split.csv", dtype={"path": str, "sha256": str, "phash": str})
+    split = read_csv(run_dir / "split.csv", dtype={"path": str, "sha256": str, "phash": str})
     if folds is not None:
         split = split[split["fold"].isin(folds)]
     with_val = set(split.loc[split["subset"] == "val", "fold"])

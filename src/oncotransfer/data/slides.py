@@ -23,6 +23,7 @@ from oncotransfer.data.readers.slide import (SLIDE_SUFFIXES, SlideError, SlideRe
                                              open_slide, slide_mpp, slide_property)
 from oncotransfer.data.tissue import TISSUE_MODES, tissue_mask
 from oncotransfer.errors import ConfigError, DataError, OncoError
+from oncotransfer.io import atomic_to_csv
 
 __all__ = ["SLIDE_SUFFIXES", "TISSUE_MODES", "SlideError", "open_slide", "plan", "thumbnail", "tissue_mask",
            "tile_slides", "find_slides"]
@@ -346,7 +347,7 @@ def tile_slides(source: str | Path, out_dir: str | Path, tile_size: int = 224, m
         raise DataError(f"{source}: no tile has at least {min_tissue:g} tissue; lower --min-tissue or choose "
                         f"--tissue brightfield or fluorescence; thumbnails in {out / 'thumbnails'}")
     cols = ["path", "label", "slide", "patient", "x", "y", "tissue"]
-    pd.DataFrame(rows, columns=cols).to_csv(out / "manifest.csv", index=False)
+    atomic_to_csv(pd.DataFrame(rows, columns=cols), out / "manifest.csv", index=False)
     (out / "tiling.json").write_text(json.dumps({
         "tile_size": tile_size, "mpp": mpp, "magnification": magnification, "mpp_source": mpp_source,
         "min_tissue": min_tissue, "tissue": tissue, "labels": str(labels) if labels else None, "slides": infos,

@@ -24,7 +24,11 @@ from oncotransfer.evaluate.plots import (plot_confusion, plot_history, plot_reli
                                          plot_roc, save_figure)
 from oncotransfer.evaluate.render import fmt, fmt_ci, fmt_mean_sd, slug, write_report
 from oncotransfer.evaluate.ood import ood_lines, ood_summary
+<<<<<<< HEAD
 from oncotransfer.runtables import read_predictions
+=======
+from oncotransfer.io import read_csv
+>>>>>>> outputs
 from oncotransfer.rundir import mark_unfinished, read_ood_meta, read_run_info, write_metrics
 
 
@@ -284,7 +288,7 @@ def _figures(run: Path, metrics: dict[str, Any], info: dict[str, Any], y_true: n
     figures: list[tuple[str, Path]] = []
     hist_path = run / "history.csv"
     if hist_path.is_file():
-        history = pd.read_csv(hist_path)
+        history = read_csv(hist_path)
         if not history.empty:
             best = {int(k): int(v) for k, v in (info.get("best_epochs") or {}).items()}
             figures.append(("Training history", save_figure(plot_history(history, best), run / "plots/history.png")))
@@ -326,7 +330,11 @@ def evaluate_run(run_dir: str | Path, predictions: pd.DataFrame | None = None,
     run = Path(run_dir)
     info, cfg, cfg_text = _read_run(run, need_predictions=predictions is None)
     if predictions is None:
+<<<<<<< HEAD
         predictions = read_predictions(run / "predictions.csv", info.get("classes"))
+=======
+        predictions = read_csv(run / "predictions.csv", dtype={"label": str, "pred": str, "path": str})
+>>>>>>> outputs
         predictions = attach_slides(predictions, (cfg.get("data") or {}).get("path"))
     if predictions.empty:
         raise DataError(f"{run}: the predictions have no rows; check that the test subset is not empty")

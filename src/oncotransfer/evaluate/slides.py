@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from oncotransfer.errors import ConfigError, DataError
+from oncotransfer.io import atomic_to_csv, read_csv
 from oncotransfer.evaluate.metrics import classification_metrics, resolve_positive
 
 
@@ -82,7 +83,7 @@ def attach_slides(predictions: pd.DataFrame, data_path: str | None) -> pd.DataFr
     if csv.suffix.lower() != ".csv" or not csv.is_file():
         return predictions
     try:
-        m = pd.read_csv(csv, dtype=str, keep_default_na=False)
+        m = read_csv(csv, dtype=str, keep_default_na=False)
     except (OSError, ValueError):
         return predictions
     if not {"path", "slide"} <= set(m.columns):
@@ -112,7 +113,7 @@ def slide_metrics(predictions: pd.DataFrame, classes: list[str], spec: str = "me
         predictions = predictions.assign(fold=0)
     table = slide_table(predictions, classes, spec, positive_classes)
     if table_csv is not None:
-        table.to_csv(table_csv, index=False)
+        atomic_to_csv(table, table_csv, index=False)
     from oncotransfer.evaluate.plots import as_indices
     cols = [f"prob_{c}" for c in classes]
     kw = {"classes": classes, "positive_classes": positive_classes, "bootstrap": bootstrap}

@@ -12,6 +12,7 @@ from torch import nn
 
 from oncotransfer import __version__
 from oncotransfer.errors import ConfigError, OncoError
+from oncotransfer.io import read_csv
 
 PARITY_TOL = 1e-4
 
@@ -50,7 +51,7 @@ def parity_images(run_dir: Path, meta: dict, size: int, limit: int = 8) -> torch
         try:
             root = resolve_data_path(data_path)
             root = root.parent if root.is_file() else root
-            rel = pd.read_csv(split)["path"].astype(str).tolist()
+            rel = read_csv(split, dtype={"path": str})["path"].astype(str).tolist()
             paths = [str(p if Path(p).is_absolute() else root / p) for p in rel]
             paths = [p for p in paths if Path(p).is_file()][:limit]
         except (OncoError, OSError, KeyError, pd.errors.ParserError):

@@ -20,7 +20,7 @@ from PIL import Image
 
 from oncotransfer.errors import CheckpointError, ConfigError, DataError
 from oncotransfer.evaluate.slides import aggregate, describe_aggregate, parse_aggregate
-from oncotransfer.io import sha256_file
+from oncotransfer.io import atomic_to_csv, sha256_file
 from oncotransfer.rundir import read_checkpoint_meta, read_export_info, read_ood_meta
 
 
@@ -299,7 +299,7 @@ def predict_slides(run_dir: str | Path, sources: list[str], out: str | Path, agg
         if warn and warn not in warned:
             warned.add(warn)
             say(warn)
-        df.to_csv(folder / f"{geom.slide}_tiles.csv", index=False)
+        atomic_to_csv(df, folder / f"{geom.slide}_tiles.csv", index=False)
         if len(probs) == 0:
             errors[str(path)] = f"{path}: no tissue tile found (min tissue {min_tissue:g}); lower --min-tissue"
             continue
@@ -322,7 +322,7 @@ def predict_slides(run_dir: str | Path, sources: list[str], out: str | Path, agg
         first = next(iter(errors.values()))
         raise DataError(first if len(errors) == 1 else f"no slide could be scored ({len(errors)} failed), e.g. {first}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    summary.to_csv(out, index=False)
+    atomic_to_csv(summary, out, index=False)
     return summary, errors
 
 

@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from oncotransfer import __version__
 from oncotransfer.data.readers import ImageReadError, ImageTooLargeError, SlideError
 from oncotransfer.errors import ConfigError
-from oncotransfer.serve.limits import Gate, ServeLimits
+from oncotransfer.serve.limits import Gate, ServeLimits, check_limit
 from oncotransfer.serve.middleware import AccessLog, ServiceMiddleware
 
 STATIC = Path(__file__).parent / "static"
@@ -59,6 +59,8 @@ def create_app(run_dir: str | Path, engine: str = "auto", max_upload_mb: float =
     if not 0 <= coverage <= 1:
         raise ConfigError(f"coverage {coverage:g}: expected a share of images between 0 and 1 (e.g. 0.9)")
     limits = limits or ServeLimits()
+    check_limit("--max-upload-mb", max_upload_mb)
+    access = AccessLog(access_log)  # a bad --log-file is said before the model loads
     predictor = Predictor.from_run(run_dir, engine, fold)
     limit = int(max_upload_mb * 1024 * 1024)
     lock = threading.Lock()  # torch inference and Grad-CAM one at a time: torch uses every core, Grad-CAM hooks
@@ -72,7 +74,7 @@ def create_app(run_dir: str | Path, engine: str = "auto", max_upload_mb: float =
     app.state.gate = gate
     app.state.limits = limits
     app.add_middleware(ServiceMiddleware, gate=gate, token=token, upload_limit=limit, max_upload_mb=max_upload_mb,
-                       body_timeout_s=limits.body_timeout_s, access_log=AccessLog(access_log))
+                       body_timeout_s=limits.body_timeout_s, access_log=access)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 from oncotransfer.data.readers import MAX_PIXELS
+from oncotransfer.errors import ConfigError
 from oncotransfer.runtime import usable_cores
 
 T = TypeVar("T")
@@ -32,10 +33,28 @@ class ServeLimits:
     body_timeout_s: float = 60.0  # and its body within this after the headers
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
 
+    def __post_init__(self) -> None:
+        # typer's min= lets nan, inf and (for fields without one) negatives through; each would fail deep inside
+        # (int(nan) in the gate, wait_for(nan)) or switch a limit off.
+        for option, value, low in (("--timeout", self.timeout_s, 0), ("--max-decode-mb", self.max_decode_mb, 0),
+                                   ("--header-timeout", self.header_timeout_s, 0),
+                                   ("--body-timeout", self.body_timeout_s, 0), ("keep_alive_s", self.keep_alive_s, 0),
+                                   ("--max-pixels", self.max_pixels, 0), ("--max-queue", self.max_queue, -1),
+                                   ("--max-concurrent", 1 if self.max_concurrent is None else self.max_concurrent, 0)):
+            check_limit(option, value, low)
+
     def concurrency(self) -> int:
         if self.max_concurrent is not None:
             return max(1, int(self.max_concurrent))
         return max(1, usable_cores())
+
+
+def check_limit(option: str, value: float, low: float = 0) -> None:
+    """A finite number above ``low`` and at most 1e12 (larger: a typo that switches the limit off), else a
+    one-line ConfigError."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and low < value <= 1e12):
+        raise ConfigError(f"{option} {value}: expected a number {'of 0 or more' if low < 0 else 'above 0'} "
+                          "(and at most 1e12)")
 
 
 class Ticket:

@@ -11,7 +11,9 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import re
+import stat
 import sys
 import threading
 import time
@@ -20,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO
 
+from oncotransfer.errors import ConfigError
 from oncotransfer.serve.limits import Gate
 
 log = logging.getLogger("oncotransfer.serve")
@@ -29,8 +32,8 @@ MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file in
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
-class _BodyTimeout(Exception):
-    pass
+class _CutOff(Exception):
+    """The body stopped being read: too slow (408) or too large (413)."""
 
 
 def json_body(status: int, message: str) -> bytes:
@@ -43,16 +46,40 @@ class AccessLog:
     def __init__(self, target: str | Path | None):
         self._lock = threading.Lock()
         self._own = target not in (None, "-")
-        self._out: IO[str] | None = (open(target, "a", encoding="utf-8", buffering=1) if self._own
-                                     else sys.stdout if target == "-" else None)
+        self._failed = False
+        self._out: IO[str] | None = (open_log(target) if self._own else sys.stdout if target == "-" else None)
 
     def write(self, record: dict) -> None:
         if self._out is None:
             return
         line = json.dumps(record, separators=(",", ":"))
         with self._lock:
-            self._out.write(line + "\n")
-            self._out.flush()
+            try:
+                self._out.write(line + "\n")
+                self._out.flush()
+            except (OSError, ValueError) as e:  # a full disk must not turn answers into errors: said once
+                if not self._failed:
+                    self._failed = True
+                    log.error("access log: cannot write (%s); requests are served but not logged until it can", e)
+
+
+def open_log(target: str | Path) -> IO[str]:
+    """``--log-file`` opened to append: a regular file (created if need be) or the null device; anything else (a
+    folder, a FIFO that would block the server, a device) is a one-line error."""
+    fix = "give a file path to append to, or - for stdout"
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(target, flags, 0o640)
+    except OSError as e:
+        if os.path.exists(target) and not os.path.isdir(target) and not os.path.isfile(target):
+            raise ConfigError(f"--log-file {target} is not a regular file; {fix}") from None  # a FIFO, a socket
+        raise ConfigError(f"--log-file {target}: cannot open it to append ({e.strerror}); {fix}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode) and not os.path.samefile(target, os.devnull):
+        os.close(fd)
+        raise ConfigError(f"--log-file {target} is not a regular file; {fix}")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "a", encoding="utf-8", buffering=1)
 
 
 class ServiceMiddleware:
@@ -93,7 +120,8 @@ class ServiceMiddleware:
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         rid = given if _ID.fullmatch(given) else uuid.uuid4().hex  # anything else may be an injection: replaced
         authorized = self._authorized(headers)
-        st = {"status": 0, "out": 0, "in": 0, "started": False, "timed_out": False, "body_done": False}
+        st = {"status": 0, "out": 0, "in": 0, "started": False, "cut": None, "body_done": False}
+        cap = self.upload_limit + MULTIPART_OVERHEAD
         state = scope.setdefault("state", {})
         state.update(request_id=rid, authorized=authorized, auth_required=self.token is not None)
         deadline = time.monotonic() + self.body_timeout_s
@@ -104,16 +132,21 @@ class ServiceMiddleware:
             try:
                 message = await asyncio.wait_for(receive(), max(0.001, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                st["timed_out"] = True
-                raise _BodyTimeout() from None
+                st["cut"] = (408, f"request body not received within {self.body_timeout_s:g} s")
+                raise _CutOff() from None
             if message["type"] == "http.request":
                 st["in"] += len(message.get("body", b""))
                 st["body_done"] = not message.get("more_body", False)
+                if st["in"] > cap:
+                    # A body without Content-Length (chunked) is counted as it arrives and cut at the limit: the
+                    # rest is never read, parsed or spooled to disk.
+                    st["cut"] = (413, f"upload exceeds the limit of {self.max_upload_mb:g} MB")
+                    raise _CutOff()
             return message
 
         async def send_tagged(message):
-            if st["timed_out"]:
-                return  # the app's answer to a cut-off body is replaced by our 408 below
+            if st["cut"]:
+                return  # the app's answer to a cut-off body is replaced by our 408 / 413 below
             if message["type"] == "http.response.start":
                 st["started"], st["status"] = True, message["status"]
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
@@ -143,20 +176,20 @@ class ServiceMiddleware:
                         return
                     state["ticket"] = ticket
                 await self.app(scope, receive_in_time, send_tagged)
-        except _BodyTimeout:
+        except _CutOff:
             pass
         except Exception as e:  # the service stays up and answers JSON whatever happens
             log.exception("unhandled error (request %s)", rid)
-            if not st["started"] and not st["timed_out"]:
+            if not st["started"] and not st["cut"]:
                 await answer(500, f"internal error: {type(e).__name__} (request id {rid})")
         finally:
             if ticket is not None:
                 ticket.release()
-            if st["timed_out"]:
-                st["timed_out"] = False  # let our own answer through, and close: the client is too slow
+            if st["cut"]:
+                status, message = st["cut"]
+                st["cut"] = None  # let our own answer through, and close: the rest of the body is not read
                 if not st["started"]:
-                    await answer(408, f"request body not received within {self.body_timeout_s:g} s",
-                                 [(b"connection", b"close")])
+                    await answer(status, message, [(b"connection", b"close")])
             client = scope.get("client")
             self.access_log.write({
                 "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "id": rid,

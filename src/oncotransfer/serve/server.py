@@ -8,7 +8,9 @@ middleware's body deadline (408, connection closed).
 """
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -82,21 +84,67 @@ def connection_cap(capacity: int) -> int:
     return cap if soft == resource.RLIM_INFINITY else max(64, min(cap, soft // 2))
 
 
+MAX_TOKEN_FILE = 4096  # bytes: a token is one short line; more is the wrong file (or /dev/zero)
+
+
 def read_token(path: Path) -> str:
-    """The bearer token: the file's content, stripped. A missing or empty file is a one-line error; a file
-    others may read is refused."""
+    """The bearer token: the file's one line, stripped. A missing, empty, over-long or not regular file (a FIFO,
+    a device: never read, so never a hang or an endless read) is a one-line error; a file others may read is
+    refused."""
+    fix = "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))' > token.txt; chmod 600 token.txt)"
+    try:  # O_NONBLOCK: opening a FIFO must not wait for a writer
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise ConfigError(f"--token-file {path}: cannot read it ({e.strerror}); give a file holding the token "
+                          f"{fix}") from None
     try:
-        token = Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--token-file {path}: cannot read it ({e.__class__.__name__}: {e})") from None
-    if len(token) < 16 or any(c.isspace() for c in token):
-        raise ConfigError(f"--token-file {path}: expected one token of at least 16 characters without spaces "
-                          "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))' > token.txt)")
-    if os.name == "posix" and os.stat(path).st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"--token-file {path} is not a regular file; give a file holding the token {fix}")
+        data = os.read(fd, MAX_TOKEN_FILE + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_TOKEN_FILE:
+        raise ConfigError(f"--token-file {path} is over {MAX_TOKEN_FILE} bytes: expected one line holding the token "
+                          f"{fix}")
+    try:
+        token = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"--token-file {path} is not UTF-8 text: expected one line holding the token {fix}") from None
+    if len(token) < 16 or any(c.isspace() or not c.isprintable() for c in token):
+        raise ConfigError(f"--token-file {path}: expected one token of at least 16 characters without spaces {fix}")
+    if os.name == "posix" and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(f"--token-file {path}: other users may read it; chmod 600 {path}")
     return token
 
 
-def run_server(app, host: str, port: int, limits: ServeLimits) -> None:
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The service's socket, bound now (before the model loads): a bad port, a port in use or a host that is not
+    this machine's is a one-line error, not uvicorn's log line and exit."""
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port {port}: expected a TCP port from 1 to 65535 (e.g. --port 8000)")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError(f"--host {host}: not an address of this machine ({e}); use 127.0.0.1 (this machine "
+                          "only) or 0.0.0.0 (every interface)") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart over TIME_WAIT
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        why = {errno.EADDRINUSE: "already in use by another program: choose another --port, or stop that program",
+               errno.EACCES: "needs administrator rights (ports below 1024): choose --port 1024 or above",
+               errno.EADDRNOTAVAIL: "not an address of this machine: use 127.0.0.1 or 0.0.0.0"}.get(
+                   e.errno or 0, e.strerror or str(e))
+        raise ConfigError(f"cannot listen on {host}:{port}: {why}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_server(app, host: str, port: int, limits: ServeLimits, sock: socket.socket | None = None) -> None:
     import uvicorn
-    uvicorn.Server(uvicorn_config(app, host, port, limits)).run()
+    server = uvicorn.Server(uvicorn_config(app, host, port, limits))
+    server.run(sockets=[sock] if sock is not None else None)

@@ -20,7 +20,9 @@ import hmac
 import io
 import logging
 import os
+import re
 import secrets
+import stat
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ from oncotransfer.data.readers.base import (FRAME_TAG, ImageReadError, ImageTooL
 from oncotransfer.data.readers.dicom_pixels import to_rgb8
 from oncotransfer.data.readers.us_region import burned_in, crop_to_region, region_box
 from oncotransfer.data.readers.pillow import IMAGE_SUFFIXES
-from oncotransfer.errors import MissingExtraError
+from oncotransfer.errors import ConfigError, MissingExtraError
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
 INSTALL_HINT = "pip install 'oncotransfer[dicom]'"
@@ -92,15 +94,23 @@ def parse_frames(spec: str) -> tuple[str, int | None]:
 _KEYS: dict[str, bytes] = {}
 
 
+MIN_SALT = 16  # bytes: a shorter HMAC key could be guessed, and with it every short hospital id from its hash
+_SALT_HINT = "python -c 'import secrets; print(secrets.token_hex(32))'"
+
+
 def _salt() -> bytes:
     env = os.environ.get("ONCOTRANSFER_ID_SALT")
-    if env:
+    if env is not None:  # as given (hashes made with it stay the same), but not empty or short
+        if len(env.strip().encode()) < MIN_SALT:
+            raise ConfigError(f"ONCOTRANSFER_ID_SALT holds {len(env.strip().encode())} bytes: the id-hashing key "
+                              f"needs at least {MIN_SALT} random bytes; set it to e.g. the output of {_SALT_HINT}, "
+                              "or unset it to use the key in ~/.config/oncotransfer/id_salt")
         return env.encode()
     home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "oncotransfer"
     f = home / "id_salt"
     if str(f) in _KEYS:
         return _KEYS[str(f)]
-    if not f.is_file():
+    if not os.path.lexists(f):
         home.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=home, prefix=".id_salt.")  # mode 600
         with os.fdopen(fd, "w") as out:
@@ -111,8 +121,28 @@ def _salt() -> bytes:
             pass
         finally:
             os.unlink(tmp)
-    _KEYS[str(f)] = f.read_text().strip().encode()
+    _KEYS[str(f)] = _read_salt_file(f)
     return _KEYS[str(f)]
+
+
+def _read_salt_file(f: Path) -> bytes:
+    """The key in ``f``: a regular file of 16 bytes to 4 KB (a FIFO, device or huge file is refused, not read)."""
+    how = (f"delete it (a new key is made; hashes from the old key will differ) or set ONCOTRANSFER_ID_SALT "
+           f"(e.g. to the output of {_SALT_HINT})")
+    try:  # O_NONBLOCK: opening a FIFO must not wait for a writer
+        fd = os.open(f, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise ConfigError(f"id-hashing key file {f}: cannot read it ({e.strerror}); {how}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"id-hashing key file {f} is not a regular file; {how}")
+        key = os.read(fd, 4097).strip()
+    finally:
+        os.close(fd)
+    if len(key) > 4096 or len(key) < MIN_SALT:
+        raise ConfigError(f"id-hashing key file {f} holds {'over 4096' if len(key) > 4096 else len(key)} bytes, "
+                          f"expected {MIN_SALT} to 4096; {how}")
+    return key
 
 
 def hash_id(value: str, kind: str = "p") -> str:
@@ -152,7 +182,7 @@ def _read(source, name: str, header_only: bool):
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
             kind = ds.get("Modality") or ds.get("SOPClassUID", getattr(ds, "file_meta", {}).get(
                 "MediaStorageSOPClassUID", "unknown object"))
-            raise ImageReadError(f"{name}: DICOM object without pixel data ({getattr(kind, 'name', kind)})")
+            raise ImageReadError(f"{name}: DICOM object without pixel data ({_clip(getattr(kind, 'name', kind))})")
         if "Rows" not in ds or "Columns" not in ds:
             raise ImageReadError(f"{name}: not a DICOM image (no Rows/Columns)")
         what = not_an_image(ds)
@@ -228,20 +258,45 @@ class DicomInfo:
     """Declares a usable ultrasound image region (``us_region.region_box``)."""
 
 
+MAX_ID = 64  # characters: the longest LO (PatientID) or UI (study, series UID) value DICOM allows
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def identifier(ds, key: str, kind: str, path: str | Path) -> str | None:
+    """``hash_id`` of the header's ``key`` (None when absent); a value no DICOM writer makes (longer than 64
+    characters, or holding control characters) is refused with one line that never shows it."""
+    try:
+        v = str(ds.get(key, "") or "").strip()
+    except Exception as e:  # a value that cannot be decoded
+        raise ImageReadError(f"{path}: unreadable {key} ({one_line(e)})") from None
+    if len(v) > MAX_ID or _CONTROL.search(v):
+        why = f"{len(v)} characters, at most {MAX_ID}" if len(v) > MAX_ID else "control characters"
+        raise ImageReadError(f"{path}: {key} is not a valid DICOM identifier ({why}); fix the header, or remove "
+                             "the file")
+    return hash_id(v, kind) if v else None
+
+
+def _shown(ds, key: str) -> str:
+    """A header value ``data inspect`` prints: control characters as ``?``, 64 characters at most."""
+    return _clip(ds.get(key, "") or "")
+
+
+def _clip(value) -> str:
+    v = _CONTROL.sub("?", str(value).strip()) or "?"
+    return v if len(v) <= MAX_ID else v[:MAX_ID - 3] + "..."
+
+
 @_quiet
 def read_info(path: str | Path) -> DicomInfo:
     """Header of one object (pixel data not decoded); ImageReadError (one line) when it is unusable."""
     ds = _read(str(path), str(path), header_only=True)
-
-    def hashed(key: str, kind: str) -> str | None:
-        v = str(ds.get(key, "") or "").strip()
-        return hash_id(v, kind) if v else None
+    ids = [identifier(ds, key, kind, path) for key, kind in
+           (("PatientID", "p"), ("StudyInstanceUID", "st"), ("SeriesInstanceUID", "se"))]
     ts = ds.file_meta.TransferSyntaxUID
     try:
-        return DicomInfo(n_frames(ds), str(ds.get("Modality", "") or "?"), str(ds.get("Manufacturer", "") or "?"),
-                         int(ds.get("BitsStored", 0) or 0), str(ds.get("PhotometricInterpretation", "") or "?"),
-                         getattr(ts, "name", str(ts)), (int(ds.Columns), int(ds.Rows)), hashed("PatientID", "p"),
-                         hashed("StudyInstanceUID", "st"), hashed("SeriesInstanceUID", "se"), burned_in(ds),
+        return DicomInfo(n_frames(ds), _shown(ds, "Modality"), _shown(ds, "Manufacturer"),
+                         int(ds.get("BitsStored", 0) or 0), _shown(ds, "PhotometricInterpretation"),
+                         getattr(ts, "name", str(ts)), (int(ds.Columns), int(ds.Rows)), *ids, burned_in(ds),
                          region_box(ds) is not None)
     except Exception as e:  # a malformed header value
         raise ImageReadError(f"{path}: unreadable DICOM header ({one_line(e)})") from None
