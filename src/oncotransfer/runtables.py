@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from oncotransfer.errors import CheckpointError
+from oncotransfer.io import read_csv
 
 PREDICTIONS, SPLIT = "predictions.csv", "split.csv"
 RETRAIN = "retrain the run (oncotransfer train CONFIG), or copy the whole run directory again"
@@ -24,7 +25,8 @@ _PHASH = re.compile(r"^[0-9a-f]{1,16}$")
 def read_text_table(path: Path, fix: str = RETRAIN) -> pd.DataFrame:
     """Every cell as a string, empty cells as ''; a file that is not a CSV table is one line naming it."""
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+        # io.read_csv undoes the quote that keeps formula-like cells inert in spreadsheets (io.csv_cell)
+        df = read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing; {fix}") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:

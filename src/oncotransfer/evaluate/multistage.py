@@ -7,11 +7,7 @@ from typing import Any
 
 from oncotransfer.evaluate.compare import write_comparison
 from oncotransfer.evaluate.render import fmt, fmt_ci, write_report
-<<<<<<< HEAD
 from oncotransfer.runtables import read_predictions
-=======
-from oncotransfer.io import read_csv
->>>>>>> outputs
 from oncotransfer.rundir import read_checkpoint_meta, read_run_info
 
 
@@ -40,11 +36,7 @@ def write_multistage_report(parent: Path, results: list, direct=None) -> Path:
     final = results[-1]
     comparison = None
     if direct is not None:
-<<<<<<< HEAD
         sections = [(label, r.metrics, read_predictions(r.run_dir / "predictions.csv"))
-=======
-        sections = [(label, r.metrics, read_csv(r.run_dir / "predictions.csv", dtype={"label": str, "pred": str, "path": str}))
->>>>>>> outputs
                     for label, r in (("multistage", final), ("direct", direct))]
         html = write_comparison(parent, sections)
         plots = [p for p in (parent / "plots").glob("*.png")]

@@ -24,11 +24,8 @@ from oncotransfer.evaluate.plots import (plot_confusion, plot_history, plot_reli
                                          plot_roc, save_figure)
 from oncotransfer.evaluate.render import fmt, fmt_ci, fmt_mean_sd, slug, write_report
 from oncotransfer.evaluate.ood import ood_lines, ood_summary
-<<<<<<< HEAD
-from oncotransfer.runtables import read_predictions
-=======
 from oncotransfer.io import read_csv
->>>>>>> outputs
+from oncotransfer.runtables import read_predictions
 from oncotransfer.rundir import mark_unfinished, read_ood_meta, read_run_info, write_metrics
 
 
@@ -330,11 +327,7 @@ def evaluate_run(run_dir: str | Path, predictions: pd.DataFrame | None = None,
     run = Path(run_dir)
     info, cfg, cfg_text = _read_run(run, need_predictions=predictions is None)
     if predictions is None:
-<<<<<<< HEAD
         predictions = read_predictions(run / "predictions.csv", info.get("classes"))
-=======
-        predictions = read_csv(run / "predictions.csv", dtype={"label": str, "pred": str, "path": str})
->>>>>>> outputs
         predictions = attach_slides(predictions, (cfg.get("data") or {}).get("path"))
     if predictions.empty:
         raise DataError(f"{run}: the predictions have no rows; check that the test subset is not empty")

@@ -59,13 +59,8 @@ def cell_ensemble(run_dirs: list[str]) -> dict[str, Any] | None:
     from oncotransfer.evaluate.report import prediction_arrays
     if len(run_dirs) < 2 or not all((Path(d) / "predictions.csv").is_file() for d in run_dirs):
         return None
-<<<<<<< HEAD
     from oncotransfer.runtables import read_predictions
     frames = [read_predictions(Path(d) / "predictions.csv") for d in run_dirs]
-=======
-    frames = [read_csv(Path(d) / "predictions.csv", dtype={"label": str, "pred": str, "path": str})
-              for d in run_dirs]
->>>>>>> outputs
     rows = frames[0][["fold", "path", "label"]]
     if any(not f[["fold", "path", "label"]].equals(rows) for f in frames[1:]):
         return None
