@@ -18,6 +18,7 @@ Usage: PYTHONPATH=src python benchmarks/overlap.py [--data PATH] [--per-transfor
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import sys
 import tempfile
@@ -158,7 +159,7 @@ def main() -> int:
                     continue
                 files = [str(write(open_rgb(m.paths[i]), name, Path(tmp) / name / f"{f}_{i}")) for i in sel]
                 q = describe_files(files, mirrored=True)
-                shas = [__import__("hashlib").sha256(Path(p).read_bytes()).hexdigest() for p in files]
+                shas = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in files]
                 old_near = hamming_min(q.phashes[:, 0], refs[f].phash) <= NEAR_BITS
                 old += int((np.array([s in refs[f].sha256 for s in shas]) | old_near).sum())
                 ov = find_overlap(shas, None, refs[f], q)
