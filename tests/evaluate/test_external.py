@@ -25,7 +25,8 @@ def test_hamming_min():
 
 
 def _other_set(run: Path, root: Path) -> dict:
-    """10 byte copies of the run's training images, 1 resized and recompressed copy, 10 rotated (new) images."""
+    """10 byte copies of the run's training images, 1 resized and recompressed copy, 10 new images (breast
+    ultrasound from demo:bus250 filed under the tiles' classes: the run never saw them)."""
     split = pd.read_csv(run / "split.csv")
     demo = resolve_data_path("demo:osteosarcoma")
     train = split[split["subset"] == "train"].drop_duplicates("index").sort_values("index")
@@ -38,10 +39,10 @@ def _other_set(run: Path, root: Path) -> dict:
     buf = io.BytesIO()
     img.resize((300, 300), Image.BICUBIC).save(buf, "JPEG", quality=80)
     (root / r["label"] / "near.jpg").write_bytes(buf.getvalue())
-    for _, r in split.drop_duplicates("index").tail(10).iterrows():
+    other = sorted(resolve_data_path("demo:bus250").rglob("*.png"))[:10]
+    for (_, r), src in zip(split.drop_duplicates("index").tail(10).iterrows(), other):
         (root / r["label"]).mkdir(parents=True, exist_ok=True)
-        Image.open(demo / r["path"]).transpose(Image.Transpose.ROTATE_90).save(
-            root / r["label"] / ("new_" + Path(r["path"]).stem + ".png"))
+        Image.open(src).convert("RGB").save(root / r["label"] / ("new_" + src.stem + ".png"))
     return {"n": 21, "identical": 10, "near": 1}
 
 
@@ -94,3 +95,72 @@ def test_old_runs_rehash_their_training_images_and_clean_sets_pass(tiny_run, tmp
     assert (again.mask == ~new).all()
     summary = find_overlap([m.sha256[i] for i in np.nonzero(new)[0]], ph[new], ref).summary([], None)
     assert summary["overlapping"] == 0 and overlap_line(summary).startswith("Overlap with the run's training")
+
+
+def _augmented_copies(run: Path, root: Path) -> tuple[list[str], int]:
+    """Flipped, rotated (90, 180, 10 degrees), cropped (10%, 20%), padded and brightened copies of 8 of the run's
+    training tiles, and the same transforms of 8 images it never saw (demo:busi ultrasound): (files, copies)."""
+    from PIL import ImageEnhance
+    split = pd.read_csv(run / "split.csv")
+    demo = resolve_data_path("demo:osteosarcoma")
+    train = split[split["subset"] == "train"].drop_duplicates("index").sort_values("index").head(8)
+    unseen = sorted(resolve_data_path("demo:busi").rglob("*.jpg"))[:8]
+    T = Image.Transpose
+
+    def crop(f: float):
+        return lambda im: im.crop((0, 0, round(im.width * (1 - f)), round(im.height * (1 - f))))
+
+    def pad(im):
+        out = Image.new("RGB", (im.width + 24, im.height + 24))
+        out.paste(im, (12, 12))
+        return out
+    ops = [lambda im: im.transpose(T.FLIP_LEFT_RIGHT), lambda im: im.transpose(T.FLIP_TOP_BOTTOM),
+           lambda im: im.transpose(T.ROTATE_90), lambda im: im.rotate(10, Image.BILINEAR), crop(0.1), crop(0.2),
+           pad, lambda im: ImageEnhance.Brightness(im).enhance(1.3)]
+    files = []
+    for k, (src, op) in enumerate([(demo / r["path"], op) for (_, r), op in zip(train.iterrows(), ops)]
+                                  + list(zip(unseen, ops))):
+        dst = root / f"{'copy' if k < 8 else 'new'}_{k}.png"
+        op(Image.open(src).convert("RGB")).save(dst)
+        files.append(str(dst))
+    return files, 8
+
+
+def test_flipped_rotated_cropped_copies_of_training_images_are_named_and_distinct_images_not(tiny_run, tmp_path):
+    from oncotransfer.data.keypoints import KEYPOINTS_FILE, describe_files
+    from oncotransfer.data.manifest import sha256_file
+    from oncotransfer.data.overlap import find_overlap, training_reference
+    assert (tiny_run / KEYPOINTS_FILE).is_file()   # written at train time
+    files, n_copies = _augmented_copies(tiny_run, tmp_path)
+    shas = [sha256_file(f) for f in files]
+    ref = training_reference(tiny_run, None, 128)
+    q = describe_files(files, mirrored=True)
+    ov = find_overlap(shas, None, ref, q)
+    expected = np.arange(len(files)) < n_copies
+    assert ov.mask.tolist() == expected.tolist()
+    s = ov.summary([Path(f).name for f in files], None)
+    assert s["overlapping"] == n_copies and s["identical"] == 0 and s["by_keypoints"] >= 1
+    # the old check (pHash of one orientation) named none of the flips or quarter-turns
+    old = find_overlap(shas, q.phashes[:, 0].copy(), ref)
+    assert not old.mask[:3].any()
+
+
+def test_runs_without_saved_keypoints_fall_back_and_say_what_is_not_checked(tiny_run, tmp_path, monkeypatch):
+    from oncotransfer.data import overlap
+    from oncotransfer.data.keypoints import KEYPOINTS_FILE, describe_files
+    from oncotransfer.data.overlap import find_overlap, training_reference
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / KEYPOINTS_FILE).unlink()
+    files, n_copies = _augmented_copies(run, tmp_path)
+    q = describe_files(files, mirrored=True)
+    # training images still where the run found them: their keypoints are computed again, same answer
+    ref = training_reference(run, None, 128)
+    assert ref.keypoints is not None and not ref.notes
+    assert find_overlap(["-"] * len(files), None, ref, q).mask.sum() == n_copies
+    # training images gone: byte hash and the dihedral pHash still catch flips and quarter-turns, and say so
+    monkeypatch.setattr(overlap, "_data_root", lambda run_dir: tmp_path / "gone")
+    ref = training_reference(run, None, 128)
+    assert ref.keypoints is None and any("keypoints" in n for n in ref.notes)
+    ov = find_overlap(["-"] * len(files), None, ref, q)
+    assert ov.mask[:3].all() and not ov.mask[n_copies:].any()

@@ -1,5 +1,7 @@
-"""Overlap of an external set with a run's own training images (byte sha256 and the splits' pHash rule), and the
-split table that keeps both hashes so the check needs no access to the training images later."""
+"""Overlap of an external set with a run's own training images: byte sha256, the pHash of the query's 8 flips and
+quarter-turns against the training pHashes (the splits' rule), and ORB keypoints verified by a similarity
+transform (small rotations, crops, padding, resizing; ``data.keypoints``). split.csv keeps both hashes and
+RUN/overlap_keypoints.npz the keypoints, so the check needs no access to the training images later."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -9,6 +11,8 @@ import numpy as np
 import pandas as pd
 
 from oncotransfer.data.checks import skipped_summary
+from oncotransfer.data.keypoints import (KEYPOINTS_FILE, MIN_INLIERS, Described, Keypoints, best_inliers,
+                                         describe_files, load_keypoints, save_keypoints)
 from oncotransfer.data.manifest import Manifest
 from oncotransfer.io import read_csv
 
@@ -50,11 +54,41 @@ def hamming_min(a: np.ndarray, b: np.ndarray, chunk: int = 512) -> np.ndarray:
 
 @dataclass
 class Reference:
-    """The images that trained or selected the model: their sha256 and pHashes (where known)."""
+    """The images that trained or selected the model: their sha256, pHashes and keypoints (where known)."""
     sha256: set[str]
     phash: np.ndarray | None
     n: int
     notes: list[str] = field(default_factory=list)
+    keypoints: Keypoints | None = None
+
+
+def save_training_keypoints(run_dir: Path, split_df: pd.DataFrame, paths: list[str], us_region: bool) -> None:
+    """RUN/overlap_keypoints.npz for every image of split.csv (``split_df``; ``paths``: the manifest's files by
+    index), kept when a resumed run's file already describes the same images."""
+    idx = np.array(sorted(set(split_df["index"].astype(int))), dtype=np.int64)
+    sha = split_df.drop_duplicates("index").set_index("index").loc[idx, "sha256"].astype(str).tolist()
+    old = load_keypoints(run_dir / KEYPOINTS_FILE)
+    if old is not None and old[0].tolist() == idx.tolist() and old[1] == sha:
+        return
+    d = describe_files([paths[i] for i in idx], us_region=us_region)
+    save_keypoints(run_dir / KEYPOINTS_FILE, idx, sha, d.keypoints)
+
+
+def _reference_keypoints(run_dir: Path, rows: pd.DataFrame, files: list[str] | None, us_region: bool
+                         ) -> tuple[Keypoints | None, str | None]:
+    """The keypoints of ``rows`` (split.csv rows): from RUN/overlap_keypoints.npz, else from the training files
+    (``files``: their paths, None where some are gone), else None and a note saying what is not checked."""
+    saved = load_keypoints(run_dir / KEYPOINTS_FILE)
+    if saved is not None:
+        pos = {int(i): k for k, i in enumerate(saved[0])}
+        want = [pos.get(int(i)) for i in rows["index"]]
+        if all(w is not None for w in want):
+            return Keypoints.stack([saved[2].image(w) for w in want]), None
+    if files is not None:
+        return describe_files(files, us_region=us_region).keypoints, None
+    return None, ("flipped-and-cropped, slightly rotated or padded copies not checked (keypoints): the run saved "
+                  "none (trained before they were kept) and its images are gone; byte hash and the pHash of 8 "
+                  "flips/quarter-turns only")
 
 
 def _data_root(run_dir: Path) -> Path | None:
@@ -68,7 +102,8 @@ def _data_root(run_dir: Path) -> Path | None:
     return p.parent if p.is_file() else p
 
 
-def training_reference(run_dir: str | Path, folds: list[int] | None = None, size: int = 224) -> Reference:
+def training_reference(run_dir: str | Path, folds: list[int] | None = None, size: int = 224,
+                       us_region: bool = False) -> Reference:
     """Train and validation rows of ``folds`` (all folds: None) in RUN/split.csv, plus the test rows of a fold
     that selected its epoch on them. Hashes come from split.csv; a run written before they were saved there
     hashes its training files again, if they are still where the run found them."""
@@ -83,14 +118,17 @@ def training_reference(run_dir: str | Path, folds: list[int] | None = None, size
     rows = split[used].drop_duplicates("index")
     notes: list[str] = []
     need_sha, need_phash = "sha256" not in rows.columns, "phash" not in rows.columns
+    need_kp = load_keypoints(run_dir / KEYPOINTS_FILE) is None
     files: list[str] = []
-    if need_sha or need_phash:
+    all_files = None
+    if need_sha or need_phash or need_kp:
         root = _data_root(run_dir)
         files = [str(p if Path(p).is_absolute() else (root / p if root else Path(p))) for p in rows["path"]]
         present = [f for f in files if Path(f).is_file()]
-        if len(present) < len(files):
+        if len(present) < len(files) and (need_sha or need_phash):  # (missing keypoints: their own note)
             notes.append(f"{len(files) - len(present)} of the run's {len(files)} training images are no longer at "
                          f"{root}: they could not be compared" + (" by pHash" if not need_sha else ""))
+        all_files = files if len(present) == len(files) else None
         files = present
     sha = set(rows["sha256"]) if not need_sha else {sha256_file(f) for f in files}
     if not need_phash:
@@ -101,7 +139,8 @@ def training_reference(run_dir: str | Path, folds: list[int] | None = None, size
         ph = None
     if ph is None:
         notes.append("near-identical images (pHash) not checked: the run saved no pHashes and its images are gone")
-    return Reference(sha, ph, len(rows), notes)
+    kp, note = _reference_keypoints(run_dir, rows, all_files, us_region)
+    return Reference(sha, ph, len(rows), notes + ([note] if note else []), kp)
 
 
 @dataclass
@@ -109,8 +148,13 @@ class Overlap:
     identical: np.ndarray
     """bool per external row: byte-identical to a training image."""
     near: np.ndarray
-    """bool per external row: not identical, but within NEAR_BITS of a training image's pHash."""
+    """bool per external row: not identical, but within NEAR_BITS of a training image's pHash in one of its 8
+    orientations, or holding MIN_INLIERS keypoint matches with one."""
     reference: Reference
+    by_keypoints: np.ndarray | None = None
+    """bool per external row: near, and found by keypoints alone (the pHash missed it)."""
+    inliers: np.ndarray | None = None
+    """int per external row: the most verified keypoint matches with one reference image (None: not checked)."""
 
     @property
     def mask(self) -> np.ndarray:
@@ -120,26 +164,44 @@ class Overlap:
         n_bad = int(self.mask.sum())
         return {"n": int(len(self.mask)), "overlapping": n_bad, "identical": int(self.identical.sum()),
                 "near_identical": int(self.near.sum()), "reference_images": self.reference.n,
-                "near_bits": NEAR_BITS, "examples": [p for p, b in zip(paths, self.mask) if b][:5],
+                "near_bits": NEAR_BITS, "by_keypoints": int(self.by_keypoints.sum()) if self.by_keypoints is not None
+                else None, "min_inliers": MIN_INLIERS if self.reference.keypoints is not None else None, "examples": [p for p, b in zip(paths, self.mask) if b][:5],
                 "clean": clean, "notes": list(self.reference.notes)}
 
 
-def find_overlap(sha256: list[str], phash: np.ndarray | None, ref: Reference) -> Overlap:
+def find_overlap(sha256: list[str], phash: np.ndarray | None, ref: Reference, query: Described | None = None
+                 ) -> Overlap:
+    """Which external images (``sha256``; ``phash``: (N,) or (N, 8) dihedral; ``query``: their keypoints and
+    dihedral pHashes, from ``describe_files(..., mirrored=True)``) copy a reference image."""
     identical = np.array([h in ref.sha256 for h in sha256], dtype=bool)
     near = np.zeros(len(sha256), dtype=bool)
+    if query is not None:
+        phash = np.where(query.ok[:, None], query.phashes,
+                         (phash if phash is not None else np.zeros(len(sha256), np.uint64)).reshape(-1, 1)[:, :1])
     if phash is not None and ref.phash is not None and len(ref.phash):
-        near = (hamming_min(phash, ref.phash) <= NEAR_BITS) & ~identical
-    return Overlap(identical, near, ref)
+        ph = np.asarray(phash, dtype=np.uint64).reshape(len(sha256), -1)
+        near = (np.min([hamming_min(ph[:, k], ref.phash) for k in range(ph.shape[1])], axis=0) <= NEAR_BITS)
+    by_kp = inliers = None
+    if query is not None and ref.keypoints is not None:
+        inliers = best_inliers([query.keypoints, query.mirrored], ref.keypoints)
+        kp = inliers >= MIN_INLIERS
+        by_kp = kp & ~near & ~identical
+        near = near | kp
+    return Overlap(identical, near & ~identical, ref, by_kp, inliers)
 
 
 def overlap_line(ov: dict) -> str:
     """One sentence for the terminal and the report's protocol block."""
     if not ov["overlapping"]:
-        return (f"Overlap with the run's training images: none of {ov['n']} images (byte hash, and pHash within "
-                f"{ov['near_bits']} bits, against {ov['reference_images']} train/validation images)")
+        return (f"Overlap with the run's training images: none of {ov['n']} images (byte hash, pHash within "
+                f"{ov['near_bits']} bits in 8 flips/quarter-turns"
+                + (f", {ov['min_inliers']}+ matching keypoints" if ov.get("min_inliers") else "")
+                + f"; against {ov['reference_images']} train/validation images)")
     text = (f"{ov['overlapping']} of {ov['n']} images overlap the run's training/validation images "
-            f"({ov['identical']} byte-identical, {ov['near_identical']} near-identical, pHash within "
-            f"{ov['near_bits']} bits), e.g. {', '.join(ov['examples'][:3])}: the full-set score is inflated")
+            f"({ov['identical']} byte-identical, {ov['near_identical']} near-identical: pHash within "
+            f"{ov['near_bits']} bits in one of 8 flips/quarter-turns"
+            + (f", or {ov['min_inliers']}+ matching keypoints" if ov.get("min_inliers") else "")
+            + f"), e.g. {', '.join(ov['examples'][:3])}: the full-set score is inflated")
     c = ov.get("clean")
     if c:
         text += (f"; on the clean remainder ({c['n']} images) accuracy {c['accuracy']:.4f}, balanced accuracy "

@@ -11,7 +11,7 @@ import pandas as pd
 
 from oncotransfer.config import ExperimentConfig, load_saved_config, save_config, to_dict
 from oncotransfer.data.augment import Augmenter, describe
-from oncotransfer.data.overlap import data_warning_lines, split_frame
+from oncotransfer.data.overlap import data_warning_lines, save_training_keypoints, split_frame
 from oncotransfer.data.splits import make_split, splitter
 from oncotransfer.errors import CheckpointError, OncoError
 from oncotransfer.evaluate.report import evaluate_run
@@ -89,7 +89,10 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
             save_config(cfg, run_dir / "config.yaml")
         run_dir = Path(D.broadcast(str(run_dir) if main else None))
     if main:
-        atomic_to_csv(split_frame(split, m, data.phashes), run_dir / "split.csv", index=False)
+        split_df = split_frame(split, m, data.phashes)
+        atomic_to_csv(split_df, run_dir / "split.csv", index=False)
+        # keypoints of every image, so `evaluate --data` finds flipped, rotated and cropped copies of them later
+        save_training_keypoints(run_dir, split_df, m.paths, cfg.data.us_region == "auto")
         # Split warnings (image-level split, classes held by few patients) belong on the terminal too, not only
         # in run.json and the report's Warnings section.
         for line in data_warning_lines(list(data.warnings) + list(split.warnings), m.skipped, run_dir / "run.json"):

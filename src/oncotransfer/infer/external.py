@@ -58,6 +58,7 @@ def predictions_on(run_dir: str | Path, data_path: str, engine: Engine = "auto",
     if hashes:  # for the overlap check of evaluate_on (sha256, and pHash as the splits compute it)
         df["sha256"] = [m.sha256[i] for i in ok]
         df["phash"] = phashes
+        df["file"] = [m.paths[i] for i in ok]  # decoded again for keypoints and the pHash of 8 orientations
     df.attrs["skipped"] = {**m.skipped, **{m.paths[i]: why for i, why in failed.items()}}
     if features:
         df.attrs["features"] = np.concatenate(features)
@@ -112,7 +113,8 @@ def evaluate_on(run_dir: str | Path, data_path: str, engine: Engine = "auto", fo
     df = predictions_on(run_dir, data_path, predictor=pred, hashes=True, adapt=adapt)
     skipped = df.attrs.get("skipped") or {}
     shift = shift_checked(pred, df)
-    df, overlap = overlap_checked(run_dir, attach_slides(df, data_path), [m["fold"] for m in pred.members], pred.size)
+    df, overlap = overlap_checked(run_dir, attach_slides(df, data_path), [m["fold"] for m in pred.members], pred.size,
+                                  pred.us_region)
     how = " with BatchNorm statistics re-estimated on these images (AdaBN)" if adapt == "bn" else ""
     metrics = evaluate_run(run_dir, predictions=df, out_name="report_external",
                            scored_by=f"{pred.describe()} on {data_path}{how}", slide_aggregate=slide_aggregate,
