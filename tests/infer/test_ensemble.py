@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from safetensors.torch import load_file
 
+from oncotransfer.io import sha256_file
 from oncotransfer.data.demo import demo_path
 from oncotransfer.data.manifest import resolve_data_path
 
@@ -23,8 +24,12 @@ def test_fold_files_hold_only_the_head_of_a_frozen_run(kfold_run):
     fold0 = load_file(str(run / "checkpoint" / "model.safetensors"))
     meta = json.loads((run / "checkpoint" / "meta.json").read_text())
     temps = json.loads((run / "run.json").read_text())["temperatures"]
-    assert meta["folds"] == [{"fold": k, "file": "model.safetensors" if k == 0 else f"folds/fold{k}.safetensors",
-                              "temperature": temps[str(k)]} for k in range(3)]
+    files = ["model.safetensors" if k == 0 else f"folds/fold{k}.safetensors" for k in range(3)]
+    assert [{key: f[key] for key in ("fold", "file", "temperature")} for f in meta["folds"]] == [
+        {"fold": k, "file": files[k], "temperature": temps[str(k)]} for k in range(3)]
+    # each member file's digest and size, so that a damaged or swapped file is named when the run is loaded
+    assert [(f["sha256"], f["bytes"]) for f in meta["folds"]] == [
+        (sha256_file(run / "checkpoint" / name), (run / "checkpoint" / name).stat().st_size) for name in files]
     heads = {k for k in fold0 if k.startswith("head.")}
     for k in (1, 2):
         tensors = load_file(str(run / "checkpoint" / "folds" / f"fold{k}.safetensors"))
