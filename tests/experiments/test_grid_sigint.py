@@ -39,13 +39,7 @@ def pool_started(token: str, grid_pid: int) -> bool:
     return any(ppid == grid_pid for ppid in marked(token).values())
 
 
-OPEN = pytest.mark.xfail(reason="open (issue 22): now and then a helper process started while the command loads "
-                          "prints a KeyboardInterrupt traceback, or the grid exits by SIGINT (-2) after its line",
-                          strict=False)
-
-
-@pytest.mark.parametrize("moment", [pytest.param("loading", marks=OPEN), pytest.param("pool-start", marks=OPEN),
-                                    "pool-start+1s", "running"])
+@pytest.mark.parametrize("moment", ["loading", "pool-start", "pool-start+1s", "running"])
 def test_ctrl_c_at_any_moment_is_one_line_exit_130_and_no_process_left(tmp_path, moment):
     grid = write_grid(tmp_path)
     token = uuid.uuid4().hex
