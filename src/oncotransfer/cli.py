@@ -5,7 +5,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import typer
+from oncotransfer import cli_signals
+
+cli_signals.install_early(__name__)
+import typer  # noqa: E402 - after the handler: Ctrl-C while typer and rich load is one line too
 
 from oncotransfer.cli_output import (Stream, emit_json, external_lines, print_inspect, print_predictions, reporter,
                                      table)
@@ -357,6 +360,7 @@ def serve(run_dir: Path = typer.Argument(..., help="run directory"),
 
 
 def main() -> None:
+    cli_signals.restore()
     try:
         app()
     except OncoError as e:

@@ -7,6 +7,7 @@ so splits never put tiles of one slide (or patient) on both sides.
 from __future__ import annotations
 
 import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -17,8 +18,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from oncotransfer.data.manifest import read_table
 from oncotransfer.data.readers.base import one_line, read_head
+from oncotransfer.data.slide_tables import check_labels, read_labels, read_tiling
+from oncotransfer.data.readers.tiffcheck import TiffStructureError, check_tiff
 from oncotransfer.data.readers.slide import (SLIDE_SUFFIXES, SlideError, SlideReader, dicom_series_uid, is_dicom_wsi,
                                              open_slide, slide_mpp, slide_property)
 from oncotransfer.data.tissue import TISSUE_MODES, tissue_mask
@@ -210,7 +212,7 @@ def find_slides(source: str | Path, skipped: dict[str, str] | None = None) -> li
         if not reader.claims(f, head):
             if f.suffix.lower() in SLIDE_SUFFIXES:
                 skipped[str(f)] = ("a DICOM file but not a whole-slide image" if f.suffix.lower() == ".dcm"
-                                   else "not a pyramidal TIFF (a flat image, or one its reader cannot parse)")
+                                   else _not_pyramidal(f))
             continue
         uid = dicom_series_uid(f) if is_dicom_wsi(f, head) else None
         if uid is not None and uid in series:
@@ -229,15 +231,14 @@ def find_slides(source: str | Path, skipped: dict[str, str] | None = None) -> li
     return found
 
 
-def read_labels(csv: str | Path) -> dict[str, tuple[str, str | None]]:
-    """slide (file stem or file name) -> (label, patient or None) from a CSV with columns slide,label[,patient]."""
-    csv = Path(csv)
-    df = read_table(csv, {"slide", "label"}, "slide,label[,patient]", "labels CSV")
-    out = {}
-    for r in df.itertuples(index=False):
-        patient = getattr(r, "patient", "") or None
-        out[Path(r.slide).stem if Path(r.slide).suffix.lower() in SLIDE_SUFFIXES else r.slide] = (r.label, patient)
-    return out
+def _not_pyramidal(f: Path) -> str:
+    """Why a .tif is not a slide: its damage when its structure is broken (a looping IFD chain reads as one
+    level), else that it is flat or unparseable."""
+    try:
+        check_tiff(f)
+    except (TiffStructureError, OSError) as e:
+        return str(e).removeprefix(f"{f}: ")
+    return "not a pyramidal TIFF (a flat image, or one its reader cannot parse)"
 
 
 @dataclass
@@ -272,6 +273,7 @@ def tile_slide(path: Path, out_dir: Path, tile_size: int, mpp: float | None, mag
                ) -> tuple[list[dict], dict]:
     """Tile one slide into ``out_dir/tiles/<slide>/``; returns (manifest rows, slide summary)."""
     slide = open_slide(path)
+    folder = None
     try:
         geom, thumb, coords, found = slide_tiles(slide, path, tile_size, mpp, magnification, mpp_source,
                                                  min_tissue, tissue)
@@ -292,6 +294,10 @@ def tile_slide(path: Path, out_dir: Path, tile_size: int, mpp: float | None, mag
         nx, ny = geom.grid()
         info = {**asdict(geom), "tiles": len(rows), "grid_tiles": nx * ny, **found, "min_tissue": min_tissue}
         return rows, info
+    except BaseException:  # a tile failed mid-way: its slide's tiles written so far would be orphans
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     finally:
         slide.close()
 
@@ -314,10 +320,7 @@ def tile_slides(source: str | Path, out_dir: str | Path, tile_size: int = 224, m
         say(f"skipped {f}: {why}")
     table = read_labels(labels) if labels else None
     if table is not None:
-        unlabelled = [p.name for p in slides if p.stem not in table]
-        if unlabelled:
-            raise DataError(f"{labels}: no label for slide(s) {unlabelled[:3]}"
-                            f"{' and more' if len(unlabelled) > 3 else ''}; add a row slide,label per slide")
+        check_labels(table, slides, skipped, labels, source)
     out.mkdir(parents=True, exist_ok=True)
     rows, infos, failed = [], [], {}
     single = Path(source).is_file()

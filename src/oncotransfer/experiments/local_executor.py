@@ -16,9 +16,10 @@ import queue
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -91,9 +92,14 @@ class PoolExecutor:
         # forkserver, not fork: forking a process whose torch thread pools run can hang the child. The server
         # imports the training code once and lives as long as this process, so later pools start at once.
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["oncotransfer.experiments.local_executor"])
-        self._lifeline = ctx.Pipe(duplex=False)  # (read end: every worker's copy, write end: this process only)
-        self._pool = ctx.Pool(self.slots, initializer=_end_with_parent, initargs=(self._lifeline[0],))
+        # The fork server ignores Ctrl-C only once its preload is imported (seconds: torch), and Ctrl-C reaches
+        # the whole process group: a first module that ignores it spares the server a KeyboardInterrupt traceback
+        # mid-import (and the grid a FileNotFoundError from the dead server). The grid stops the server.
+        ctx.set_forkserver_preload(["oncotransfer.forkserver_sigint",
+                                    "oncotransfer.experiments.local_executor"])
+        with _interrupt_deferred():
+            self._lifeline = ctx.Pipe(duplex=False)  # (read end: every worker's copy, write end: this process)
+            self._pool = ctx.Pool(self.slots, initializer=_end_with_parent, initargs=(self._lifeline[0],))
         return f"local: {n_runs} run(s) to do in {self.slots} worker processes"
 
     def submit(self, run: GridRun, work_dir: Path, alone: bool) -> None:
@@ -118,6 +124,30 @@ class PoolExecutor:
             for end in self._lifeline:
                 end.close()
             self._lifeline = None
+
+
+
+@contextmanager
+def _interrupt_deferred() -> Iterator[None]:
+    """Ctrl-C while the pool starts takes effect once it has started (the fork server's imports: seconds).
+    Acted on at once, the grid exited while the server was still forking workers, and each new worker died on
+    a FileNotFoundError traceback unpickling the pool's semaphores, which the exiting grid had removed. SIGINT
+    is also blocked meanwhile, so the fork server starts with it blocked until it ignores it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from multiprocessing import resource_tracker
+    resource_tracker.ensure_running()  # its start unblocks SIGINT when done: before the block, not inside it
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one that came while blocked is recorded now
+        signal.signal(signal.SIGINT, previous)
+    if seen:
+        raise KeyboardInterrupt
 
 
 def _end_with_parent(lifeline: Connection) -> None:

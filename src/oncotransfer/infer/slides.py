@@ -7,7 +7,6 @@ with the share of its tiles out of distribution.
 """
 from __future__ import annotations
 
-import json
 import queue
 import threading
 from dataclasses import dataclass
@@ -115,17 +114,16 @@ def tile_model(run_dir: str | Path, log: Callable[[str], None] | None = None) ->
 
 
 def training_tiling(meta: dict) -> dict:
-    """tiling.json of the data the run trained on (written by ``slides tile``), or {}: predict then cuts
-    tiles at the same size and resolution as training by default."""
+    """tiling.json of the data the run trained on (written by ``slides tile``), or {} when there is none:
+    predict then cuts tiles at the same size and resolution as training by default."""
     path = ((meta.get("config") or {}).get("data") or {}).get("path")
     if not path or str(path).startswith("demo:"):
         return {}
+    from oncotransfer.data.slides import read_tiling
     p = Path(path).expanduser()
     f = (p.parent if p.is_file() else p) / "tiling.json"
-    try:
-        return json.loads(f.read_text()) if f.is_file() else {}
-    except (OSError, ValueError):  # data moved or never a slide set: the defaults
-        return {}
+    # Data moved or never a slide set: the defaults. A damaged one is an error (read_tiling), never the defaults.
+    return read_tiling(f) if f.is_file() else {}
 
 
 def prefetch(batches: Iterator, depth: int = 3) -> Iterator:

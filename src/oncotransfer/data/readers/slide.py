@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 from oncotransfer.data.readers.base import ImageReadError, Probe, Reader, has_suffix, one_line, read_head
+from oncotransfer.data.readers.tiffcheck import TiffStructureError, check_tiff
 from oncotransfer.errors import MissingExtraError
 
 # Suffixes only slides use; ``.tif``/``.tiff`` are slides when pyramidal, and ``.dcm`` when VL Whole Slide.
@@ -97,6 +98,12 @@ def open_slide(path: str | Path):
     if openslide is None and tiffslide is None:
         raise MissingExtraError(f"reading whole-slide images needs openslide-python + openslide-bin (or tiffslide); "
                                 f"{EXTRA}")
+    try:  # a looping IFD chain or a truncated file: both libraries would tile what they kept, or fail mid-way
+        check_tiff(path)
+    except TiffStructureError as e:
+        raise SlideError(str(e)) from None
+    except OSError as e:
+        raise SlideError(f"{path}: cannot read the slide ({one_line(e, 120)})") from None
     reason = ""
     tiff = path.suffix.lower() in {".tif", ".tiff", ".svs"}
     if openslide is not None:
@@ -114,6 +121,7 @@ def open_slide(path: str | Path):
                 return slide
             if other.level_count > 1:
                 slide.close()
+                _quiet_zarr_tasks()
                 return other
             other.close()
             return slide
@@ -124,6 +132,7 @@ def open_slide(path: str | Path):
         try:
             slide = tiffslide.TiffSlide(str(path))
             slide.level_dimensions  # noqa: B018 - force the pages to be parsed now, inside the try
+            _quiet_zarr_tasks()
             return slide
         except Exception as e:  # tifffile raises many types on damaged files; one line whatever the cause
             reason = f"{reason}; tiffslide: {str(e)[:100] or type(e).__name__}" if reason else str(e)[:100]
@@ -131,6 +140,22 @@ def open_slide(path: str | Path):
             quiet.setLevel(level)
     raise SlideError(f"{path}: not a slide OpenSlide{'/tiffslide' if tiffslide else ''} can read "
                      f"({reason[:160] or 'unsupported format'})")
+
+
+class _ZarrTaskFilter(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for zarr's chunk reads: tiffslide reads a region's
+    tiles as concurrent tasks, the first failure is raised (and reported as one line), and the other tiles'
+    failures, the same damage, would otherwise print tracebacks when their tasks are collected."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("never retrieved" in msg and "zarr" in msg)
+
+
+def _quiet_zarr_tasks() -> None:
+    log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _ZarrTaskFilter) for f in log.filters):
+        log.addFilter(_ZarrTaskFilter())
 
 
 def slide_property(slide, key: str) -> float | None:
