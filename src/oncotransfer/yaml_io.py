@@ -54,7 +54,11 @@ def _check_graph(root: yaml.Node, source: str) -> None:
         stack.extend((c, depth + 1, inner) for c in children)
 
 
-def _yaml_error(e: yaml.YAMLError, source: str) -> ConfigError:
+def _yaml_error(e: yaml.YAMLError, source: str, text: str) -> ConfigError:
+    if isinstance(e, yaml.reader.ReaderError):  # a control character: no mark, a position
+        code = e.character if isinstance(e.character, int) else ord(e.character)
+        return ConfigError(f"{source}: not valid YAML at line {text[:e.position].count(chr(10)) + 1}: character "
+                           f"#x{code:04x} is not allowed (control characters and NUL bytes)")
     mark = getattr(e, "problem_mark", None)
     where = f" at line {mark.line + 1}" if mark else ""
     return ConfigError(f"{source}: not valid YAML{where}: {getattr(e, 'problem', None) or e}")
@@ -72,7 +76,7 @@ def load_text(text: str, source: str) -> Any:
         _check_graph(node, source)
         return loader.construct_document(node)
     except yaml.YAMLError as e:
-        raise _yaml_error(e, source) from None
+        raise _yaml_error(e, source, text) from None
     except RecursionError:
         raise ConfigError(f"{source}: YAML nested too deeply to read; a config is a few levels of mappings") from None
     finally:
