@@ -21,7 +21,8 @@ def laughs(levels: int, width: int = 9) -> str:
     (laughs(12), "expands to more than"), ("a: &a [*a]\n", "recursive YAML alias"),
     ("a: &a {b: *a}\n", "recursive YAML alias"), ("name: !!binary aGVsbG8=\n", "!!binary"),
     ("x: " + "[" * 5000 + "]" * 5000 + "\n", "nested"), ("!!python/object/apply:os.system ['id']\n", "not valid YAML"),
-    ("a: [1\n", "not valid YAML")])
+    ("a: [1\n", "not valid YAML"), ("name: a\nname: b\n", "key 'name' appears twice"),
+    ("a: {x: 1, x: 2}\n", "key 'x' appears twice"), ("a: 1\nb: \x00\n", "line 2")])
 def test_hostile_yaml_is_one_config_error(text, needle):
     with pytest.raises(ConfigError, match=needle):
         load_text(text, "cfg.yaml")

@@ -48,8 +48,8 @@ def build(t: Path) -> list[Case]:
             ("set_tag", body.replace("name: f", "name: !!set {a, b}"), "'name'"),
             ("timestamp_name", body.replace("name: f", "name: 2001-12-14"), "'name'"),
             ("merge_key", "x: &x {epochs: 1}\n" + body.replace("train: {", "train: {<<: *x, "), "x"),
-            ("empty_file", "", "data.path"),
-            ("only_comment", "# nothing\n", "data.path"),
+            ("empty_file", "", "data.path is not set"),
+            ("only_comment", "# nothing\n", "data.path is not set"),
             ("top_list", "- a\n- b\n", "mapping"),
             ("top_string", "hello\n", "mapping"),
             ("duplicate_keys", body + "name: other\n", "name"),
@@ -57,7 +57,7 @@ def build(t: Path) -> list[Case]:
             ("bom", "\ufeff" + body, None),
     ):
         path = cfg_file(name, text)
-        needles = (Path(path).name,) + ((needle,) if needle else ())
+        needles = (() if name in ("empty_file", "only_comment") else (Path(path).name,)) + ((needle,) if needle else ())
         want = needle is not None
         add(f"train file {name}", ["train", path], needles if want else ("fold",), want_error=want,
             timeout=60 if want else 300)

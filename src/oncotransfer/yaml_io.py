@@ -49,9 +49,23 @@ def _check_graph(root: yaml.Node, source: str) -> None:
         if id(node) in above:
             raise ConfigError(f"{source}: a recursive YAML alias at line {node.start_mark.line + 1} (an anchor "
                               "used inside itself, e.g. '&a [*a]'); a config value cannot contain itself")
+        if isinstance(node, yaml.MappingNode):
+            _no_repeated_keys(node, source)
         inner = above | {id(node)}
         children = node.value if isinstance(node, yaml.SequenceNode) else [x for kv in node.value for x in kv]
         stack.extend((c, depth + 1, inner) for c in children)
+
+
+def _no_repeated_keys(node: yaml.MappingNode, source: str) -> None:
+    """YAML keeps the last of two equal keys without a word: a config naming ``name`` twice is a mistake."""
+    seen: dict[str, int] = {}
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+            line = key.start_mark.line + 1
+            if key.value in seen:
+                raise ConfigError(f"{source}: key {key.value!r} appears twice (lines {seen[key.value]} and {line}); "
+                                  "keep one")
+            seen[key.value] = line
 
 
 def _yaml_error(e: yaml.YAMLError, source: str, text: str) -> ConfigError:
