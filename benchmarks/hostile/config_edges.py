@@ -119,12 +119,9 @@ def build(t: Path) -> list[Case]:
     loop = t / "loop"
     os.symlink(loop, loop)
     (t / "afile").write_text("x")
-    ro = t / "ro"
-    ro.mkdir()
-    os.chmod(ro, 0o500)
     for what, value in (("under /proc", "/proc/oncotransfer_runs"), ("symlink loop", str(loop / "runs")),
                         ("a file", str(t / "afile")), ("under a file", str(t / "afile" / "runs")),
-                        ("/dev/null", "/dev/null"), ("read-only folder", str(ro / "runs")),
+                        ("/dev/null", "/dev/null"),
                         ("under /sys", "/sys/kernel/oncotransfer"), ("name too long", str(t / ("x" * 300))),
                         ("empty", "''")):
         add(f"train output_dir {what}", ["train", str(base), "--set", f"output_dir={value}"], ("output_dir",))
@@ -146,12 +143,13 @@ def build(t: Path) -> list[Case]:
         ("stages",))
     add("train stages not a list", ["train", cfg_file("stage_map", body + "stages: {name: s}\n")], ("stages",))
     add("train stage init_from missing", ["train", cfg_file("stage_init", body + "stages:\n  - {name: s1, "
-                                                            f"init_from: {t / 'nowhere'}}}\n")], ("init_from",))
+                                                            f"init_from: {t / 'nowhere'}}}\n")],
+        ("nowhere", "checkpoint"))
 
     # --- --set forms
     for item, needle in (("train.lr", "key=value"), ("=1", "key"), ("train..lr=1", "train"),
                          ("train.lr.x=1", "train.lr"), ("stages.99.name=x", "stages"),
-                         ("data.path=" + "x" * 5000, "data.path"), ("train.lr=!!binary aGVsbG8=", "train.lr"),
+                         ("data.path=" + "x" * 5000, "longer than the file system allows"), ("train.lr=!!binary aGVsbG8=", "train.lr"),
                          ("train.lr=&a [*a]", "train.lr"), ("train.lr=!!python/name:os.system", "train.lr")):
         add(f"train --set {item[:30]}", ["train", str(base), "--set", item], (needle,))
 

@@ -240,7 +240,7 @@ class ExperimentConfig(_Strict):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     stages: list[StageConfig] = Field(default_factory=list)
     compare_direct: bool = False
-    output_dir: str = "runs"
+    output_dir: str = Field(default="runs", min_length=1)
 
     @field_validator("name")
     @classmethod
