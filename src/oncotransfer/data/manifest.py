@@ -64,7 +64,7 @@ def _patients_from_regex(paths: list[str], regex: str) -> np.ndarray:
     found = search_all(regex, names)  # in a child process with a time limit: a pattern may never end
     for name, m in zip(names, found):
         if m is None:
-            raise DataError(f"patient regex {regex!r} does not match file name {name!r}; "
+            raise DataError(f"patient regex {regex!r} (data.patient_regex) does not match file name {name!r}; "
                             "fix the regex (e.g. '^(Case-\\d+|P\\d+)') or give a patient column in a manifest CSV")
     return np.array(found, dtype=object)
 
