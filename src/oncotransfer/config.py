@@ -9,10 +9,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from oncotransfer.errors import ConfigError
 from oncotransfer.io import atomic_write_text
+from oncotransfer.limits import MAX_HEAD_LAYERS, MAX_HEAD_UNITS
+from oncotransfer.yaml_io import load_text, read_text
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No NaN or infinity in any number: .inf weight decay or a .nan lr would pass every ge/le bound's spirit.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
@@ -21,11 +24,20 @@ SplitSeed = Annotated[int, Field(ge=0, le=2**31 - 1)]
 """Folds use seed + k (k < 50) as scikit-learn random_state, which must stay below 2**32."""
 
 
+MAX_NAME_CHARS = 200
+"""A run folder is named ``<timestamp>_<name>``: file systems allow 255 bytes a name."""
+
+
 def _run_name(v: str) -> str:
-    """Names become folder names under output_dir: a separator or '..' would write outside it."""
+    """Names become folder names under output_dir: a separator or '..' would write outside it, a control
+    character would reach terminals and file listings, and a name past 255 bytes cannot be created."""
     if not v.strip() or any(c in v for c in "/\\\0") or ".." in v:
         raise ValueError("must be a plain folder name: no '/', '\\', '..' or empty name (it names a folder "
                          "under output_dir)")
+    if any(ord(c) < 32 or ord(c) == 127 for c in v):
+        raise ValueError("must not hold control characters (newlines, tabs, terminal escapes)")
+    if len(v.encode()) > MAX_NAME_CHARS:
+        raise ValueError(f"is {len(v.encode())} bytes long, above the limit of {MAX_NAME_CHARS} (it names a folder)")
     return v
 
 
@@ -78,7 +90,9 @@ class SplitConfig(_Strict):
 class HeadConfig(_Strict):
     kind: str = "paper_dense"
     """paper_dense | linear | mlp, or any head registered in ``models.heads.HEADS``."""
-    hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [100])
+    hidden: list[Annotated[int, Field(ge=1, le=MAX_HEAD_UNITS)]] = Field(default_factory=lambda: [100],
+                                                                         max_length=MAX_HEAD_LAYERS)
+    """Units per hidden layer (``oncotransfer.limits.MAX_HEAD_UNITS``, ``MAX_HEAD_LAYERS`` layers at most)."""
     dropout: float = Field(default=0.0, ge=0, lt=1)
     sigmoid: bool = False
     """Binary tasks only: one logit with a sigmoid and binary cross-entropy."""
@@ -140,7 +154,8 @@ class AugmentConfig(_Strict):
 class TrainConfig(_Strict):
     optimizer: Literal["adam", "adamw", "adagrad", "sgd"] = "adam"
     lr: float = Field(default=1e-3, gt=0, le=10)
-    weight_decay: float = Field(default=0.0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0, le=1)
+    """Above 1 the decay step alone shrinks every weight to zero (or overflows) within a few steps."""
     schedule: Literal["constant", "cosine", "onecycle", "plateau"] = "constant"
     """Learning-rate schedule (train/schedule.py): cosine and onecycle step per batch, plateau per epoch."""
     warmup_epochs: float = Field(default=0.0, ge=0)
@@ -175,6 +190,7 @@ class TrainConfig(_Strict):
     fast_cpu: bool = True
     """channels_last + bf16 autocast on CPU for the backbone; turn off for bit-exact fp32."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """cuda and mps must be present (checked before a run folder is made)."""
     num_workers: int = Field(default=2, ge=0, le=64)
 
 
@@ -224,7 +240,7 @@ class ExperimentConfig(_Strict):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     stages: list[StageConfig] = Field(default_factory=list)
     compare_direct: bool = False
-    output_dir: str = "runs"
+    output_dir: str = Field(default="runs", min_length=1)
 
     @field_validator("name")
     @classmethod
@@ -233,6 +249,11 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _train_combinations(self) -> "ExperimentConfig":
+        names = [s.name for s in self.stages]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # each stage writes the folder named after it: a second one would overwrite the first
+            raise ValueError(f"stages: the name {twice[0]!r} is given to {names.count(twice[0])} stages; give "
+                             "every stage its own name")
         problem = train_problem(self.train)
         for stage in self.stages:
             if problem is None and stage.train is not None:  # a stage's train keys lie over the top level's
@@ -275,12 +296,15 @@ def _format_validation(err: ValidationError, source: str) -> str:
     return f"{source}: bad value for {key!r}{shown}: {msg}"
 
 
-def parse_value(text: str) -> Any:
-    """Parse the right-hand side of ``--set key=value`` as YAML (numbers, booleans, lists)."""
+def parse_value(text: str, key: str = "") -> Any:
+    """Parse the right-hand side of ``--set key=value`` as YAML (numbers, booleans, lists); text that is not
+    YAML stays text, but a value beyond the YAML budgets (``yaml_io``) is refused naming ``key``."""
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+        return load_text(text, f"--set {key}")
+    except ConfigError as e:
+        if "not valid YAML" in str(e):
+            return text
+        raise
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -306,7 +330,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = child
         if isinstance(node, list):
             raise ConfigError(f"--set {key}: give a key inside the list item, e.g. {key}.train.epochs=3")
-        node[parts[-1]] = parse_value(value)
+        node[parts[-1]] = parse_value(value, key.strip())
     return out
 
 
@@ -319,16 +343,9 @@ def _deep_copy(d: Any) -> Any:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config or grid file as a mapping, read within the budgets of ``yaml_io`` (size, UTF-8, expansion)."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist; pass the path of a YAML config "
-                          "(see configs/ for examples)")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    raw = load_text(read_text(p), str(p)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: expected a mapping of config keys at the top level")
     return raw

@@ -41,7 +41,13 @@ _OS_HINTS = {
     "EROFS": "the file system is read-only: choose a writable output_dir / train.cache_dir (ONCOTRANSFER_CACHE)",
     "EACCES": "permission denied: choose a folder you may write to (output_dir, train.cache_dir, "
               "ONCOTRANSFER_CACHE) or fix its permissions",
-    "EPERM": "operation not permitted: choose a folder you may write to",
+    "EPERM": "operation not permitted: choose a folder you may write to (output_dir, train.cache_dir)",
+    "ENAMETOOLONG": "a name in that path is longer than the file system allows (255 bytes): shorten the path "
+                    "(output_dir, train.cache_dir, data.path) or the run's name",
+    "ELOOP": "the path goes through a symbolic link loop: give a real folder (output_dir, train.cache_dir, "
+             "data.path)",
+    "ENOENT": "a folder on that path does not exist and cannot be made there (e.g. under /proc or /sys): give a "
+              "folder you may create (output_dir, train.cache_dir)",
     "ENOTDIR": "a file stands where a folder is needed: give a folder path (output_dir, train.cache_dir, "
                "ONCOTRANSFER_CACHE) or move that file away",
     "EEXIST": "a file stands where a folder is needed: give a folder path or move that file away",
@@ -56,4 +62,5 @@ def os_error_line(e: OSError) -> str | None:
     if name not in _OS_HINTS:
         return None
     where = e.filename or "a file"
-    return f"cannot write {where}: {e.strerror or name}; {_OS_HINTS[name]}"
+    verb = "cannot use" if name in ("ENAMETOOLONG", "ELOOP", "ENOENT") else "cannot write"
+    return f"{verb} {where}: {e.strerror or name}; {_OS_HINTS[name]}"

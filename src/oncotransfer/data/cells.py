@@ -26,7 +26,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 from skimage.morphology import remove_small_objects
 
-from oncotransfer.data.readers import IMAGE_SUFFIXES
+from oncotransfer.data.readers import IMAGE_SUFFIXES, too_large_reason
 from oncotransfer.errors import DataError
 from oncotransfer.io import atomic_path, atomic_write_bytes, csv_cell, csv_value
 
@@ -357,6 +357,10 @@ def extract_cells(raw_dir: str | Path, out_dir: str | Path, params: CellParams =
         used_stems: set[str] = set()
         for src in paths:
             rel_src = src.relative_to(raw).as_posix()
+            too_large = too_large_reason(src)  # a 243 KB PNG may declare 16000 x 16000 px
+            if too_large:
+                skipped.append((rel_src, too_large))
+                continue
             img = _read_image(src)
             if img is None:
                 skipped.append((rel_src, "unreadable"))
@@ -379,8 +383,9 @@ def extract_cells(raw_dir: str | Path, out_dir: str | Path, params: CellParams =
 
     n_fields = sum(fields.values())
     if n_fields == 0:
-        eg = ", ".join(p for p, _ in skipped[:3])
-        raise DataError(f"none of the image files in {raw} could be read (e.g. {eg}): check they are valid images")
+        p, why = skipped[0]
+        raise DataError(f"none of the {len(skipped)} image file(s) in {raw} could be read (e.g. {p}: {why}): check "
+                        "they are valid images")
     manifest = out / MANIFEST_NAME
     with atomic_path(manifest) as tmp, tmp.open("w", newline="") as fh:  # written last, whole or not at all
         writer = csv.DictWriter(fh, fieldnames=["path", "label", "source", "y0", "x0", "y1", "x1"])

@@ -1,7 +1,6 @@
 """Folders or CSV -> Manifest (path, label, patient, sha256); duplicate detection by bytes and perceptual hash."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,9 +11,12 @@ from oncotransfer.data.checks import check_csv, check_listed_files, empty_class_
 from oncotransfer.data.frames import expand_rows, framed_reader
 from oncotransfer.data.groups import UnionFind
 from oncotransfer.data.readers import is_readable_name, regular_file_problem
+from oncotransfer.data.readers.base import file_too_large
 from oncotransfer.data.readers.pillow import is_image_name
+from oncotransfer.data.safe_regex import search_all
 from oncotransfer.errors import DataError
 from oncotransfer.io import read_csv, sha256_file
+from oncotransfer.limits import MAX_TABLE_BYTES
 
 
 @dataclass
@@ -58,18 +60,13 @@ class Manifest:
 
 
 def _patients_from_regex(paths: list[str], regex: str) -> np.ndarray:
-    try:
-        pat = re.compile(regex)
-    except re.error as e:
-        raise DataError(f"--patient-regex {regex!r} is not a valid regular expression: {e}") from None
-    out = []
-    for p in paths:
-        m = pat.search(Path(p).name)
-        if not m:
-            raise DataError(f"patient regex {regex!r} does not match file name {Path(p).name!r}; "
+    names = [Path(p).name for p in paths]
+    found = search_all(regex, names)  # in a child process with a time limit: a pattern may never end
+    for name, m in zip(names, found):
+        if m is None:
+            raise DataError(f"patient regex {regex!r} (data.patient_regex) does not match file name {name!r}; "
                             "fix the regex (e.g. '^(Case-\\d+|P\\d+)') or give a patient column in a manifest CSV")
-        out.append(m.group(1) if m.groups() else m.group(0))
-    return np.array(out, dtype=object)
+    return np.array(found, dtype=object)
 
 
 def _from_folders(root: Path, skipped: dict[str, str] | None = None, notes: list[str] | None = None
@@ -94,6 +91,10 @@ def _from_folders(root: Path, skipped: dict[str, str] | None = None, notes: list
 
 def read_table(csv: Path, required: set[str], expected: str, what: str = "CSV") -> pd.DataFrame:
     """A CSV as strings (empty cells stay ""); unreadable or missing ``required`` columns is one line."""
+    size = csv.stat().st_size if csv.is_file() else 0
+    if size > MAX_TABLE_BYTES:
+        raise DataError(f"{csv}: {what} too large ({size:,} bytes, above the limit of {MAX_TABLE_BYTES:,}); "
+                        "split it or check that it is the right file")
     try:
         df = read_csv(csv, dtype=str, keep_default_na=False)
     except Exception as e:
@@ -177,7 +178,10 @@ def load_manifest(path: str | Path, patient_regex: str | None = None, min_classe
 
 
 def _sha256_or_marker(path: str) -> str:
-    """A file that cannot be opened (permissions) gets a unique marker; decoding then names it as unreadable."""
+    """A file that cannot be opened (permissions) or is too large to hash (a sparse terabyte file) gets a unique
+    marker; decoding then names it as unreadable or too large."""
+    if file_too_large(path):
+        return f"too-large:{path}"
     try:
         return sha256_file(path)
     except OSError as e:

@@ -7,6 +7,7 @@ so splits never put tiles of one slide (or patient) on both sides.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from oncotransfer.data.readers.slide import (SLIDE_SUFFIXES, SlideError, SlideRe
 from oncotransfer.data.tissue import TISSUE_MODES, tissue_mask
 from oncotransfer.errors import ConfigError, DataError, OncoError
 from oncotransfer.io import atomic_to_csv
+from oncotransfer.limits import MAX_PIXELS, MAX_TILE_SIDE, TILE_BATCH_BYTES
 
 __all__ = ["SLIDE_SUFFIXES", "TISSUE_MODES", "SlideError", "open_slide", "plan", "thumbnail", "tissue_mask",
            "tile_slides", "find_slides"]
@@ -67,11 +69,12 @@ def plan(slide, path: str | Path, tile_size: int = 224, mpp: float | None = None
     path = Path(path)
     if mpp is not None and magnification is not None:
         raise ConfigError("give --mpp or --magnification, not both")
-    if tile_size < 16:
-        raise ConfigError(f"--tile-size {tile_size}: expected at least 16 px")
+    if not 16 <= tile_size <= MAX_TILE_SIDE:
+        raise ConfigError(f"--tile-size {tile_size}: expected 16 to {MAX_TILE_SIDE} px (a tile is one image the "
+                          "model scores; oncotransfer.limits.MAX_TILE_SIDE)")
     for name, v in (("--mpp", mpp), ("--magnification", magnification), ("--mpp-source", mpp_source)):
-        if v is not None and not v > 0:
-            raise ConfigError(f"{name} {v}: expected a positive number")
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            raise ConfigError(f"{name} {v}: expected a positive finite number")
     meta, ignored = slide_mpp(slide)
     if mpp_source is not None:  # the user's word wins: files carry wrong resolutions (see readers.slide_mpp)
         mpp0, source = float(mpp_source), "--mpp-source"
@@ -102,6 +105,10 @@ def plan(slide, path: str | Path, tile_size: int = 224, mpp: float | None = None
     size0 = tile_size * downsample
     level = int(slide.get_best_level_for_downsample(downsample))
     read = max(1, int(round(size0 / float(slide.level_downsamples[level]))))
+    if read * read > MAX_PIXELS:  # no level near the asked resolution: each tile would be cut from a huge region
+        raise SlideError(f"{path}: each {tile_size} px tile would be read as a {read} x {read} px region of level "
+                         f"{level}, above the limit of {MAX_PIXELS:,} pixels; ask for a finer --mpp or write a "
+                         "pyramid with more levels")
     w, h = (int(v) for v in slide.dimensions)
     geom = Geometry(path.stem, str(path), w, h, mpp0, source, target, downsample, tile_size, size0, level, read,
                     ignored)
@@ -180,7 +187,9 @@ def read_tile(slide, geom: Geometry, x: int, y: int) -> Image.Image:
 
 def iter_tiles(slide, geom: Geometry, coords: list[tuple[int, int, float]], batch_size: int = 32
                ) -> Iterator[tuple[list[tuple[int, int, float]], np.ndarray]]:
-    """Batches of (coordinates, uint8 (B, tile, tile, 3)) read on demand: memory is one batch, never the slide."""
+    """Batches of (coordinates, uint8 (B, tile, tile, 3)) read on demand: memory is one batch, never the slide,
+    and a batch holds at most ``TILE_BATCH_BYTES`` (large tiles come fewer at a time)."""
+    batch_size = max(1, min(batch_size, TILE_BATCH_BYTES // (3 * geom.tile * geom.tile)))
     for s in range(0, len(coords), batch_size):
         part = coords[s:s + batch_size]
         yield part, np.stack([np.asarray(read_tile(slide, geom, x, y)) for x, y, _ in part])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 import os
 import shutil
 from pathlib import Path
@@ -27,21 +28,22 @@ from typing import Annotated, Any, Callable
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from oncotransfer.config import (ExperimentConfig, anchor_path, anchor_paths, apply_overrides, read_yaml, to_dict,
-                                 validate, validate_as, with_updates)
+from oncotransfer.config import (MAX_NAME_CHARS, ExperimentConfig, anchor_path, anchor_paths, apply_overrides,
+                                 read_yaml, to_dict, validate, validate_as, with_updates)
 from oncotransfer.errors import ConfigError
 from oncotransfer.experiments.local_executor import local_executor
 from oncotransfer.experiments.ray_executor import ray_executor
 from oncotransfer.experiments.results import write_results
 from oncotransfer.experiments.runs import GridRun, GridSpec, pending_runs
 from oncotransfer.experiments.schedule import Executor, LeadersFirst
+from oncotransfer.limits import MAX_GRID_RUNS
 from oncotransfer.models.backbones import get_backbone
 from oncotransfer.progress import Progress
 
 
 class Resources(BaseModel):
     """Per run, for executors that schedule (ray): ``resources: {cpus: 1, gpus: 0}``."""
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     cpus: float = Field(default=1.0, ge=0, strict=True)  # strict: a number, not "1" or true
     gpus: float = Field(default=0.0, ge=0, strict=True)
 
@@ -58,7 +60,7 @@ class Resources(BaseModel):
 
 class GridConfig(BaseModel):
     """The grid file (see the module docstring). A key left empty (``trials:``) takes its default."""
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     name: str | None = Field(default=None, min_length=1)
     """Default: the file's name without .yaml. The grid writes to ``output_dir/grid_NAME``."""
     base: dict[str, Any] | None = None
@@ -81,12 +83,20 @@ class GridConfig(BaseModel):
     def _folder_name(cls, name: str | None) -> str | None:
         if name is not None and ("/" in name or "\\" in name or name in (".", "..")):
             raise ValueError("a grid name is one folder name (no '/' or '..'); choose where it goes with output_dir")
+        if name is not None and (len(name.encode()) > MAX_NAME_CHARS or any(ord(c) < 32 for c in name)):
+            raise ValueError(f"a grid name is one folder name of at most {MAX_NAME_CHARS} bytes, without control "
+                             "characters")
         return name
 
     @model_validator(mode="after")
     def _consistent(self) -> GridConfig:
         if (self.base is None) == (self.base_config is None):
             raise ValueError("give exactly one of 'base' (a config mapping) or 'base_config' (a YAML path)")
+        runs = math.prod(len(v) for v in self.grid.values()) * self.trials
+        if runs > MAX_GRID_RUNS:  # checked before the cells are expanded, each of which is validated
+            sizes = " x ".join(str(len(v)) for v in self.grid.values()) or "1"
+            raise ValueError(f"the grid has {sizes} cells x {self.trials} trial(s) = {runs:,} runs, above the "
+                             f"limit of {MAX_GRID_RUNS:,}; split it into several grid files")
         if not self.trial_keys and self.trials > 1:
             raise ValueError(f"trial_keys is empty, so the {self.trials} trials of a cell would be the same run; "
                              "name the keys that trials vary, e.g. trial_keys: [train.seed]")

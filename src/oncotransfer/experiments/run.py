@@ -82,6 +82,7 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
     m = data.manifest
     split = make_split(m, cfg.split, data.dup_groups)
     check_before_run(cfg, m.classes, resume)
+    device = D.local_device(pick_device(cfg.train.device))  # a device this machine lacks: before any folder
     if not resume:
         if main:
             run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
@@ -99,7 +100,6 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
             say(line)
     say(f"{len(m)} images, {len(m.classes)} classes, split {cfg.split.kind}: {len(split.folds)} fold(s), "
         f"{'grouped by ' + split.grouped_by if split.grouped_by else 'IMAGE-LEVEL'}")
-    device = D.local_device(pick_device(cfg.train.device))
     aug = Augmenter(cfg.augment)
     histories, outputs, best_epochs, modes, fold0, fold0_state, oods = [], [], {}, set(), None, None, {}
     warnings = list(data.warnings) + list(split.warnings)

@@ -18,6 +18,8 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: cuda was asked for but no CUDA GPU is visible; use auto or cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise ConfigError("train.device: mps was asked for but this machine has no Apple GPU (MPS); use auto or cpu")
     return torch.device(name)
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from PIL import Image
 
 from oncotransfer.data.readers.base import (DEFAULT_MAX_PIXELS, FRAME_TAG, MAX_PIXELS, ImageReadError,
-                                            ImageTooLargeError, Probe, Reader, decode_failure, ingest_max_pixels,
+                                            ImageTooLargeError, Probe, Reader, decode_failure, file_too_large,
+                                            ingest_max_pixels,
                                             read_head, regular_file_problem, source_name, split_frame)
 from oncotransfer.data.readers.dicom import DicomReader
 from oncotransfer.data.readers.nifti import NiftiReader
@@ -23,7 +24,7 @@ from oncotransfer.errors import ConfigError, MissingExtraError
 __all__ = ["READERS", "Reader", "Probe", "ImageReadError", "ImageTooLargeError", "SlideError", "MAX_PIXELS",
            "DEFAULT_MAX_PIXELS", "FRAME_TAG", "IMAGE_SUFFIXES", "register", "get_reader", "reader_for", "probe",
            "open_rgb", "is_readable_name", "split_frame", "regular_file_problem", "ingest_max_pixels",
-           "decode_failure", "known_suffixes"]
+           "decode_failure", "known_suffixes", "too_large_reason"]
 
 READERS: dict[str, Reader] = {}
 """Registered readers in the order they are asked: specific formats before Pillow, the catch-all."""
@@ -65,10 +66,11 @@ def reader_for(source: str | Path | bytes) -> Reader:
     if why:
         raise ImageReadError(f"{source}: {why}")
     path, head = Path(base), read_head(base, 1024)
-    for r in READERS.values():
-        if r.name != "pillow" and r.claims(path, head):
-            return r
-    return READERS["pillow"]
+    reader = next((r for r in READERS.values() if r.name != "pillow" and r.claims(path, head)), READERS["pillow"])
+    big = None if reader.name == "slide" else file_too_large(base)  # slides are tiled, never read whole
+    if big:
+        raise ImageTooLargeError(f"{source}: {big}")
+    return reader
 
 
 def is_readable_name(path: str | Path) -> bool:
@@ -92,6 +94,18 @@ def probe(source: str | Path | bytes, max_pixels: int | None = None, draft_size:
         raise
     except Exception as e:  # noqa: BLE001 - hostile bytes can break a decoder plugin in any way
         raise ImageReadError(decode_failure(source_name(source), e)) from None
+
+
+def too_large_reason(source: str | Path, max_pixels: int = MAX_PIXELS) -> str | None:
+    """Why ``source`` is refused from its size on disk or its header's pixel count, or None (a decoder of its
+    own, such as OpenCV's in ``cells extract``, then reads it): the one pixel limit for every decoder."""
+    try:
+        probe(source, max_pixels=max_pixels)
+    except ImageTooLargeError as e:
+        return str(e).replace(f"{source}: ", "", 1)
+    except ImageReadError:
+        pass
+    return None
 
 
 def open_rgb(source: str | Path | bytes, draft_size: int | None = None, max_pixels: int | None = None,

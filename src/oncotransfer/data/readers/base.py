@@ -15,14 +15,11 @@ from typing import ClassVar
 from PIL import Image
 
 from oncotransfer.errors import ConfigError, DataError
+from oncotransfer.limits import MAX_FILE_BYTES, MAX_PIXELS
 
-MAX_PIXELS = 64_000_000
-"""The one refusal threshold (ingestion, ``predict``, ``serve``), so whatever a model trained on it can also
-score: 64 megapixels (8000 x 8000) holds every camera and microscope tile we know of, and the decode of a 64 MP
-PNG or TIFF peaks near 6 bytes a pixel (native decode + RGB copy) = 384 MB. Pillow's own bomb limit (89 MP
-warning, 179 MP error) lets a 79 KB PNG of 9000 x 9000 px through at about 0.45 GB a request.
-``ONCOTRANSFER_MAX_PIXELS`` overrides it for ingestion (train, evaluate --data, data inspect)."""
 DEFAULT_MAX_PIXELS = MAX_PIXELS
+"""The one refusal threshold (``oncotransfer.limits.MAX_PIXELS``: ingestion, ``predict``, ``serve``), so
+whatever a model trained on it can also score."""
 FRAME_TAG = "#frame="
 """Rows of a multi-frame object (a DICOM cine loop, a NIfTI volume's slices) name their frame:
 ``path/to/object.dcm#frame=7`` (0-based)."""
@@ -154,6 +151,18 @@ def regular_file_problem(path: str | Path) -> str | None:
     if not stat.S_ISREG(st.st_mode):
         return "not a regular file (a device, pipe or socket)"
     return None
+
+
+def file_too_large(path: str | Path, limit: int = MAX_FILE_BYTES) -> str | None:
+    """Why a file is refused from its size on disk alone (a sparse terabyte file under an image name), or None."""
+    try:
+        size = os.stat(path).st_size
+    except OSError:
+        return None
+    if size <= limit:
+        return None
+    return (f"file too large: {size:,} bytes on disk, above the limit of {limit:,} for one image, DICOM object "
+            "or volume (oncotransfer.limits.MAX_FILE_BYTES); refused before reading")
 
 
 def decode_failure(name: str, e: Exception) -> str:

@@ -33,6 +33,7 @@ from PIL import Image
 
 from oncotransfer.data.readers.base import (FRAME_TAG, ImageReadError, ImageTooLargeError, Probe, Reader,
                                             one_line, split_frame)
+from oncotransfer.data.readers.dicom_guard import HeaderBudget, check_frames, open_source
 from oncotransfer.data.readers.dicom_pixels import to_rgb8
 from oncotransfer.data.readers.us_region import burned_in, crop_to_region, region_box
 from oncotransfer.data.readers.pillow import IMAGE_SUFFIXES
@@ -176,7 +177,13 @@ def _read(source, name: str, header_only: bool):
     """dcmread (forced: objects without preamble or file meta are common); ImageReadError when unusable."""
     pydicom = _pydicom()
     try:
-        ds = pydicom.dcmread(source, force=True, defer_size="256 KB" if header_only else None)
+        source, inflated = open_source(source, name)  # a deflated dataset is inflated here, within its budget
+        if header_only and not inflated and isinstance(source, (str, Path)):
+            with open(source, "rb") as f:  # a header that never ends (a file of zeros) stops at its budget
+                ds = pydicom.dcmread(HeaderBudget(f, str(source)), force=True, defer_size="256 KB")
+            ds.buffer, ds.filename, ds.fileobj_type = None, str(source), open  # deferred values: from the path
+        else:
+            ds = pydicom.dcmread(source, force=True, defer_size="256 KB" if header_only else None)
         if len(ds) == 0:
             raise ImageReadError(f"{name}: no DICOM data elements could be read (corrupt or not DICOM)")
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
@@ -189,6 +196,7 @@ def _read(source, name: str, header_only: bool):
         if what:
             raise ImageReadError(f"{name}: {what}, not an image to classify")
         _fix_transfer_syntax(ds)
+        check_frames(ds, name, n_frames(ds))
         return ds
     except ImageReadError:
         raise
@@ -356,7 +364,8 @@ def open_dicom(source: str | Path | bytes, frame: int | None = None, max_pixels:
     else:
         base, tagged = split_frame(source)
         name, src, frame = str(source), base, (tagged if tagged is not None else frame)
-    on_disk = not isinstance(source, bytes)
+    src, inflated = open_source(src, name)  # pydicom would re-inflate a deflated file whole for each frame
+    on_disk = not isinstance(source, bytes) and not inflated
     ds = _read(src, name, header_only=on_disk)  # a file's pixel data stays on disk until one frame is read
     n = n_frames(ds)
     rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
