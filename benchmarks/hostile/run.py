@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 import tempfile
 import time
@@ -19,6 +20,16 @@ from core import VERDICTS, run_case  # noqa: E402
 
 FAMILIES = [p.stem for p in sorted(Path(__file__).resolve().parent.glob("*.py"))
             if p.stem not in ("core", "run", "__init__") and not p.stem.startswith("_")]
+
+
+def _family(name: str):
+    """The family module by its file: a family may put benchmarks/ on sys.path, where benchmarks/overlap.py
+    (a measurement, not a family) would shadow the ``overlap`` family if imported by name."""
+    path = Path(__file__).resolve().parent / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"hostile_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main() -> int:
@@ -38,7 +49,7 @@ def main() -> int:
         for fam in families:
             t = Path(tmp) / fam
             t.mkdir()
-            cases = importlib.import_module(fam).build(t)
+            cases = _family(fam).build(t)
             if args.match:
                 cases = [c for c in cases if args.match in c.name or c.name.startswith("train ")]
             counts = table.setdefault(fam, Counter())
