@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_grid_faults import MARK, _as_from_a_shell, marked, wait_until
+sys.path.insert(0, str(Path(__file__).parent))  # the grid fault test's helpers, under --import-mode=importlib
+from test_grid_faults import MARK, _as_from_a_shell, marked, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="finds processes through /proc")
 
