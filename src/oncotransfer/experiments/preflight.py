@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from oncotransfer.config import ExperimentConfig
+from oncotransfer.data.keypoints import KEYPOINTS_FILE
 from oncotransfer.errors import ConfigError
 from oncotransfer.evaluate.metrics import resolve_positive
 
@@ -32,8 +33,9 @@ def check_before_run(cfg: ExperimentConfig, classes: list[str], resume: bool = F
 
 
 def remove_unstarted(run_dir: Path) -> None:
-    """Remove a new run folder that holds nothing but its config and split (no epoch was saved)."""
+    """Remove a new run folder that holds nothing but what is written before training (its config, split and the
+    split's overlap keypoints): no epoch was saved."""
     import shutil
     run_dir = Path(run_dir)
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {"config.yaml", "split.csv"}:
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {"config.yaml", "split.csv", KEYPOINTS_FILE}:
         shutil.rmtree(run_dir, ignore_errors=True)
