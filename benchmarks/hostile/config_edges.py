@@ -23,8 +23,8 @@ def build(t: Path) -> list[Case]:
     base = Path(config(t, good))
 
     def add(name, args, needles, want_error=True, timeout=60, **kw):
-        cases.append(Case(F, name, args, want_error, tuple(needles), no_run_folder=want_error, timeout=timeout,
-                          **kw))
+        kw.setdefault("no_run_folder", want_error)
+        cases.append(Case(F, name, args, want_error, tuple(needles), timeout=timeout, **kw))
 
     def cfg_file(name: str, text: str | bytes) -> str:
         p = t / f"{name}.yaml"
@@ -170,6 +170,10 @@ def build(t: Path) -> list[Case]:
         p = t / f"grid_{name}.yaml"
         data = text if isinstance(text, bytes) else text.replace("SELF", p.name).encode()
         p.write_bytes(data)
-        named = () if name == "device_mps" else (p.name if needle != "/dev/zero" else "/dev/zero",)  # a run's error
-        add(f"grid {name}", ["grid", str(p)], named + (needle,))
+        # a run's own error (device) and an output folder's name the key and path, not the grid file
+        named = () if name in ("device_mps", "output_proc") else (p.name if needle != "/dev/zero" else "/dev/zero",)
+        # the device is checked where each run starts (a Ray worker may have the GPU the head lacks): the grid's
+        # folder then records the failed runs
+        add(f"grid {name}", ["grid", str(p)], named + (needle,), **({"no_run_folder": False}
+                                                                  if name == "device_mps" else {}))
     return cases

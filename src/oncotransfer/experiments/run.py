@@ -83,6 +83,8 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
     split = make_split(m, cfg.split, data.dup_groups)
     check_before_run(cfg, m.classes, resume)
     device = D.local_device(pick_device(cfg.train.device))  # a device this machine lacks: before any folder
+    if cfg.train.cache_dir and main:  # so is a cache folder that cannot exist (under /proc, a symlink loop)
+        Path(cfg.train.cache_dir).mkdir(parents=True, exist_ok=True)
     if not resume:
         if main:
             run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
