@@ -94,3 +94,9 @@ def test_a_damaged_export_is_refused_naming_it(run_copy):
     with pytest.raises(CheckpointError, match=r"model\.json: not valid JSON.*oncotransfer export"):
         Predictor.from_run(run_copy, "auto")
     assert Predictor.from_run(run_copy, "torch").engine == "torch"  # the checkpoint itself is fine
+
+
+def test_a_backbone_this_installation_does_not_know_names_meta_json(run_copy):
+    edit_meta(run_copy, lambda m: m["backbone"].update(name="no_such_net"))
+    with pytest.raises(CheckpointError, match=r"checkpoint/meta\.json: its backbone .*'no_such_net'.*retrain"):
+        Predictor.from_run(run_copy, "torch")

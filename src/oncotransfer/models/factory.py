@@ -9,7 +9,7 @@ import torch
 from pydantic import ValidationError
 
 from oncotransfer.config import HeadConfig, ModelConfig
-from oncotransfer.errors import CheckpointError
+from oncotransfer.errors import CheckpointError, ConfigError
 from oncotransfer.models.backbones import get_backbone, with_normalisation
 from oncotransfer.models.checkpoint import (RETRAIN, checkpoint_dir, fold_entry, fold_entries, fold_tensors,
                                             read_checkpoint)
@@ -64,7 +64,12 @@ def _stamp(weights: str) -> int | None:
 def _build(meta: dict, backbone=None):
     """An untrained classifier of the checkpoint's shape; ``backbone`` (a module) is used as it is if given."""
     pre = meta["preprocessing"]
-    spec = with_normalisation(get_backbone(meta["backbone"]["name"]), pre["mean"], pre["std"])
+    try:
+        known = get_backbone(meta["backbone"]["name"])
+    except ConfigError as e:  # the run's own file names it: say which file, not only the registry
+        raise CheckpointError(f"checkpoint/meta.json: its backbone is not one this installation knows ({e}); "
+                              "the run comes from another version or the file is damaged: retrain it") from None
+    spec = with_normalisation(known, pre["mean"], pre["std"])
     if backbone is None:
         backbone, _ = build_backbone(spec, "none")
     pool = int(((meta.get("config") or {}).get("model") or {}).get("pool_stages") or 1)
