@@ -30,6 +30,7 @@ def test_labels_na_and_null_are_classes_not_missing_values(tmp_path):
                                         ("x,x/1.png,NA,NA,0.5,0.5,,,,", "fold"),
                                         ("0,x/1.png,zebra,NA,0.5,0.5,,,,", "label"),
                                         ("0,x/1.png,,NA,0.5,0.5,,,,", "label"),
+                                        ("0,x/1.png,NA,zebra,0.5,0.5,,,,", "pred"),
                                         ("0,x/1.png,NA,NA,0.5,0.5,,,oops,", "ood_score")])
 def test_a_garbage_cell_is_named_by_row_and_column(tmp_path, row, column):
     with pytest.raises(CheckpointError, match=rf"predictions\.csv: row 3, column {column}: .*retrain"):
@@ -58,3 +59,11 @@ def test_split_hashes_are_checked_and_a_missing_split_is_an_error(tmp_path):
     (tmp_path / "split.csv").write_text(SPLIT + GOOD.replace("c425b39be1f4c925", "zz") + "\n")
     with pytest.raises(CheckpointError, match=r"column phash"):
         check_split(tmp_path)
+
+
+def test_export_names_a_split_csv_of_garbage_bytes(tmp_path):
+    """The parity images come from split.csv: non-UTF-8 bytes there are a damaged run, named in one line."""
+    from oncotransfer.infer.export import parity_images
+    (tmp_path / "split.csv").write_bytes(b"\xff\xfe\x00garbage\x81\n" * 10)
+    with pytest.raises(CheckpointError, match=r"split\.csv: .*copy the whole run directory again"):
+        parity_images(tmp_path, {"config": {"data": {"path": str(tmp_path)}}}, 32)

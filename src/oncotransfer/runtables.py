@@ -58,7 +58,7 @@ def _numbers(path: Path, df: pd.DataFrame, column: str, fix: str, *, empty_ok: b
 def read_predictions(path: str | Path, classes: Sequence[str] | None = None, fix: str = RETRAIN) -> pd.DataFrame:
     """``predictions.csv`` (or a table of its layout, ``rundir.predictions_table``): text columns as strings,
     ``prob_*`` finite in [0, 1], ``cal_prob_*`` too or empty, ``fold`` integers, ``ood_score`` numbers or empty,
-    ``label`` one of ``classes`` (when given)."""
+    ``label`` and ``pred`` each one of ``classes`` (when given)."""
     path = Path(path)
     df = read_text_table(path, fix)
     probs = [c for c in df.columns if c.startswith("prob_")]
@@ -76,10 +76,11 @@ def read_predictions(path: str | Path, classes: Sequence[str] | None = None, fix
             _numbers(path, df, c, fix, empty_ok=True)
         elif c == "fold":
             _numbers(path, df, c, fix, lo=0, integer=True)
-    if "label" in df.columns and classes:
-        bad = (~df["label"].isin(list(classes))).to_numpy()
-        if bad.any():
-            raise _bad(path, df, bad, "label", f"is not one of the run's classes {list(classes)}", fix)
+    for c in ("label", "pred"):
+        if c in df.columns and classes:
+            bad = (~df[c].isin(list(classes))).to_numpy()
+            if bad.any():
+                raise _bad(path, df, bad, c, f"is not one of the run's classes {list(classes)}", fix)
     if "in_distribution" in df.columns:
         df["in_distribution"] = df["in_distribution"].map({"True": True, "False": False}).astype(object)
     return df

@@ -12,7 +12,7 @@ from torch import nn
 
 from oncotransfer import __version__
 from oncotransfer.errors import ConfigError, OncoError
-from oncotransfer.io import read_csv
+from oncotransfer.runtables import read_text_table
 
 PARITY_TOL = 1e-4
 
@@ -48,10 +48,12 @@ def parity_images(run_dir: Path, meta: dict, size: int, limit: int = 8) -> torch
     split = run_dir / "split.csv"
     data_path = ((meta.get("config") or {}).get("data") or {}).get("path")
     if split.is_file() and data_path:
+        # a damaged split.csv is a damaged run: named in one line (CheckpointError), not swapped for demo tiles
+        table = read_text_table(split, "copy the whole run directory again (split.csv too), or retrain the run")
         try:
             root = resolve_data_path(data_path)
             root = root.parent if root.is_file() else root
-            rel = read_csv(split, dtype={"path": str})["path"].astype(str).tolist()
+            rel = table["path"].astype(str).tolist()
             paths = [str(p if Path(p).is_absolute() else root / p) for p in rel]
             paths = [p for p in paths if Path(p).is_file()][:limit]
         except (OncoError, OSError, KeyError, pd.errors.ParserError):
