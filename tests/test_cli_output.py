@@ -195,3 +195,19 @@ def test_safe_text_writes_controls_out_and_keeps_the_rest():
 def test_error_line_with_escapes_in_a_path_is_escaped(monkeypatch, capsys, tmp_path):
     code, out, err = run(monkeypatch, capsys, "data", "inspect", str(tmp_path / "x\x1b]0;owned\x07"))
     assert code == 2 and "\x1b" not in err and "\x07" not in err and "x\\x1b]0;owned\\x07" in err
+
+
+def test_library_warnings_and_log_records_are_escaped_too(monkeypatch, capsys):
+    """A pydicom/Pillow warning quotes a file name the attacker chose: it reaches stderr written out, not live."""
+    import logging
+    import warnings
+
+    from oncotransfer.cli_output import escape_library_output
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    monkeypatch.setattr(logging, "_logRecordFactory", logging.getLogRecordFactory())
+    escape_library_output()
+    evil = "scan\x1b]0;pwned\x07\x1b[2J.dcm"
+    text = warnings.formatwarning(f"cannot read {evil}", UserWarning, "lib.py", 3)
+    assert "\x1b" not in text and "\\x1b]0;pwned\\x07" in text and text.endswith("\n")
+    record = logging.getLogger("pydicom").makeRecord("pydicom", logging.WARNING, "f.py", 1, "bad %s", (evil,), None)
+    assert record.getMessage() == "bad scan\\x1b]0;pwned\\x07\\x1b[2J.dcm"

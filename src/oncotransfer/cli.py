@@ -10,8 +10,8 @@ from oncotransfer import cli_signals
 cli_signals.install_early(__name__)
 import typer  # noqa: E402 - after the handler: Ctrl-C while typer and rich load is one line too
 
-from oncotransfer.cli_output import (Stream, emit_json, external_lines, print_inspect, print_predictions, reporter,
-                                     table)
+from oncotransfer.cli_output import (Stream, emit_json, escape_library_output, external_lines, print_inspect,
+                                     print_predictions, reporter, table)
 from oncotransfer.cli_slides import MPP_SOURCE_HELP, TISSUE_HELP, slides_app
 from oncotransfer.errors import OncoError, os_error_line
 
@@ -361,6 +361,7 @@ def serve(run_dir: Path = typer.Argument(..., help="run directory"),
 
 def main() -> None:
     cli_signals.restore()
+    escape_library_output()
     try:
         app()
     except OncoError as e:

@@ -8,10 +8,12 @@ stderr then.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence, TextIO
@@ -29,6 +31,25 @@ def safe_text(text: str) -> str:
     """``text`` with every terminal control character written out (ESC -> ``\\x1b``), so that user-controlled
     names print as what they are and never act on the terminal."""
     return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+
+
+def escape_library_output() -> None:
+    """Route what libraries print on their own (``warnings``, ``logging`` records) through ``safe_text`` too: a
+    pydicom or Pillow warning quotes the file name or a header value, which an attacker controls."""
+    format_warning = warnings.formatwarning
+
+    def formatwarning(message: Any, category: Any, filename: str, lineno: int, line: str | None = None) -> str:
+        return safe_text(format_warning(message, category, filename, lineno, line))
+
+    warnings.formatwarning = formatwarning  # type: ignore[assignment]
+    make_record = logging.getLogRecordFactory()
+
+    def record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        rec = make_record(*args, **kwargs)
+        rec.msg, rec.args = safe_text(rec.getMessage()), ()
+        return rec
+
+    logging.setLogRecordFactory(record)
 
 
 def no_color() -> bool:
