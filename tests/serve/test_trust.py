@@ -68,12 +68,17 @@ def test_osteosarcoma_tile_is_in_distribution_and_other_images_are_referred(clie
     top = max(tile["probabilities"].values())
     assert tile["refer"] == (top < h["confidence_cut"])
     assert tile["refer_reason"] == ("" if not tile["refer"] else f"low confidence (< {h['confidence_cut']:.3f})")
+    assert tile["blank"] is None
     for what, data in OOD.items():
         body = _post(client, data)
         assert body["in_distribution"] is False, what
         assert body["ood_score"] > body["ood_threshold"] == h["ood"]["threshold"], what
         assert body["refer"] is True and body["refer_reason"].startswith("out of distribution"), what
         assert abs(sum(body["probabilities"].values()) - 1) < 1e-5  # the guess is still given, flagged
+        assert (body["blank"] is not None) == (what == "flat grey"), what
+    grey = _post(client, GREY)
+    assert grey["blank"] == "constant image (every pixel = 128)"
+    assert grey["refer_reason"].endswith("; blank input: constant image (every pixel = 128)")
 
 
 def test_onnx_pool_workers_give_the_same_ood_scores_as_pytorch(clients):
@@ -126,3 +131,5 @@ def test_run_without_threshold_gives_a_score_but_no_verdict(tiny_run):
     assert isinstance(body["ood_score"], float)
     assert body["in_distribution"] is None and body["ood_threshold"] is None
     assert body["refer"] is False and body["refer_reason"] == ""
+    blank = _post(client, GREY)  # no detector, no cut: a blank upload is still referred, and says why
+    assert blank["refer"] is True and blank["refer_reason"] == "blank input: constant image (every pixel = 128)"

@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 from oncotransfer import __version__
 from oncotransfer.data.readers import ImageReadError, ImageTooLargeError, SlideError
+from oncotransfer.data.readers.quality import blank_reason
 from oncotransfer.errors import ConfigError
 from oncotransfer.serve.limits import Gate, ServeLimits, check_limit
 from oncotransfer.serve.middleware import AccessLog, ServiceMiddleware
@@ -129,6 +130,10 @@ def create_app(run_dir: str | Path, engine: str = "auto", max_upload_mb: float =
                     overlay = base64.b64encode(overlay_png(img, heat)).decode("ascii")
         flags = predictor.in_distribution(ood)
         refer, reasons = predictor.referrals(probs, ood, coverage)
+        # a blank frame (a cleared screen, a failed export) is scored like any image, so the answer says so
+        blank = blank_reason(t.numpy())
+        if blank:
+            refer[0], reasons[0] = True, "; ".join(filter(None, [reasons[0], f"blank input: {blank}"]))
         return {"model": predictor.name, "version": __version__, "engine": predictor.engine,
                 "classes": predictor.classes,
                 "probabilities": {c: float(p) for c, p in zip(predictor.classes, probs[0])},
@@ -136,7 +141,7 @@ def create_app(run_dir: str | Path, engine: str = "auto", max_upload_mb: float =
                 "ood_score": None if ood is None else float(ood[0]),
                 "in_distribution": None if flags is None else bool(flags[0]),
                 "ood_threshold": trust["ood"]["threshold"] if trust["ood"] else None,
-                "refer": bool(refer[0]), "refer_reason": reasons[0], "overlay_png": overlay}
+                "refer": bool(refer[0]), "refer_reason": reasons[0], "blank": blank, "overlay_png": overlay}
 
     @app.post("/predict")
     async def predict(request: Request,
