@@ -125,3 +125,11 @@ def test_recipe_with_a_bad_key_names_it(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         load_grid(write_grid(tmp_path, {"recipe": [{"name": "x", "train.lrr": 0.1}]}))
     assert "train.lrr" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(__import__("torch").backends.mps.is_available(), reason="this machine has an Apple GPU")
+def test_a_device_this_machine_lacks_stops_a_local_grid_before_its_folder(tmp_path: Path) -> None:
+    spec = load_grid(write_grid(tmp_path, {"train.device": ["cpu", "mps"]}, trials=1))
+    with pytest.raises(ConfigError, match="train.device: mps was asked for"):
+        run_grid(spec, "local")
+    assert not Path(spec.output_dir, f"grid_{spec.name}").exists()

@@ -231,6 +231,10 @@ def run_grid(spec: GridSpec, executor: str = "local", *, grid_dir: str | Path | 
         if key not in accepted:
             raise ConfigError(f"--{key.replace('_', '-')} does not apply to the {executor} executor")
     runs = expand(spec)
+    if executor == "local":  # a Ray worker may have the GPU the head lacks; a local run has only this machine's
+        from oncotransfer.train.device import pick_device
+        for device in sorted({r.cfg.train.device for r in runs}):
+            pick_device(device)  # its one-line error before the grid folder is made
     out = Path(grid_dir) if grid_dir else grid_dir_for(spec)
     out.mkdir(parents=True, exist_ok=True)
     resolved = {"name": spec.name, "base": to_dict(spec.base), "grid": spec.grid, "trials": spec.trials,
