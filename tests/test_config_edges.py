@@ -122,3 +122,33 @@ def test_mps_on_a_machine_without_it():
         pytest.skip("this machine has MPS")
     with pytest.raises(ConfigError, match="train.device: mps"):
         pick_device("mps")
+
+
+LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{k}: &{k} [{', '.join(['*' + p] * 10)}]\n" for p, k in zip("abcdefgh", "bcdefghi"))
+
+
+@pytest.mark.parametrize("content, needle", [(LAUGHS.encode(), "expands to more than"),
+                                             (b"\xff\xfe garbage \x81", "not UTF-8"),
+                                             (b"- just\n- a list\n", "not a YAML mapping"),
+                                             (b"name: !!binary aGVsbG8=\n", "binary data")])
+def test_a_run_directorys_yaml_is_read_within_the_budgets(tmp_path, content, needle):
+    """A copied or synced run is input too: report, grid resume and tracking read its config.yaml like a config."""
+    from oncotransfer.errors import CheckpointError
+    from oncotransfer.yaml_io import read_run_yaml
+    assert read_run_yaml(tmp_path / "config.yaml") == ({}, "")
+    (tmp_path / "config.yaml").write_bytes(content)
+    with pytest.raises(CheckpointError, match=rf"config\.yaml.*{needle}.*run directory is damaged"):
+        read_run_yaml(tmp_path / "config.yaml")
+
+
+def test_evaluate_names_a_run_config_that_expands_exponentially(tiny_run, tmp_path):
+    import shutil
+
+    from oncotransfer.errors import CheckpointError
+    from oncotransfer.evaluate.report import evaluate_run
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "config.yaml").write_text(LAUGHS)
+    with pytest.raises(CheckpointError, match=r"config\.yaml: the YAML document expands"):
+        evaluate_run(run)

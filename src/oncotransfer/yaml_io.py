@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from oncotransfer.errors import ConfigError
+from oncotransfer.errors import CheckpointError, ConfigError
 from oncotransfer.limits import MAX_CONFIG_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES
 
 
@@ -126,3 +126,23 @@ def read_text(path: str | Path, what: str = "config file") -> str:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); save the "
                           "config as UTF-8") from None
+
+
+def read_run_yaml(path: str | Path) -> tuple[dict, str]:
+    """(mapping, text) of a YAML file a run directory holds (its ``config.yaml``), under the same budgets as a
+    user's config, since a copied or synced run is input too; ``({}, "")`` when the file is missing.
+    ``CheckpointError`` naming the file when it is damaged or not a mapping."""
+    p = Path(path)
+    if not p.exists() and not p.is_symlink():
+        return {}, ""
+    fix = "copy the whole run directory again, or retrain the run"
+    try:
+        text = read_text(p, "run file")
+        data = load_text(text, str(p))
+    except ConfigError as e:
+        raise CheckpointError(f"{e}; the run directory is damaged: {fix}") from None
+    if data is None:
+        return {}, text
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{p}: not a YAML mapping but {type(data).__name__}; the run directory is damaged: {fix}")
+    return data, text

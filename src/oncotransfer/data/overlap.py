@@ -92,10 +92,10 @@ def _reference_keypoints(run_dir: Path, rows: pd.DataFrame, files: list[str] | N
 
 
 def _data_root(run_dir: Path) -> Path | None:
-    import yaml
     from oncotransfer.data.manifest import resolve_data_path
+    from oncotransfer.yaml_io import read_run_yaml
     try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        cfg = read_run_yaml(run_dir / "config.yaml")[0]
         p = resolve_data_path(((cfg.get("data") or {}).get("path")))
     except Exception:  # noqa: BLE001 - a moved or missing data set: the check says so instead
         return None

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
+from oncotransfer.yaml_io import read_run_yaml
 
 from oncotransfer.data.overlap import overlap_line
 from oncotransfer.errors import CheckpointError, DataError
@@ -81,10 +81,8 @@ def _read_run(run: Path, need_predictions: bool) -> tuple[dict[str, Any], dict[s
         raise CheckpointError(f"{run}: no {' or '.join(missing)}; this is not a finished run, "
                               "train first (oncotransfer train CONFIG) and evaluate its run directory")
     info = read_run_info(run).content()
-    cfg_path = run / "config.yaml"
-    cfg_text = cfg_path.read_text() if cfg_path.is_file() else ""
-    cfg = yaml.safe_load(cfg_text) if cfg_text else {}
-    return info, cfg if isinstance(cfg, dict) else {}, cfg_text
+    cfg, cfg_text = read_run_yaml(run / "config.yaml")
+    return info, cfg, cfg_text
 
 
 def schedule_line(train: dict[str, Any], frozen: bool = False) -> str:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from oncotransfer.yaml_io import read_run_yaml
 
 from oncotransfer.config import ExperimentConfig, to_dict
 from oncotransfer.errors import ConfigError
@@ -82,7 +82,7 @@ def pending_runs(grid_dir: Path, runs: list[GridRun], expect_report: bool = Fals
 
 def _check_same(run: GridRun, run_dir: Path) -> None:
     """A finished run is reused only if it was made from the same config (an edited grid must not reuse it)."""
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else None
+    saved = read_run_yaml(run_dir / "config.yaml")[0] if (run_dir / "config.yaml").is_file() else None
     if saved != to_dict(run.cfg):
         raise ConfigError(f"{run_dir}: a finished run with a different config; the grid changed since it ran. "
                           "Give the grid a new name or output_dir (or delete that folder) and run again")

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import yaml
+from oncotransfer.yaml_io import read_run_yaml
 
 from oncotransfer.errors import ConfigError, MissingExtraError, OncoError
 from oncotransfer.rundir import read_metrics
@@ -78,7 +78,7 @@ def log_run(run_dir: str | Path, tracker: str = "mlflow", tracking_uri: str | No
     if not (run / "config.yaml").is_file():
         raise TrackingError(f"{run}: not a run directory (no config.yaml); give the folder `oncotransfer train` wrote")
     uri = tracking_uri or default_uri(run)
-    cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    cfg = read_run_yaml(run / "config.yaml")[0]
     with _mlflow_errors(uri):
         client = _client(uri)
         exp_id = _experiment(client, experiment or str(cfg.get("name") or run.name), uri)
@@ -112,7 +112,7 @@ def _log_one(client, exp_id: str, run: Path, name: str, tags: dict[str, str], lo
     mr = client.create_run(exp_id, run_name=name, tags=tags)
     rid = mr.info.run_id
     try:
-        cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+        cfg = read_run_yaml(run / "config.yaml")[0]
         params = [Param(k, v) for k, v in flatten_params(cfg).items()]
         metrics = [Metric(k, v, 0, step) for k, v, step in history_metrics(run / "history.csv")]
         metrics_file = run / "metrics.json"
