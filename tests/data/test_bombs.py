@@ -37,6 +37,18 @@ def test_small_deflated_dicom_still_decodes(tmp_path):
     assert open_rgb(f.read_bytes()).size == (64, 64)
 
 
+def test_a_deflated_objects_inflated_bytes_count_toward_its_decode_budget(tmp_path):
+    """serve reserves the probe's peak_bytes from --max-decode: four concurrent deflated uploads of 100 MiB
+    inflated each must not pass as 64 x 64 images."""
+    small = deflated_dicom(tmp_path / "a.dcm", 64 * 64, rows=64, cols=64, frames=1)
+    big = deflated_dicom(tmp_path / "b.dcm", 100 << 20, rows=64, cols=64, frames=(100 << 20) // 4096)
+    plain = frames_dicom(tmp_path / "c.dcm", 1, pixel_bytes=4096)
+    frame_cost = probe(str(plain)).peak_bytes
+    assert probe(big.read_bytes()).peak_bytes >= 2 * (100 << 20) > 1000 * frame_cost
+    assert probe(str(big)).peak_bytes == probe(big.read_bytes()).peak_bytes
+    assert frame_cost < probe(small.read_bytes()).peak_bytes < frame_cost + 3 * (64 * 64 + 4096)
+
+
 @pytest.mark.parametrize("frames, needle", [(10**9, "above the limit"), (2**31 - 1, "above the limit"),
                                             (50_000, "pixel data holds 1"), (3, "pixel data holds 1"), (2, "pixel data holds 1")])
 def test_forged_number_of_frames_is_refused(tmp_path, frames, needle):

@@ -345,13 +345,22 @@ def probe_dicom(source: str | Path | bytes, max_pixels: int | None = None) -> tu
     ``open_dicom``. Uploaded bytes are parsed whole (they are in memory already; the upload cap bounds them)."""
     name = "upload" if isinstance(source, bytes) else str(source)
     src = io.BytesIO(source) if isinstance(source, bytes) else split_frame(source)[0]
+    try:
+        src, inflated = open_source(src, name)
+    except ImageReadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - as in _read: pydicom raises many types on corrupt input
+        raise ImageReadError(f"{name}: unreadable DICOM ({one_line(e)})") from None
+    # a deflated object is held inflated while it decodes, and its pixel data copied out of that: both count
+    # toward the decode budget (serve's --max-decode), or concurrent uploads of 128 MiB each would add up unseen
+    held = 2 * len(src.getbuffer()) if inflated else 0
     ds = _read(src, name, header_only=True)
     rows, cols = int(ds.Rows), int(ds.Columns)
     if max_pixels is not None and rows * cols > max_pixels:
         raise ImageTooLargeError(f"{name}: image too large ({cols} x {rows} = {rows * cols} pixels per frame, "
                                  f"above the limit of {max_pixels})")
     # stored samples (up to 8 bytes as float64 during the VOI/rescale step) plus the RGB8 result
-    return cols, rows, rows * cols * (8 * int(ds.get("SamplesPerPixel", 1) or 1) + 3)
+    return cols, rows, held + rows * cols * (8 * int(ds.get("SamplesPerPixel", 1) or 1) + 3)
 
 
 def open_dicom(source: str | Path | bytes, frame: int | None = None, max_pixels: int | None = None,
