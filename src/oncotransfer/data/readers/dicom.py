@@ -27,6 +27,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -297,7 +298,10 @@ def _clip(value) -> str:
 @_quiet
 def read_info(path: str | Path) -> DicomInfo:
     """Header of one object (pixel data not decoded); ImageReadError (one line) when it is unusable."""
-    ds = _read(str(path), str(path), header_only=True)
+    return _info(_read(str(path), str(path), header_only=True), path)
+
+
+def _info(ds, path: str | Path) -> DicomInfo:
     ids = [identifier(ds, key, kind, path) for key, kind in
            (("PatientID", "p"), ("StudyInstanceUID", "st"), ("SeriesInstanceUID", "se"))]
     ts = ds.file_meta.TransferSyntaxUID
@@ -339,10 +343,15 @@ def _check_decoder(ds, name: str) -> None:
         raise ImageReadError(f"{name}: transfer syntax {uid.name} needs a pixel-data plugin: {INSTALL_HINT}")
 
 
-@_quiet
 def probe_dicom(source: str | Path | bytes, max_pixels: int | None = None) -> tuple[int, int, int]:
     """(columns, rows, estimated peak decoded bytes of one frame) from the header; the pixel limit as in
     ``open_dicom``. Uploaded bytes are parsed whole (they are in memory already; the upload cap bounds them)."""
+    return _probe(source, max_pixels)[1:]
+
+
+@_quiet
+def _probe(source: str | Path | bytes, max_pixels: int | None = None) -> tuple[Any, int, int, int]:
+    """(header dataset, columns, rows, peak bytes): ``probe_dicom`` with the header kept for ``_info``."""
     name = "upload" if isinstance(source, bytes) else str(source)
     src = io.BytesIO(source) if isinstance(source, bytes) else split_frame(source)[0]
     try:
@@ -360,7 +369,7 @@ def probe_dicom(source: str | Path | bytes, max_pixels: int | None = None) -> tu
         raise ImageTooLargeError(f"{name}: image too large ({cols} x {rows} = {rows * cols} pixels per frame, "
                                  f"above the limit of {max_pixels})")
     # stored samples (up to 8 bytes as float64 during the VOI/rescale step) plus the RGB8 result
-    return cols, rows, held + rows * cols * (8 * int(ds.get("SamplesPerPixel", 1) or 1) + 3)
+    return ds, cols, rows, held + rows * cols * (8 * int(ds.get("SamplesPerPixel", 1) or 1) + 3)
 
 
 def open_dicom(source: str | Path | bytes, frame: int | None = None, max_pixels: int | None = None,
@@ -454,8 +463,8 @@ class DicomReader(Reader):
         if isinstance(source, bytes):
             w, h, need = probe_dicom(source, max_pixels)
             return Probe(self.name, "image", w, h, peak_bytes=need)
-        w, h, need = probe_dicom(source, max_pixels)
-        info = read_info(split_frame(source)[0])
+        ds, w, h, need = _probe(source, max_pixels)  # one header read for the size and the info
+        info = _info(ds, split_frame(source)[0])
         notes = ("declares burned-in annotation",) if info.burned_in else ()
         return Probe(self.name, "frames" if info.frames > 1 else "image", w, h, frames=info.frames,
                      mode=info.photometric, peak_bytes=need, group=info.patient, notes=notes)
