@@ -13,7 +13,7 @@ import typer  # noqa: E402 - after the handler: Ctrl-C while typer and rich load
 from oncotransfer.cli_output import (Stream, emit_json, external_lines, print_inspect, print_predictions, reporter,
                                      table)
 from oncotransfer.cli_slides import MPP_SOURCE_HELP, TISSUE_HELP, slides_app
-from oncotransfer.errors import OncoError, os_error_line
+from oncotransfer.errors import OncoError, RunInterrupted, os_error_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn a folder of medical images into a validated classifier by transfer learning.")
@@ -373,14 +373,14 @@ def main() -> None:
         err.print(f"error: {line}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt as e:
-        err.print(interrupted_hint(sys.argv[1:], getattr(e, "run_dir", None)), highlight=False, soft_wrap=True)
+        err.print(interrupted_hint(sys.argv[1:], e.run_dir if isinstance(e, RunInterrupted) else None), highlight=False, soft_wrap=True)
         sys.exit(130)
     except SystemExit as e:
         # typer turns Ctrl-C inside a command into Exit(130) (then sys.exit): the interrupt is that Exit's cause
         interrupt = getattr(e.__context__, "__cause__", None)
         if e.code == 130 and isinstance(interrupt, KeyboardInterrupt):
-            err.print(interrupted_hint(sys.argv[1:], getattr(interrupt, "run_dir", None)), highlight=False,
-                      soft_wrap=True)
+            run_dir = interrupt.run_dir if isinstance(interrupt, RunInterrupted) else None
+            err.print(interrupted_hint(sys.argv[1:], run_dir), highlight=False, soft_wrap=True)
         raise
 
 
