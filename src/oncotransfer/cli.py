@@ -13,6 +13,7 @@ import typer  # noqa: E402 - after the handler: Ctrl-C while typer and rich load
 from oncotransfer.cli_output import (Stream, emit_json, external_lines, print_inspect, print_predictions, reporter,
                                      table)
 from oncotransfer.cli_slides import MPP_SOURCE_HELP, TISSUE_HELP, slides_app
+from oncotransfer.cli_tune import tune
 from oncotransfer.errors import OncoError, RunInterrupted, os_error_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -24,6 +25,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 app.add_typer(cells_app, name="cells")
 app.add_typer(slides_app, name="slides")
+app.command("tune")(tune)
 console = Stream()          # stdout: results (plain and unwrapped when piped; JSON with --json)
 err = Stream(stderr=True)   # stderr: messages and progress
 _JSON_HELP = "print one JSON document on stdout (messages go to stderr)"
