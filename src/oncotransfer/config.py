@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from oncotransfer.errors import ConfigError
 from oncotransfer.io import atomic_write_text
 from oncotransfer.limits import MAX_HEAD_LAYERS, MAX_HEAD_UNITS
+from oncotransfer.weight_sources import anchored, parse_weights
 from oncotransfer.yaml_io import load_text, read_text
 
 
@@ -106,6 +107,12 @@ class ModelConfig(_Strict):
     """frozen | finetune | last:N (the last N coarse groups train) | from:STAGE (e.g. from:blocks.6)."""
     pool_stages: int = Field(default=1, ge=1, le=8)
     """Frozen base: concatenate the pooled outputs of the last k stages (1 = the backbone's own features)."""
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: str) -> str:
+        parse_weights(v, key=None)  # the message names the key already
+        return v
 
     @field_validator("freeze")
     @classmethod
@@ -384,13 +391,10 @@ def anchor_path(key: str, value: Any, base: Path) -> Any:
     """``value`` of dotted ``key`` made absolute against ``base`` if it is a relative path (else unchanged)."""
     if key not in _PATH_KEYS or not isinstance(value, str) or not value or value.startswith("demo:"):
         return value
-    prefix = ""
-    if key == "model.weights":
-        prefix = next((p for p in ("file:", "run:") if value.startswith(p)), None)
-        if prefix is None:  # imagenet, none, efficientnet_lite0_packaged
-            return value
-    rest = Path(value[len(prefix):]).expanduser()
-    return prefix + str(rest if rest.is_absolute() else (base / rest).resolve())
+    if key == "model.weights":  # only file:PATH and run:RUN_DIR hold a path
+        return anchored(value, base)
+    rest = Path(value).expanduser()
+    return str(rest if rest.is_absolute() else (base / rest).resolve())
 
 
 def anchor_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """User-facing errors: each carries one line that says what was wrong, where, and how to fix it."""
 import errno
+from pathlib import Path
 
 
 class OncoError(Exception):
@@ -32,6 +33,15 @@ class MissingExtraError(OncoError):
 
 class RunLayoutError(CheckpointError):
     """A run directory was written by a newer oncotransfer, in a layout this version cannot read."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C once a run directory exists: carries that directory, so the CLI can name what ``--resume``
+    continues. Still a KeyboardInterrupt, so every handler of Ctrl-C treats it as one."""
+
+    def __init__(self, run_dir: str | Path):
+        super().__init__(str(run_dir))  # in args too: a worker process's copy unpickles with it
+        self.run_dir = Path(run_dir)
 
 
 _OS_HINTS = {

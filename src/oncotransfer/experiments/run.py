@@ -13,7 +13,7 @@ from oncotransfer.config import ExperimentConfig, load_saved_config, save_config
 from oncotransfer.data.augment import Augmenter, describe
 from oncotransfer.data.overlap import data_warning_lines, save_training_keypoints, split_frame
 from oncotransfer.data.splits import make_split, splitter
-from oncotransfer.errors import CheckpointError, OncoError
+from oncotransfer.errors import CheckpointError, OncoError, RunInterrupted
 from oncotransfer.evaluate.report import evaluate_run
 from oncotransfer.experiments.preflight import check_before_run, remove_unstarted
 from oncotransfer.io import atomic_to_csv
@@ -107,21 +107,23 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
     warnings = list(data.warnings) + list(split.warnings)
     try:
         for fold in split.folds:
-            model, st, mode = train_fold(cfg, data, fold, run_dir, device, aug, on_epoch_end, say,
-                                         prefixed(progress if main else None, f"fold {fold.index + 1}/{len(split.folds)} "))
-            modes.add(mode)
-            best_epochs[str(fold.index)] = st.best_epoch
-            histories.append(pd.DataFrame(st.history).assign(fold=fold.index))
-            outputs.append(collect_outputs(model, data, fold, cfg, device))  # calibrated after the last fold
-            oods[fold.index] = fold_ood(model, data, fold, cfg, reference=fold.index == 0)
+            result = train_fold(cfg, data, fold, run_dir, device, aug, on_epoch_end, say,
+                                prefixed(progress if main else None, f"fold {fold.index + 1}/{len(split.folds)} "))
+            model = result.model
+            modes.add(result.mode)
+            best_epochs[str(fold.index)] = result.best_epoch
+            histories.append(pd.DataFrame(result.history).assign(fold=fold.index))
+            outputs.append(collect_outputs(result, data, cfg, device))  # calibrated after the last fold
+            oods[fold.index] = fold_ood(result, data, cfg, reference=fold.index == 0)
             if fold.index == 0:
                 fold0, fold0_state = model, state_snapshot(model)
                 warnings += list(model.weights.warnings if model.weights else [])
             elif main:  # every fold's model is kept: only the tensors that differ from fold 0's
                 save_fold_tensors(run_dir, fold.index, model, fold0_state)
-    except KeyboardInterrupt as e:
-        e.run_dir = run_dir  # so the CLI can name the directory that --resume continues
+    except RunInterrupted:
         raise
+    except KeyboardInterrupt as e:
+        raise RunInterrupted(run_dir) from e  # so the CLI can name the directory that --resume continues
     except OncoError:
         if main and not resume:
             remove_unstarted(run_dir)  # e.g. weights that cannot be had: no folder holding only config.yaml
@@ -169,6 +171,7 @@ def run_experiment(cfg: ExperimentConfig | None = None, run_dir: str | Path | No
         if report:
             metrics = evaluate_run(run_dir)
         return RunResult(run_dir, metrics, m.classes)
-    except KeyboardInterrupt as e:
-        e.run_dir = run_dir
+    except RunInterrupted:
         raise
+    except KeyboardInterrupt as e:
+        raise RunInterrupted(run_dir) from e

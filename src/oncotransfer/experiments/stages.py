@@ -14,6 +14,7 @@ from oncotransfer.experiments.run import RunResult, new_run_dir, run_experiment
 from oncotransfer.io import atomic_write_text
 from oncotransfer.progress import Progress, prefixed
 from oncotransfer.train import distributed as D
+from oncotransfer.weight_sources import run_weights
 
 
 def _over(base: BaseModel, stage: BaseModel | None) -> BaseModel:
@@ -25,7 +26,7 @@ def _over(base: BaseModel, stage: BaseModel | None) -> BaseModel:
 
 def stage_config(cfg: ExperimentConfig, stage: StageConfig, init: str | None) -> ExperimentConfig:
     """The full config of one stage: the top level with the stage's own keys laid over it, validated again."""
-    weights = f"run:{stage.init_from}" if stage.init_from else init
+    weights = run_weights(stage.init_from) if stage.init_from else init
     model = cfg.model.model_copy(update={k: v for k, v in {"head": stage.head, "freeze": stage.freeze,
                                                             "weights": weights}.items() if v is not None})
     merged = cfg.model_copy(update={
@@ -76,7 +77,7 @@ def run_stages(cfg: ExperimentConfig, log: Callable[[str], None] | None = None,
                 remove_unstarted(parent)  # the first stage could not start: no folder holding only config.yaml
             raise
         results.append(res)
-        init = f"run:{res.run_dir}"
+        init = run_weights(res.run_dir)
     if main:
         atomic_write_text(parent / "stages.txt", "\n".join(str(r.run_dir.name) for r in results) + "\n")
     final = results[-1]
@@ -85,7 +86,7 @@ def run_stages(cfg: ExperimentConfig, log: Callable[[str], None] | None = None,
         direct_cfg = stage_config(cfg, cfg.stages[-1], None)
         if cfg.stages[0].init_from:
             direct_cfg = direct_cfg.model_copy(update={"model": direct_cfg.model.model_copy(
-                update={"weights": f"run:{cfg.stages[0].init_from}"})})
+                update={"weights": run_weights(cfg.stages[0].init_from)})})
         direct = run_experiment(direct_cfg, parent / "direct", log=log, progress=prefixed(progress, "direct: "))
     if main:
         write_multistage_report(parent, results, direct if cfg.compare_direct else None)

@@ -16,6 +16,7 @@ from oncotransfer.models.checkpoint import (RETRAIN, checkpoint_dir, fold_entry,
 from oncotransfer.models.classifier import Classifier, feature_width
 from oncotransfer.models.heads import create_head
 from oncotransfer.models.weights import WeightsInfo, build_backbone
+from oncotransfer.weight_sources import parse_weights
 
 
 def create_classifier(backbone: str, weights: str, head: HeadConfig, num_classes: int,
@@ -56,9 +57,8 @@ def classifier_for(mc: ModelConfig, num_classes: int, image_size: int | None, se
 
 def _stamp(weights: str) -> int | None:
     """Modification time of a file:/run: weights source, so a rewritten file is never served from the memo."""
-    kind, _, where = weights.partition(":")
-    path = Path(where) / "checkpoint" / "model.safetensors" if kind == "run" else Path(where)
-    return path.stat().st_mtime_ns if kind in ("file", "run") and path.exists() else None
+    path = parse_weights(weights).stamp_file
+    return path.stat().st_mtime_ns if path is not None and path.exists() else None
 
 
 def _build(meta: dict, backbone=None):

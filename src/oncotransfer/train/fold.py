@@ -3,6 +3,7 @@ predictions and the validation logits that temperature scaling is fitted on."""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from oncotransfer.train.data import LoadedData
 from oncotransfer.train.device import precision_label, prepare
 from oncotransfer.train.features import FeatureCache, resolve_engine
 from oncotransfer.train.fold_outputs import FoldOutputs, batch_outputs
-from oncotransfer.train.inputs import cached_inputs, image_inputs
+from oncotransfer.train.inputs import FoldInputs, cached_inputs, image_inputs
 from oncotransfer.train.loop import FitState, fit, make_optimizer
 from oncotransfer.train.ood import FoldOOD, fit_fold_ood
 from oncotransfer.train.schedule import make_schedule
@@ -34,8 +35,35 @@ def _class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
     return torch.as_tensor(len(labels) / (n_classes * np.maximum(counts, 1)))
 
 
+@dataclass
+class FoldResult:
+    """One trained fold as ``train_fold`` hands it on: the model at its best epoch, its fit state (history, best
+    epoch), the inputs it trained on and the module they feed (the head on cached features, tail + head on cached
+    activations, or the whole classifier), which its outputs and out-of-distribution detector are computed with."""
+    fold: Fold
+    model: Classifier
+    state: FitState
+    inputs: FoldInputs
+    module: torch.nn.Module
+    fast: bool
+    """Whether ``module`` runs in the fast CPU precision (never for a head on cached features)."""
+
+    @property
+    def mode(self) -> str:
+        return self.inputs.mode
+
+    @property
+    def best_epoch(self) -> int:
+        return self.state.best_epoch
+
+    @property
+    def history(self) -> list[dict]:
+        return self.state.history
+
+
 def train_fold(cfg: ExperimentConfig, data: LoadedData, fold: Fold, run_dir: Path, device: torch.device,
-               aug: Augmenter, on_epoch_end=None, say=lambda s: None, progress: Progress | None = None):
+               aug: Augmenter, on_epoch_end=None, say=lambda s: None, progress: Progress | None = None
+               ) -> FoldResult:
     """Build the fold's model (seeded), choose cached or image inputs, fit, keep the best epoch.
     ``progress`` hears of feature or activation extraction and of each epoch ("epochs")."""
     m = data.manifest
@@ -90,9 +118,7 @@ def train_fold(cfg: ExperimentConfig, data: LoadedData, fold: Fold, run_dir: Pat
             progress("epochs", st.epoch, st.epoch)
     elif st.best_state is not None:
         module.load_state_dict(st.best_state, strict=False)
-    model._inputs = inputs
-    model._aux["trained"] = module  # a plain dict entry: registering the model as its own child would loop
-    return model, st, inputs.mode
+    return FoldResult(fold, model, st, inputs, module, fast)
 
 
 def uses_tail_cache(cfg: ExperimentConfig) -> bool:
@@ -130,31 +156,23 @@ def _finished(st: FitState, cfg: ExperimentConfig) -> bool:
     return st.epoch >= cfg.train.epochs or (p is not None and st.bad_epochs >= p)
 
 
-def _fold_module(model, cfg: ExperimentConfig):
-    """What the fold's inputs feed (``train_fold`` records it): the head on cached features, the tail and head
-    on cached prefix activations, or the whole classifier on images."""
-    module = model._aux["trained"]
-    return module, module is not model.head and cfg.train.fast_cpu
-
-
-def fold_ood(model, data: LoadedData, fold: Fold, cfg: ExperimentConfig, reference: bool = False
+def fold_ood(result: FoldResult, data: LoadedData, cfg: ExperimentConfig, reference: bool = False
              ) -> FoldOOD | None:
     """The fold's out-of-distribution detector (``train.ood``), fitted on its training originals."""
-    module, _ = _fold_module(model, cfg)
-    return fit_fold_ood(module, model.head, model._inputs, fold, data.manifest.labels, cfg, reference)
+    return fit_fold_ood(result.module, result.model.head, result.inputs, result.fold, data.manifest.labels, cfg,
+                        reference)
 
 
-def collect_outputs(model, data: LoadedData, fold: Fold, cfg: ExperimentConfig, device) -> FoldOutputs:
+def collect_outputs(result: FoldResult, data: LoadedData, cfg: ExperimentConfig, device) -> FoldOutputs:
     """Test rows of the fold (``prob_<class>`` as trained) with their logits, and the logits of its ``val``
     subset (the one epoch selection used) when calibration is on and the fold has one of its own (a fold
     selecting on its test rows has none: its "val" would be the test fold)."""
-    m = data.manifest
-    module, fast = _fold_module(model, cfg)
-    logits, _, probs = batch_outputs(module, model.head, model._inputs.test(), device, fast)
+    m, fold, head = data.manifest, result.fold, result.model.head
+    logits, _, probs = batch_outputs(result.module, head, result.inputs.test(), device, result.fast)
     frame = predictions_table([m.relpath(i) for i in fold.test], probs.numpy(), m.classes, fold=fold.index,
                               labels=[m.classes[m.labels[i]] for i in fold.test])
     val = None
     if cfg.evaluate.calibrate and not fold.selection_on_test and len(fold.val):
-        z, y, _ = batch_outputs(module, model.head, model._inputs.val(), device, fast)
+        z, y, _ = batch_outputs(result.module, head, result.inputs.val(), device, result.fast)
         val = (z.numpy(), y.numpy())
     return FoldOutputs(fold.index, frame, logits, val)

@@ -1,0 +1,125 @@
+"""`oncotransfer tune`: a nested search ends in an estimate, a naive figure and a final run; a killed tune resumes
+without running its finished trials again; bad search keys and budgets are one line."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+optuna = pytest.importorskip("optuna")
+
+from oncotransfer import cli  # noqa: E402
+from oncotransfer.errors import ConfigError  # noqa: E402
+from oncotransfer.rundir import run_finished  # noqa: E402
+from oncotransfer.search_config import load_tune_config, parse_budget  # noqa: E402
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def tune_yaml(tmp: Path, trials: int = 3, **search) -> Path:
+    """Frozen Lite0 on the 60 demo tiles at 64 px, features cached: each trial is two heads of a few epochs."""
+    raw = {"name": "t", "output_dir": str(tmp / "runs"),
+           "data": {"path": "demo:osteosarcoma", "image_size": 64},
+           "split": {"kind": "holdout", "allow_image_level_split": True, "group_by_patient": False},
+           "model": {"backbone": "efficientnet_lite0", "weights": "efficientnet_lite0_packaged", "freeze": "frozen"},
+           "train": {"epochs": 2, "cache_dir": str(tmp / "cache"), "num_workers": 1, "feature_engine": "torch"},
+           "evaluate": {"bootstrap": 100},
+           "search": {"outer_folds": 2, "inner_folds": 2, "trials": trials,
+                      "space": {"backbone": ["efficientnet_lite0"], "freeze": ["frozen", "pool:2"],
+                                "image_size": [64], "views": [0], "epochs": [2, 3], "lr": [0.001, 0.01],
+                                "schedule": ["constant"], "label_smoothing": [0.0], "head_width": [0, 16]},
+                      **search}}
+    path = tmp / "tune.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["oncotransfer", *args])
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_tiny_search_gives_nested_and_naive_figures_and_a_final_run(tmp_path, monkeypatch, capsys):
+    code, out, err = run_cli(monkeypatch, capsys, "tune", str(tune_yaml(tmp_path)))
+    assert code == 0, err
+    lines = out.splitlines()
+    nested = next(ln for ln in lines if ln.startswith("nested estimate: "))
+    assert "(95% CI " in nested and 0 <= float(nested.split()[2]) <= 1
+    assert any(ln.startswith("naive best trial on its own folds (accuracy): ") for ln in lines)
+    run = Path(next(ln for ln in lines if ln.startswith("run: "))[5:])
+    assert run_finished(run) and (run / "checkpoint" / "model.safetensors").is_file()
+    tune_dir = tmp_path / "runs" / "t-tune"
+    assert (tune_dir / "recipe.yaml").is_file() and (tune_dir / "leaderboard.csv").is_file()
+    storage = f"sqlite:///{tune_dir / 'study.db'}"
+    names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    assert names == {"outer-0", "outer-1", "final"}
+    for name in names:  # every search ran its trials; each trial reported per inner fold
+        trials = optuna.load_study(study_name=name, storage=storage).get_trials(states=DONE)
+        assert len(trials) == 3 and all(t.intermediate_values for t in trials)
+
+
+def _done(storage: str, name: str) -> list:
+    try:
+        return optuna.load_study(study_name=name, storage=storage).get_trials(states=DONE)
+    except Exception:  # the study or its tables are not written yet
+        return []
+
+
+def test_a_killed_tune_resumes_without_repeating_finished_trials(tmp_path, monkeypatch, capsys):
+    cfg = tune_yaml(tmp_path, trials=4)
+    storage = f"sqlite:///{tmp_path / 'runs' / 't-tune' / 'study.db'}"
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "oncotransfer.cli", "tune", str(cfg)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while len(_done(storage, "outer-0")) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    before = {t.number: t.params for t in _done(storage, "outer-0")}
+    assert 2 <= len(before) < 4, "the study finished before it could be killed; kill earlier"
+    code, _, err = run_cli(monkeypatch, capsys, "tune", str(cfg))
+    assert code == 0, err
+    after = _done(storage, "outer-0")
+    assert len(after) == 4  # the finished trials counted, only the missing ones were run
+    assert {t.number: t.params for t in after if t.number in before} == before
+
+
+@pytest.mark.parametrize("search, needle", [
+    ({"trails": 3}, "unknown key 'search.trails'"),
+    ({"space": {"freeze": ["frozen", "half"]}}, "'search.space.freeze'"),
+    ({"budget": "soon"}, "'search.budget'"),
+])
+def test_bad_search_keys_are_one_line_naming_the_key(tmp_path, search, needle):
+    with pytest.raises(ConfigError) as e:
+        load_tune_config(tune_yaml(tmp_path, **search))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text, seconds", [("30m", 1800), ("2h", 7200), ("90s", 90), ("900", 900), ("1.5h", 5400)])
+def test_budgets_read_as_durations(text, seconds):
+    assert parse_budget(text) == seconds
+
+
+def test_a_bad_budget_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    code, out, err = run_cli(monkeypatch, capsys, "tune", str(tune_yaml(tmp_path)), "--budget", "tomorrow")
+    assert code == 2 and out == ""
+    assert err.strip() == ("error: --budget: 'tomorrow' is not a duration; give e.g. 30m, 2h, 90s or 900 (seconds)")
+    assert not (tmp_path / "runs").exists()
