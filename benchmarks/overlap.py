@@ -12,6 +12,9 @@ duplicate group spans two folds. For each fold the other 4 folds are the "traini
 - False positives: every image, as the test fold's, against the other folds (truly distinct by construction:
   its duplicate group is not among them); plus its flipped and 20%-cropped copies (still distinct).
 - Inliers: the quantiles of verified keypoint matches, own copies against distinct pairs: the MIN_INLIERS margin.
+- Ground truth for "distinct": each image named as it is gets aligned onto its best match (the similarity transform
+  of its keypoints) and the two correlated (NCC); >= SAME_SCAN_NCC is one scan re-cropped or shifted, which the
+  pHash grouping missed, so not a false positive. The false-positive rate is over the rest.
 
 Usage: PYTHONPATH=src python benchmarks/overlap.py [--data PATH] [--per-transform 60]
 """

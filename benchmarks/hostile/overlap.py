@@ -22,7 +22,7 @@ bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
 N_TRAIN = 48
-KNOWN_NEAR_DUPLICATES = {"benign (21)", "benign (154)", "benign (242)", "benign (288)", "benign (333)",
+KNOWN_NEAR_DUPLICATES = {"benign (119)", "benign (122)", "benign (21)", "benign (154)", "benign (242)", "benign (288)", "benign (333)",
                          "malignant (4)", "malignant (5)", "malignant (7)", "malignant (15)", "malignant (111)",
                          "malignant (77)", "malignant (78)"}
 """BUSI scans that are re-cropped or shifted copies of another (pHash 6-14 bits apart: beyond the splits' grouping),
