@@ -68,6 +68,11 @@ def test_shipped_configs_name_no_shared_data_and_load_anywhere(name, tmp_path, m
     if "grid:" in text:
         spec = load_grid(ROOT / "configs" / name)
         paths = [spec.base.data.path]
+    elif "\nsearch:" in text:  # a tune config: the run config plus its search space
+        from oncotransfer.search_config import load_tune_config
+        cfg, search = load_tune_config(ROOT / "configs" / name)
+        assert search.trials > 0
+        paths = [cfg.data.path]
     else:
         cfg = load_config(ROOT / "configs" / name)
         paths = [cfg.data.path] + [s.data.path for s in cfg.stages if s.data]
