@@ -37,8 +37,9 @@ def _feature_module(m: nn.Module) -> nn.Module:
 def plan_groups(members: Sequence[nn.Module], equal_weights: bool = True) -> list[PrefixGroup]:
     """Group members by the prefix they share. Members holding one feature module object share it whole; among
     the others (a backbone per member), stages are shared up to the cut every group member computes the same
-    way: the same module object, or (``equal_weights``) equal tensors. The cut is the one that saves most stage
-    runs, so a member whose prefix differs runs alone rather than shortening everyone's."""
+    way: the same module object, or (``equal_weights``) equal tensors. The cut is the deepest the first member
+    shares with another, so a member whose prefix differs runs alone (or with those it matches) rather than
+    cutting everyone's prefix short."""
     units: dict[tuple, list[int]] = {}
     for i, m in enumerate(members):
         units.setdefault((id(m.backbone), getattr(m, "pool_stages", 1)), []).append(i)
@@ -51,9 +52,7 @@ def plan_groups(members: Sequence[nn.Module], equal_weights: bool = True) -> lis
     while left:
         ref, others = left[0], left[1:]
         shared = {o: _shared(listed.get(ref), listed.get(o), equal_weights) for o in others}
-        # stage runs saved by cutting at c: every joining unit skips c stages
-        best = max(((sum(s >= c for s in shared.values()) * c, c) for c in set(shared.values()) if c > 0),
-                   default=(0, 0))[1]
+        best = max(shared.values(), default=0)  # the deepest cut: a unit matching less is not cut short there
         joined = [o for o in others if best and shared[o] >= best]
         chains = _checked([members[whole[u][0]].backbone for u in [ref, *joined]]) if joined else None
         if chains is None:
