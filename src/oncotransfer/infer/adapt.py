@@ -8,7 +8,7 @@ no labels and no training. The learned weights (BN's affine parameters included)
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -55,17 +55,14 @@ class _Moments:
         self.bn.running_var.copy_(var.to(self.bn.running_var))
 
 
-def _forward(members: list[nn.Module], x: torch.Tensor) -> None:
-    """Run every member on ``x``, a backbone shared by several members once (keyed as ``Ensemble`` keys it)."""
-    features: dict[tuple, torch.Tensor] = {}
-    for m in members:
-        if hasattr(m, "backbone") and hasattr(m, "head"):
-            key = (id(m.backbone), getattr(m, "pool_stages", 1))
-            if key not in features:
-                features[key] = m.feature_module()(x) if hasattr(m, "feature_module") else m.backbone(x)
-            m.head(features[key])
-        else:
-            m(x)
+def _runner(members: list[nn.Module]) -> Callable[[torch.Tensor], object]:
+    """Runs every member on a batch, a module shared by several members (a frozen backbone, the frozen prefix of
+    ``last:N`` folds) once, so its BatchNorm layers see each image once. Only one-object sharing: members whose
+    prefixes are merely equal must each see the images, or their own layers would keep the old statistics."""
+    from oncotransfer.models.ensemble import Ensemble
+    if all(hasattr(m, "backbone") and hasattr(m, "head") for m in members):
+        return Ensemble(members, equal_weights=False).member_outputs
+    return lambda x: [m(x) for m in members]
 
 
 def _at_least_two(batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
@@ -90,6 +87,7 @@ def adapt_batchnorm(members: list[nn.Module], batches: Iterable[torch.Tensor]) -
     if not members:
         raise DataError("adapt_batchnorm needs at least one model")
     copies = copy.deepcopy(members)  # one deepcopy call: modules shared between members stay shared
+    run = _runner(copies)  # before the hooks: planning may run probe passes
     bns = _batchnorms(copies)
     moments = [_Moments(bn) for bn in bns]
     momenta = [bn.momentum for bn in bns]
@@ -103,7 +101,7 @@ def adapt_batchnorm(members: list[nn.Module], batches: Iterable[torch.Tensor]) -
             bn.train()
         with torch.no_grad():
             for batch in _at_least_two(batches):
-                _forward(copies, batch)
+                run(batch)
                 n += len(batch)
     finally:
         for h in hooks:

@@ -23,7 +23,8 @@ class ExportParityError(OncoError):
 
 class ProbabilityModel(nn.Module):
     """Normalised image batch -> (N, C) probabilities (a sigmoid head gives two columns too). ``model`` is a
-    classifier, or an ``Ensemble`` (members' logits / their temperatures, probabilities averaged). With an
+    classifier, or an ``Ensemble`` (members' logits / their temperatures, probabilities averaged; a prefix the
+    members share is traced once, so the graph holds one prefix and a tail per member). With an
     ``ood`` scorer (``models.ood.OODScorer``, ensembles only) the output is (probabilities, (N,) OOD scores)."""
 
     def __init__(self, model: nn.Module, temperature: float | None = None, ood: nn.Module | None = None):
@@ -85,6 +86,8 @@ def export_run(run_dir: str | Path, fmt: Literal["onnx", "torchscript"] = "onnx"
     pre = meta["preprocessing"]
     size = int(pre["size"])
     wrapped = ProbabilityModel(pred.ensemble, ood=pred.ood).eval()
+    if len(pred.members) > 1:  # the graph has this shape: one shared prefix, a tail per member
+        say(f"ensemble: {pred.ensemble.sharing_line()}")
     names = ("output",) if pred.ood is None else ("output", "ood_score")
     out_dir = run_dir / "export"
     x = normalise(parity_images(run_dir, meta, size), tuple(pre["mean"]), tuple(pre["std"]))
@@ -122,6 +125,7 @@ def export_run(run_dir: str | Path, fmt: Literal["onnx", "torchscript"] = "onnx"
                           "note": "RGB, squash-resize to size x size, scale to [0, 1], (x - mean) / std"},
         "backbone": meta["backbone"], "checkpoint_digest": checkpoint_digest(run_dir),
         "model": pred.describe(), "members": pred.members, "temperature": pred.temperature,
+        "shared_prefix": pred.ensemble.shared_prefix,
         "calibration": "logits / temperature before softmax (sigmoid), fitted on validation subsets only "
                        "(pooled over the folds or per fold: run.json 'calibration')"
                        if pred.ensemble.calibrated else "none (no temperature fitted)",

@@ -13,8 +13,9 @@ from oncotransfer.errors import CheckpointError, ConfigError
 from oncotransfer.models.backbones import get_backbone, with_normalisation
 from oncotransfer.models.checkpoint import (RETRAIN, checkpoint_dir, fold_entry, fold_entries, fold_tensors,
                                             read_checkpoint)
-from oncotransfer.models.classifier import Classifier, feature_width
+from oncotransfer.models.classifier import Classifier, apply_freeze, feature_width
 from oncotransfer.models.heads import create_head
+from oncotransfer.models.tail import adopt_stages, common_prefix, cut_index, stage_chain
 from oncotransfer.models.weights import WeightsInfo, build_backbone
 from oncotransfer.weight_sources import parse_weights
 
@@ -99,12 +100,13 @@ def load_classifier(run_dir: str | Path, fold: int = 0):
 def load_members(run_dir: str | Path, fold: int | None = None):
     """``(members, entries, meta)``: every fold model of the run (``fold=None``) or fold ``fold`` alone.
     Members whose fold file holds no backbone tensors (frozen runs) share fold 0's backbone module object,
-    so an ensemble computes the backbone once."""
+    so an ensemble computes the backbone once; the folds of a ``last:N`` run share fold 0's frozen stages
+    (``_share_frozen_prefix``), so one copy of them is kept and an ensemble runs them once."""
     run_dir = Path(run_dir)
     state, meta = read_checkpoint(run_dir)
     entries = [fold_entry(run_dir, meta, fold)] if fold is not None else fold_entries(meta)
     shared = None
-    members = []
+    members: list[Classifier] = []
     for e in entries:
         extra = fold_tensors(run_dir, e)
         if shared is not None and not any(k.startswith("backbone.") for k in extra):
@@ -116,8 +118,26 @@ def load_members(run_dir: str | Path, fold: int | None = None):
             _fill(model, {**state, **extra}, run_dir, e)
             if shared is None and not any(k.startswith("backbone.") for k in extra):
                 shared = model.backbone  # fold 0's own backbone, or one no fold file overrides
+            elif members:
+                _share_frozen_prefix(model.eval(), members[0])
         members.append(model.eval())
     return members, entries, meta
+
+
+def _share_frozen_prefix(model: Classifier, first: Classifier) -> None:
+    """Give ``model`` ``first``'s own modules for the frozen stages (before the first trainable one) that hold
+    the same tensors: what a fold file leaves out is fold 0's by construction, and a stage it does hold is
+    compared tensor by tensor, so a fold whose frozen part differs keeps its own (``Ensemble`` runs it alone)."""
+    if model.pool_stages > 1 or model.freeze in ("frozen", "finetune"):
+        return
+    try:
+        ref = stage_chain(first.backbone)
+        n = common_prefix(ref[:cut_index(ref)], stage_chain(model.backbone))
+    except ConfigError:  # not a plain chain of stages: each fold keeps its whole backbone
+        return
+    if n:
+        adopt_stages(model.backbone, first.backbone, n)
+        apply_freeze(model, model.freeze)  # its frozen-BatchNorm list names the adopted modules, not the dropped
 
 
 def _fill(module: torch.nn.Module, state: dict[str, torch.Tensor], run_dir: Path, entry: dict) -> None:

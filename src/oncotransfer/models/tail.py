@@ -24,6 +24,17 @@ _HEADS = ("classifier", "fc", "head_drop", "classif", "last_linear")
 
 def stage_chain(backbone: nn.Module, check_size: int = 64) -> list[tuple[str, nn.Module]]:
     """(name, module) in forward order; block stages unrolled (``blocks.0`` ... ``blocks.6``), pooling last."""
+    chain = listed_stages(backbone)
+    # The check costs two forward passes; a frozen backbone shared by every fold (models.factory) needs it once.
+    key = tuple(id(m) for _, m in chain)
+    if _CHECKED.get(backbone) != key:
+        _check_chain(backbone, chain, check_size)
+        _CHECKED[backbone] = key
+    return chain
+
+
+def listed_stages(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
+    """What ``stage_chain`` returns, without checking that running it reproduces the backbone."""
     chain: list[tuple[str, nn.Module]] = []
     for name, child in backbone.named_children():
         if name in _HEADS:
@@ -32,12 +43,45 @@ def stage_chain(backbone: nn.Module, check_size: int = 64) -> list[tuple[str, nn
             chain += [(f"{name}.{i}", stage) for i, stage in child.named_children()]
         else:
             chain.append((name, child))
-    # The check costs two forward passes; a frozen backbone shared by every fold (models.factory) needs it once.
-    key = tuple(id(m) for _, m in chain)
-    if _CHECKED.get(backbone) != key:
-        _check_chain(backbone, chain, check_size)
-        _CHECKED[backbone] = key
     return chain
+
+
+def same_stage(a: nn.Module, b: nn.Module) -> bool:
+    """True when ``a`` and ``b`` compute the same function: one module, or the same class and configuration
+    holding equal tensors (parameters and buffers) in the same train/eval modes."""
+    if a is b:
+        return True
+    if type(a) is not type(b) or repr(a) != repr(b):
+        return False
+    if any(x.training != y.training for x, y in zip(a.modules(), b.modules())):
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].dtype == sb[k].dtype and sa[k].shape == sb[k].shape and sa[k].device == sb[k].device
+        and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def common_prefix(a: list[tuple[str, nn.Module]], b: list[tuple[str, nn.Module]]) -> int:
+    """How many leading stages of two chains have the same name and compute the same function."""
+    n = 0
+    for (na, ma), (nb, mb) in zip(a, b):
+        if na != nb or not same_stage(ma, mb):
+            break
+        n += 1
+    return n
+
+
+def adopt_stages(backbone: nn.Module, source: nn.Module, n: int) -> list[str]:
+    """Make the first ``n`` stages of ``backbone``'s chain ``source``'s own modules, so that one copy of them
+    is kept; the caller has checked (``common_prefix``) that they compute the same function. Returns their
+    names. The swap keeps a chain the check accepted (the same stages, equal), so it is not checked again."""
+    chain, theirs = stage_chain(backbone), dict(stage_chain(source))
+    names = [name for name, _ in chain[:n]]
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        setattr(backbone.get_submodule(parent) if parent else backbone, leaf, theirs[name])
+    _CHECKED[backbone] = tuple(id(m) for _, m in listed_stages(backbone))
+    return names
 
 
 _CHECKED: "weakref.WeakKeyDictionary[nn.Module, tuple[int, ...]]" = weakref.WeakKeyDictionary()
