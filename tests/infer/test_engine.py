@@ -187,3 +187,23 @@ def test_serve_defaults_to_the_exported_ensemble(run_copy):
         "/predict", files={"file": (IMAGES[0].name, IMAGES[0].read_bytes(), "image/jpeg")}).json()
     assert r["engine"] == "onnx" and r["probabilities"] == pytest.approx(want["probabilities"], abs=1e-4)
     assert r["ood_score"] == pytest.approx(want["ood_score"], rel=1e-4, abs=1e-4)
+
+
+def test_evaluate_data_scores_with_its_own_export_like_torch(run_copy):
+    """``evaluate --data`` reads uncalibrated and calibrated probabilities, OOD scores and the first member's
+    features: RUN/export/scoring gives them all from one ONNX Runtime pass, equal to PyTorch's."""
+    from oncotransfer.infer.external import predictions_on
+    lines: list[str] = []
+    onnx = predictions_on(run_copy, "demo:osteosarcoma", log=lines.append)
+    assert len(lines) == 1 and str(run_copy / "export" / "scoring" / "model.onnx") in lines[0]
+    torch_df = predictions_on(run_copy, "demo:osteosarcoma", engine="torch")
+    assert onnx["path"].tolist() == torch_df["path"].tolist()
+    cols = [c for c in torch_df.columns if c.startswith(("prob_", "cal_prob_"))]
+    assert any(c.startswith("cal_prob_") for c in cols)
+    np.testing.assert_allclose(onnx[cols].to_numpy(float), torch_df[cols].to_numpy(float), atol=1e-4)
+    np.testing.assert_allclose(onnx["ood_score"], torch_df["ood_score"], rtol=1e-4, atol=1e-4)
+    assert onnx.attrs["features"].shape == torch_df.attrs["features"].shape
+    np.testing.assert_allclose(onnx.attrs["features"], torch_df.attrs["features"], rtol=1e-4, atol=1e-4)
+    lines.clear()
+    predictions_on(run_copy, "demo:osteosarcoma", log=lines.append)
+    assert lines == []  # reused

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from oncotransfer.data.demo import demo_path
-from oncotransfer.errors import CheckpointError, ConfigError
+from oncotransfer.errors import ConfigError
 
 TILES = sorted(demo_path("osteosarcoma").rglob("*.jpg"))[:12]
 ULTRASOUND = sorted(demo_path("bus250").rglob("*.png"))[:12] or sorted(demo_path("bus250").rglob("*.bmp"))[:12]

@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 from oncotransfer.data.demo import demo_path
-from oncotransfer.errors import CheckpointError
 
 DEMO = demo_path("osteosarcoma")
 
