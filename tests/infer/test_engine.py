@@ -40,6 +40,10 @@ def test_auto_exports_on_first_use_and_reuses_it(run_copy):
     (p1, o1), (p2, o2) = (pr.predict_with_ood(pr.to_uint8(images)) for pr in (torch_pred, second))
     np.testing.assert_allclose(p2, p1, atol=1e-4)
     np.testing.assert_allclose(o2, o1, atol=1e-4, rtol=1e-4)
+    # predict's path, with test-time augmentation, on both engines
+    (t1, _), (t2, _) = (pr.predict_paths([str(p) for p in IMAGES], tta=True) for pr in (torch_pred, second))
+    cols = [c for c in t1.columns if c.startswith("prob_") or c == "ood_score"]
+    np.testing.assert_allclose(t2[cols].to_numpy(float), t1[cols].to_numpy(float), atol=1e-4, rtol=1e-4)
 
 
 def test_a_stale_export_is_made_again(run_copy):
