@@ -30,6 +30,7 @@ console = Stream()          # stdout: results (plain and unwrapped when piped; J
 err = Stream(stderr=True)   # stderr: messages and progress
 _JSON_HELP = "print one JSON document on stdout (messages go to stderr)"
 _DATA_HELP = "the data: a class-per-folder tree, a manifest CSV or demo:NAME (same as --set data.path=PATH)"
+_say = lambda line: err.print(line, highlight=False, soft_wrap=True)  # noqa: E731 - library log lines to stderr
 
 
 def _version(value: bool) -> None:
@@ -180,7 +181,7 @@ def evaluate(run_dir: Path = typer.Argument(..., help="run directory"),
         name = "report"
     else:
         from oncotransfer.infer.external import evaluate_on
-        metrics = evaluate_on(run_dir, data, fold=fold, slide_aggregate=aggregate, adapt=adapt)
+        metrics = evaluate_on(run_dir, data, fold=fold, slide_aggregate=aggregate, adapt=adapt, log=_say)
         name = "report_external"
         if metrics.get("overlap"):
             from oncotransfer.data.overlap import overlap_line
@@ -264,7 +265,8 @@ def predict(run_dir: Path = typer.Argument(..., help="run directory"),
             tta: bool = typer.Option(False, "--tta", help="average over flips and the run's rotations"),
             explain: bool = typer.Option(False, "--explain", help="Grad-CAM overlay PNG per image"),
             out: Path = typer.Option(Path("predictions.csv"), "--out", help="CSV to write"),
-            engine: str = typer.Option("auto", help="auto | torch | onnx (auto: onnx when exported)"),
+            engine: str = typer.Option("auto", help="auto | torch | onnx (auto: onnx, exported on first use, "
+                                       "else torch)"),
             fold: Optional[int] = typer.Option(None, "--fold", help=_FOLD_HELP),
             slide: bool = typer.Option(False, "--slide", help="PATHS are whole slides (or folders of them): "
                                        "stream tissue tiles, write tile CSVs, heatmaps and a slide score"),
@@ -289,14 +291,13 @@ def predict(run_dir: Path = typer.Argument(..., help="run directory"),
                               "scored by the run's ONNX export of all its fold models)")
         from oncotransfer.infer.slides import predict_slides
         df, errors = predict_slides(run_dir, paths, out, aggregate, tile_size, mpp, magnification, mpp_source,
-                                    min_tissue, log=lambda s: err.print(s, highlight=False, soft_wrap=True),
-                                    tissue=tissue)
+                                    min_tissue, log=_say, tissue=tissue)
         console.print(f"{len(df)} slide(s) -> {out}, tiles and heatmaps in {out.parent / (out.stem + '_slides')}",
                       highlight=False, soft_wrap=True)
     else:
         from oncotransfer.infer.predict import run_predict
         df, errors = run_predict(run_dir, paths, out, tta=tta, explain=explain, engine=engine, fold=fold,
-                                 max_pixels=max_pixels, abstain=abstain, coverage=coverage)
+                                 max_pixels=max_pixels, abstain=abstain, coverage=coverage, log=_say)
         print_predictions(console, err, df, out, explain)
     if errors:
         for e in errors.values():
@@ -352,7 +353,7 @@ def serve(run_dir: Path = typer.Argument(..., help="run directory"),
                          body_timeout_s=body_timeout)
     sock = listen_socket(host, port)  # bound before the model loads: a port in use is said at once
     application = create_app(run_dir, engine=engine, max_upload_mb=max_upload_mb, fold=fold, limits=limits,
-                             token=token, access_log=log_file, coverage=coverage)
+                             token=token, access_log=log_file, coverage=coverage, log=_say)
     p, g = application.state.predictor, application.state.gate
     err.print(f"serving {run_dir} on http://{host}:{port}/ ({p.describe()}, engine {p.engine}; "
               f"{g.max_concurrent} at once + {g.max_queue} waiting, {timeout:g} s limit"

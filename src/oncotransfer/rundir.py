@@ -209,9 +209,9 @@ def export_fix(run_dir: Path) -> str:
     return f"run `oncotransfer export {run_dir}` again (or use --engine torch)"
 
 
-def read_export_info(run_dir: str | Path) -> ExportInfo | None:
-    """``RUN/export/model.json``, validated; None when the run has no export description."""
-    path = Path(run_dir) / "export" / EXPORT_INFO
+def read_export_info(run_dir: str | Path, folder: str | Path = "export") -> ExportInfo | None:
+    """``RUN/export/model.json`` (or ``RUN/<folder>/model.json``), validated; None when there is none."""
+    path = Path(run_dir) / folder / EXPORT_INFO
     if not path.is_file():
         return None
     return _read(path, ExportInfo, Path(run_dir), export_fix(Path(run_dir)))

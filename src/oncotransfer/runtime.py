@@ -42,8 +42,9 @@ def export_onnx(module: nn.Module, path: Path, size: int, opset: int = 17, dynam
     return path
 
 
-def ort_session(path: str | Path, threads: int | None = None):
-    """A CPU ``onnxruntime.InferenceSession`` with all graph optimisations and one intra-op thread per core."""
+def ort_session(path: str | Path, threads: int | None = None, spin: bool = True):
+    """A CPU ``onnxruntime.InferenceSession`` with all graph optimisations and one intra-op thread per core.
+    ``spin=False``: idle intra-op threads sleep, leaving the cores to threads that decode the next batch."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -53,6 +54,8 @@ def ort_session(path: str | Path, threads: int | None = None):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads or usable_cores()
     opts.log_severity_level = 3
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 

@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 from oncotransfer.data.demo import demo_path
-from oncotransfer.errors import CheckpointError
 
 DEMO = demo_path("osteosarcoma")
 
@@ -135,12 +134,13 @@ def test_onnx_engine_agrees_with_torch(tiny_run, predictor):
     np.testing.assert_allclose(ort.predict_images(imgs), predictor.predict_images(imgs), atol=1e-4)
 
 
-def test_onnx_engine_without_export_is_a_clear_error(tmp_path, tiny_run):
+def test_onnx_engine_without_export_exports_first(tmp_path, tiny_run):
     from oncotransfer.infer.predict import Predictor
     run = tmp_path / "run"
     shutil.copytree(tiny_run / "checkpoint", run / "checkpoint")
-    with pytest.raises(CheckpointError, match="export"):
-        Predictor.from_run(run, engine="onnx")
+    lines: list[str] = []
+    assert Predictor.from_run(run, engine="onnx", log=lines.append).engine == "onnx"
+    assert lines == [f"exporting the model to {run / 'export' / 'model.onnx'} for ONNX Runtime (not exported yet)"]
 
 
 def test_export_fails_when_parity_breaks(tiny_run, monkeypatch):

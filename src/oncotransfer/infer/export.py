@@ -68,8 +68,10 @@ def parity_images(run_dir: Path, meta: dict, size: int, limit: int = 8) -> torch
 
 
 def export_run(run_dir: str | Path, fmt: Literal["onnx", "torchscript"] = "onnx",
-               log: Callable[[str], None] | None = None, fold: int | None = None) -> Path:
-    """Write RUN/export/model.onnx (or model.ts) and model.json; raise if parity with PyTorch fails.
+               log: Callable[[str], None] | None = None, fold: int | None = None,
+               out_dir: str | Path | None = None) -> Path:
+    """Write RUN/export/model.onnx (or model.ts) and model.json (into ``out_dir`` when given); raise if parity
+    with PyTorch fails.
     A multi-fold run exports the ensemble of its fold models in one file (``fold``: that fold's model alone);
     temperatures are part of the exported graph, so its outputs are the calibrated probabilities."""
     from oncotransfer.data.images import normalise
@@ -89,7 +91,7 @@ def export_run(run_dir: str | Path, fmt: Literal["onnx", "torchscript"] = "onnx"
     if len(pred.members) > 1:  # the graph has this shape: one shared prefix, a tail per member
         say(f"ensemble: {pred.ensemble.sharing_line()}")
     names = ("output",) if pred.ood is None else ("output", "ood_score")
-    out_dir = run_dir / "export"
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "export"
     x = normalise(parity_images(run_dir, meta, size), tuple(pre["mean"]), tuple(pre["std"]))
     with torch.inference_mode():
         refs = _as_list(wrapped(x))

@@ -1,9 +1,8 @@
 """Run a trained model on new images: ``Predictor`` (PyTorch or ONNX Runtime), test-time augmentation, CSV rows."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -21,6 +20,8 @@ Engine = Literal["auto", "torch", "onnx"]
 DEFAULT_COVERAGE = 0.9
 """``predict --abstain`` and ``serve``: answer this share of in-distribution images, refer the least confident rest."""
 ONNX_NAME = "model.onnx"
+SCORE_BATCH = 16
+"""Images per engine call in ``predict``: small enough that decoding the next batch overlaps scoring this one."""
 
 
 def onnx_available() -> bool:
@@ -73,12 +74,15 @@ class Predictor:
         # (OODScorer, OODMeta, shift reference features) of models.ood.load_ood, or None (no detector)
         self.ood, self.ood_meta, self.shift_reference = ood if ood is not None else (None, None, None)
         self.fill = str((cfg.get("augment") or {}).get("fill") or "nearest")
+        self.onnx_path: Path | None = None  # the export the session was loaded from
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, engine: Engine = "auto", fold: int | None = None) -> "Predictor":
+    def from_run(cls, run_dir: str | Path, engine: Engine = "auto", fold: int | None = None,
+                 log: Callable[[str], None] | None = None) -> "Predictor":
         """Load RUN/checkpoint: the ensemble of every fold model (``fold=None``; one model for a single-fold
-        run) or fold ``fold`` alone. ``auto`` uses RUN/export/model.onnx with ONNX Runtime when it exists and
-        holds the same members."""
+        run) or fold ``fold`` alone. ``auto`` and ``onnx`` score with ONNX Runtime on the run's export
+        (``infer.export_cache``: exported on first use, again when stale); where that is impossible ``auto``
+        scores with PyTorch and says why in one ``log`` line, and ``onnx`` is a one-line error."""
         from oncotransfer.models.ensemble import Ensemble
         from oncotransfer.models.factory import load_members
         run_dir = Path(run_dir)
@@ -91,22 +95,39 @@ class Predictor:
         from oncotransfer.models.checkpoint import checkpoint_dir
         from oncotransfer.models.ood import load_ood
         ood = load_ood(checkpoint_dir(run_dir), [m["fold"] for m in info])
-        onnx_path = run_dir / "export" / ONNX_NAME
-        use_onnx = engine == "onnx" or (engine == "auto" and onnx_path.is_file() and onnx_available()
-                                        and _export_members(run_dir) in (None, info)
-                                        and _export_ood(run_dir) == _ood_digest(ood))
-        session = None
-        if use_onnx:
-            if not onnx_path.is_file():
-                raise CheckpointError(f"{run_dir}: no {onnx_path.relative_to(run_dir)}; run "
-                                      f"`oncotransfer export {run_dir} --format onnx` first or use --engine torch")
-            _check_export_matches(run_dir, meta, info)
-            if _export_ood(run_dir) != _ood_digest(ood):
-                raise CheckpointError(f"{run_dir}/export was written without the run's out-of-distribution detector "
-                                      f"(or with another one); run `oncotransfer export {run_dir}` again or use "
-                                      "--engine torch")
-            session = _onnx_session(run_dir, onnx_path)
-        return cls(members[0], meta, "onnx" if use_onnx else "torch", session, run_dir, ensemble, info, ood)
+        pred = cls(members[0], meta, "torch", None, run_dir, ensemble, info, ood)
+        if engine != "torch":
+            pred._use_onnx(engine, fold, log)
+        return pred
+
+    def _use_onnx(self, engine: str, fold: int | None, log: Callable[[str], None] | None) -> None:
+        session, path = self.onnx_session(engine, fold, log)
+        if session is not None:
+            self.engine, self.session, self.onnx_path = "onnx", session, path
+
+    def onnx_session(self, engine: str, fold: int | None, log: Callable[[str], None] | None,
+                     folder: Path | None = None, export: Callable[[Path], object] | None = None):
+        """(ONNX Runtime session, model path) of a current export of these models (made now when missing or
+        stale; ``folder``/``export`` as ``export_cache.ensure_export``), or (None, None) after saying why in one
+        ``log`` line; under ``engine="onnx"`` that reason is a one-line error instead."""
+        from oncotransfer.infer.export_cache import ensure_export
+        run_dir = self.run_dir
+        if not onnx_available():
+            why = "onnxruntime is not installed (pip install onnxruntime)"
+        else:
+            try:
+                digest = None if self.ood_meta is None else self.ood_meta.tensors_sha256
+                folder = ensure_export(run_dir, fold, self.classes, self.members, digest, log, folder, export)
+                return _onnx_session(run_dir, folder / ONNX_NAME), folder / ONNX_NAME
+            except OSError as e:  # a read-only run directory, a full disk
+                why = f"cannot write {e.filename or run_dir / 'export'} ({e.strerror or e})"
+            except Exception as e:  # noqa: BLE001 - a model the exporter cannot trace fails in its own ways
+                why = f"the model does not export ({_first_line(e)})"
+        if engine == "onnx":
+            raise CheckpointError(f"--engine onnx: {run_dir}: {why}; use --engine torch")
+        if log is not None:
+            log(f"note: scoring with PyTorch, not ONNX Runtime: {why}")
+        return None, None
 
     @property
     def temperature(self) -> float | None:
@@ -247,10 +268,11 @@ class Predictor:
     def predict_uint8(self, batch: torch.Tensor, tta: bool = False) -> np.ndarray:
         return self.predict_with_ood(batch, tta)[0]
 
-    def predict_with_ood(self, batch: torch.Tensor, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    def predict_with_ood(self, batch: torch.Tensor, tta: bool = False, x: torch.Tensor | None = None
+                         ) -> tuple[np.ndarray, np.ndarray | None]:
         """uint8 batch -> (probabilities, averaged over the TTA views with ``tta``; OOD scores of the image as
-        it is, the view the threshold was set on)."""
-        probs, ood = self.outputs(self.normalised(batch))
+        it is, the view the threshold was set on). ``x``: the batch already normalised."""
+        probs, ood = self.outputs(self.normalised(batch) if x is None else x)
         if tta:
             probs = np.mean([probs] + [self.probabilities(self.normalised(v)) for v in self.tta_views(batch)[1:]],
                             axis=0)
@@ -260,69 +282,69 @@ class Predictor:
         """Images -> (N, C) class probabilities."""
         return self.predict_uint8(self.to_uint8(images), tta)
 
-    def predict_paths(self, paths: Iterable[str | Path], tta: bool = False, max_pixels: int | None = None
-                      ) -> tuple[pd.DataFrame, dict[str, str]]:
+    def predict_paths(self, paths: Iterable[str | Path], tta: bool = False, max_pixels: int | None = None,
+                      batch_size: int = SCORE_BATCH) -> tuple[pd.DataFrame, dict[str, str]]:
         """Files and folders -> (rows: path, pred, prob_<class>...; {path: error} for the unreadable ones and
         those declaring more than ``max_pixels``). Blank inputs are scored and named in
-        ``table.attrs["blank"]`` ({path: reason}, ``data.readers.quality``), the CSV's columns unchanged."""
+        ``table.attrs["blank"]`` ({path: reason}, ``data.readers.quality``), the CSV's columns unchanged.
+        Files are decoded ``batch_size`` at a time in reader threads while the engine scores the batch before
+        (``infer.slides.prefetch``: at most two batches ahead); rows keep the input order."""
         from oncotransfer.data.frames import frame_paths
+        from oncotransfer.infer.slides import prefetch
         files, errors = expand_paths(paths)
         files = frame_paths(files, self.dicom_frames, errors)
-        ok, tensors, blank = [], [], {}
-        for f in files:
+        ok: list[str] = []
+        blank: dict[str, str] = {}
+        probs, oods = [], []
+        for names, batch, x, failed, blanks in prefetch(self._decoded(files, max_pixels, batch_size), depth=2):
+            errors.update(failed)
+            blank.update(blanks)
+            if names:
+                p, o = self.predict_with_ood(batch, tta, x)
+                ok += names
+                probs.append(p)
+                oods.append(o)
+        table = self.frame(ok, np.concatenate(probs) if probs else np.zeros((0, len(self.classes)), np.float32),
+                           None if self.ood is None else np.concatenate(oods) if oods else np.zeros(0))
+        table.attrs["blank"] = blank
+        return table, errors
+
+    def _decoded(self, files: list, max_pixels: int | None, batch_size: int
+                 ) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor, dict[str, str], dict[str, str]]]:
+        """(paths decoded, their uint8 batch, the batch normalised, {path: error}, {path: blank reason}) per
+        ``batch_size`` files, in order; a file decodes in one of ``usable_cores()`` threads (Pillow releases the
+        GIL), and the batch is normalised here too, off the scoring thread."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from oncotransfer.runtime import usable_cores
+
+        def one(f) -> tuple[torch.Tensor | None, str | None, str | None]:
             try:
                 t = decode_for_model(f, self.size, max_pixels, us_region=self.us_region)[1]
             except ImageReadError as e:
-                errors[str(f)] = str(e)
-                continue
-            tensors.append(t)
-            ok.append(str(f))
-            if why := blank_reason(t.numpy()):  # the model's input, as training checks it
-                blank[str(f)] = why
-        batch = torch.stack(tensors) if tensors else torch.zeros((0, 3, self.size, self.size), dtype=torch.uint8)
-        probs, ood = self.predict_with_ood(batch, tta)
-        table = self.frame(ok, probs, ood)
-        table.attrs["blank"] = blank
-        return table, errors
+                return None, str(e), None
+            return t, None, blank_reason(t.numpy())  # the model's input, as training checks it
+        with ThreadPoolExecutor(max(1, usable_cores())) as pool:
+            for s in range(0, len(files), batch_size):
+                part = files[s:s + batch_size]
+                names, tensors, failed, blanks = [], [], {}, {}
+                for f, (t, err, why) in zip(part, pool.map(one, part)):
+                    if t is None:
+                        failed[str(f)] = err
+                        continue
+                    names.append(str(f))
+                    tensors.append(t)
+                    if why:
+                        blanks[str(f)] = why
+                batch = torch.stack(tensors) if tensors else torch.zeros((0, 3, self.size, self.size), torch.uint8)
+                yield names, batch, self.normalised(batch), failed, blanks
 
     def frame(self, paths: list[str], probs: np.ndarray, ood: np.ndarray | None = None) -> pd.DataFrame:
         return predictions_table(paths, probs, self.classes, ood_scores=ood, in_distribution=self.in_distribution(ood))
 
 
-def _export_members(run_dir: Path) -> list[dict] | None:
-    """The members (fold, temperature) the export holds; None for an export written before they were listed."""
-    info = read_export_info(run_dir)
-    if info is None or info.members is None:
-        return None
-    return [{"fold": m.fold, "temperature": m.temperature} for m in info.members]
-
-
-def _ood_digest(ood) -> str | None:
-    """The digest of the detector tensors ``load_ood`` read (None: the run has no detector)."""
-    return None if ood is None else ood[1].tensors_sha256
-
-
-def _export_ood(run_dir: Path) -> str | None:
-    """The detector digest an export holds (None: an export without an ``ood_score`` output)."""
-    info = read_export_info(run_dir)
-    ood = (info.ood or {}) if info is not None else {}
-    return ood.get("tensors_sha256") if isinstance(ood, dict) else None
-
-
-def _check_export_matches(run_dir: Path, meta: dict, members: list[dict] | None = None) -> None:
-    """An export written before the checkpoint changed (or of other fold models, or temperatures) would
-    silently answer for another model."""
-    exported = read_export_info(run_dir)
-    if exported is not None:
-        if exported.classes != meta["classes"] or exported.checkpoint_digest not in (
-                None, checkpoint_digest(run_dir)):
-            raise CheckpointError(f"{run_dir}/export is stale (classes or weights differ from the checkpoint); "
-                                  f"run `oncotransfer export {run_dir}` again or use --engine torch")
-        held = _export_members(run_dir)
-        if members is not None and held is not None and held != members:
-            raise CheckpointError(f"{run_dir}/export holds fold model(s) {[m['fold'] for m in held]} but "
-                                  f"{[m['fold'] for m in members]} were asked for; export again with the same "
-                                  "--fold or use --engine torch")
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _onnx_session(run_dir: Path, path: Path):
@@ -330,10 +352,11 @@ def _onnx_session(run_dir: Path, path: Path):
     file is one line naming it."""
     from oncotransfer.errors import MissingExtraError
     from oncotransfer.runtime import ort_session
-    info = read_export_info(run_dir)
-    verified_bytes(path, info, "export/model.json", export_fix(run_dir))
+    folder = path.parent.relative_to(run_dir)
+    info = read_export_info(run_dir, folder)
+    verified_bytes(path, info, f"{folder.as_posix()}/model.json", export_fix(run_dir))
     try:
-        return ort_session(path)
+        return ort_session(path, spin=False)  # predict's reader threads decode between batches
     except MissingExtraError:
         raise
     except Exception as e:  # onnxruntime raises its own error types for a damaged model
@@ -348,14 +371,16 @@ def checkpoint_digest(run_dir: Path) -> str:
 
 def run_predict(run_dir: str | Path, paths: list[str], out: str | Path, tta: bool = False, explain: bool = False,
                 engine: Engine = "auto", fold: int | None = None, max_pixels: int | None = MAX_PIXELS,
-                abstain: bool = False, coverage: float = DEFAULT_COVERAGE) -> tuple[pd.DataFrame, dict[str, str]]:
+                abstain: bool = False, coverage: float = DEFAULT_COVERAGE, log: Callable[[str], None] | None = None
+                ) -> tuple[pd.DataFrame, dict[str, str]]:
     """The ``predict`` command: CSV at ``out``; with ``explain`` overlays in ``<out stem>_explain/``
     (Grad-CAM of the first member, fold 0, for an ensemble). Images declaring more than ``max_pixels`` are
     refused (listed in the errors) before decoding. ``abstain`` adds ``refer`` and ``refer_reason``
-    (``Predictor.referrals`` at ``coverage``)."""
+    (``Predictor.referrals`` at ``coverage``). ``log``: the engine's line (exporting on first use, or why
+    PyTorch scores)."""
     if not 0 < coverage <= 1:
         raise ConfigError(f"--coverage {coverage:g}: expected a share of images in (0, 1], e.g. 0.9")
-    pred = Predictor.from_run(run_dir, engine, fold)
+    pred = Predictor.from_run(run_dir, engine, fold, log=log)
     df, errors = pred.predict_paths(paths, tta=tta, max_pixels=max_pixels)
     if abstain:
         probs = df[[f"prob_{c}" for c in pred.classes]].to_numpy(float)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from oncotransfer.errors import CheckpointError, ConfigError, DataError
 from oncotransfer.evaluate.slides import aggregate, describe_aggregate, parse_aggregate
-from oncotransfer.io import atomic_to_csv, sha256_file
+from oncotransfer.io import atomic_to_csv
 from oncotransfer.rundir import read_checkpoint_meta, read_export_info, read_ood_meta
 
 
@@ -75,42 +75,25 @@ class TileModel:
         return None if scores is None or self.ood_threshold is None else np.asarray(scores) <= self.ood_threshold
 
 
-def _export_current(run_dir: Path, meta: dict) -> dict | None:
-    """export/model.json when the ONNX export holds exactly the run's models and out-of-distribution detector,
-    else None (an export written before the run had a detector lacks the ``ood_score`` output: stale). A damaged
-    model.json, or a model file that differs from its digest, is stale too: exported again."""
-    try:
-        typed = read_export_info(run_dir)
-    except CheckpointError:
-        return None
-    if typed is None or typed.format != "onnx" or not (run_dir / "export" / typed.file).is_file():
-        return None
-    if typed.sha256 is not None and sha256_file(run_dir / "export" / typed.file) != typed.sha256:
-        return None
-    info = typed.content()
-    folds = meta.get("folds") or [{"fold": int(meta.get("fold") or 0), "temperature": meta.get("temperature")}]
-    members = [{"fold": int(f["fold"]), "temperature": f.get("temperature")} for f in folds]
-    ok = (info.get("classes") == meta.get("classes") and info.get("checkpoint_digest") in (None, sha256_file(run_dir / "checkpoint" / "model.safetensors"))
-          and info.get("members") in (None, members))
-    ood = read_ood_meta(run_dir / "checkpoint")
-    ok = ok and (info.get("ood") or {}).get("tensors_sha256") == (None if ood is None else ood.tensors_sha256)
-    return info if ok else None
-
-
 def tile_model(run_dir: str | Path, log: Callable[[str], None] | None = None) -> TileModel:
     """The run's ``TileModel``: its ONNX export of every fold model (the ensemble), exported now (parity
-    checked against PyTorch, as ``oncotransfer export``) when missing or stale."""
+    checked against PyTorch, as ``oncotransfer export``) when missing or stale (``infer.export_cache``)."""
+    from oncotransfer.infer.export_cache import ensure_export
     run_dir = Path(run_dir)
     if not (run_dir / "checkpoint" / "meta.json").is_file():
         raise CheckpointError(f"{run_dir}: no checkpoint (checkpoint/model.safetensors + meta.json); give a run "
                               "directory written by `oncotransfer train`")
     meta = read_checkpoint_meta(run_dir / "checkpoint").content()
-    info = _export_current(run_dir, meta)
-    if info is None:
-        from oncotransfer.infer.export import export_run
-        export_run(run_dir, "onnx", log=log)
-        info = _export_current(run_dir, meta)
-    return TileModel(run_dir, meta, info)
+    folds = meta.get("folds") or [{"fold": int(meta.get("fold") or 0), "temperature": meta.get("temperature")}]
+    members = [{"fold": int(f["fold"]), "temperature": f.get("temperature")} for f in folds]
+    ood = read_ood_meta(run_dir / "checkpoint")
+    try:
+        folder = ensure_export(run_dir, None, meta["classes"], members, None if ood is None else ood.tensors_sha256,
+                               log)
+    except OSError as e:  # no PyTorch fallback here: streaming slides is ONNX Runtime's job
+        raise CheckpointError(f"{run_dir}: cannot write the ONNX export {e.filename or 'export/'} "
+                              f"({e.strerror or e}); export it where it can be written, or copy the run") from None
+    return TileModel(run_dir, meta, read_export_info(run_dir, folder.relative_to(run_dir)).content())
 
 
 def training_tiling(meta: dict) -> dict:

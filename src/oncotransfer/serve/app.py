@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -48,11 +49,13 @@ def _image_error(e: ImageReadError, filename: str | None) -> HTTPException:
 
 def create_app(run_dir: str | Path, engine: str = "auto", max_upload_mb: float = 20,
                fold: int | None = None, limits: ServeLimits | None = None, token: str | None = None,
-               access_log: str | Path | None = None, coverage: float | None = None) -> FastAPI:
+               access_log: str | Path | None = None, coverage: float | None = None,
+               log: Callable[[str], None] | None = None) -> FastAPI:
     """Build the app around one loaded model (``Predictor.from_run``): the ensemble of a multi-fold run's fold
     models by default, or fold ``fold`` alone. ``token``: require ``Authorization: Bearer <token>``;
     ``access_log``: a file to append JSON lines to, ``"-"`` for stdout, None for none; ``coverage``: the share
-    of in-distribution images answered, the least confident rest referred (default ``DEFAULT_COVERAGE``)."""
+    of in-distribution images answered, the least confident rest referred (default ``DEFAULT_COVERAGE``);
+    ``log``: the engine's one line (exporting on first use, or why PyTorch scores)."""
     from oncotransfer.data.images import decode_for_model, draft_size_for
     from oncotransfer.data.readers import probe
     from oncotransfer.infer.predict import DEFAULT_COVERAGE, Predictor
@@ -62,7 +65,7 @@ def create_app(run_dir: str | Path, engine: str = "auto", max_upload_mb: float =
     limits = limits or ServeLimits()
     check_limit("--max-upload-mb", max_upload_mb)
     access = AccessLog(access_log)  # a bad --log-file is said before the model loads
-    predictor = Predictor.from_run(run_dir, engine, fold)
+    predictor = Predictor.from_run(run_dir, engine, fold, log=log)
     limit = int(max_upload_mb * 1024 * 1024)
     lock = threading.Lock()  # torch inference and Grad-CAM one at a time: torch uses every core, Grad-CAM hooks
     engines = _engine_pool(predictor)
@@ -190,13 +193,11 @@ def _engine_pool(predictor) -> "queue.Queue | None":
     queueing for one two-threaded session (2 cores, EfficientNet-Lite0, 4 clients: 34 -> 41-45 requests/s)."""
     if predictor.session is None:
         return None
-    from oncotransfer.runtime import ort_session
-    from oncotransfer.infer.predict import ONNX_NAME
-    from oncotransfer.runtime import usable_cores
+    from oncotransfer.runtime import ort_session, usable_cores
     cores = usable_cores()
     pool: queue.Queue = queue.Queue(maxsize=max(1, cores))
     for _ in range(max(1, cores)):
         worker = copy.copy(predictor)
-        worker.session = ort_session(predictor.run_dir / "export" / ONNX_NAME, threads=1)
+        worker.session = ort_session(predictor.onnx_path, threads=1)
         pool.put(worker)
     return pool
