@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from oncotransfer.cli_output import Stream, emit_json
+from oncotransfer.cli_output import Stream, emit_json, reporter
 
 console = Stream()
 err = Stream(stderr=True)
@@ -19,6 +19,12 @@ def tune(config: Path = typer.Argument(..., help="YAML config: a run config plus
                                               "search.trials)"),
          storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: SQLite in the "
                                                "tune folder; postgresql://... shares one study between processes)"),
+         executor: str = typer.Option("local", "--executor", help="how trials run: local (one after the other) or "
+                                      "ray (several at once, as Ray tasks)"),
+         workers: Optional[int] = typer.Option(None, "--workers", help="ray: trials in flight (default: the "
+                                               "cluster's CPUs)"),
+         address: Optional[str] = typer.Option(None, "--address", help="ray: the cluster's address (default: "
+                                               "RAY_ADDRESS, else a local Ray)"),
          set_: list[str] = typer.Option([], "--set", help="override a key: --set search.trials=10"),
          json_: bool = typer.Option(False, "--json", help="print one JSON document on stdout")) -> None:
     """Search recipes (Optuna) with a nested estimate; train the chosen one as a run. Run again to continue."""
@@ -28,8 +34,10 @@ def tune(config: Path = typer.Argument(..., help="YAML config: a run config plus
     cfg, search = load_tune_config(config, set_)
     if budget_s is None and search.budget is not None:
         budget_s = parse_budget(search.budget, "search.budget")
-    res = run_tune(cfg, search, trials=trials, budget_s=budget_s, storage=storage,
-                   log=lambda line: line.startswith("fold ") or err.print(line, highlight=False, soft_wrap=True))
+    with reporter(err) as rep:
+        res = run_tune(cfg, search, trials=trials, budget_s=budget_s, storage=storage, executor=executor,
+                       workers=workers, address=address, progress=rep.progress,
+                       log=lambda line: line.startswith("fold ") or rep.log(line))
     if json_:
         emit_json(res.summary)
         return
@@ -37,3 +45,4 @@ def tune(config: Path = typer.Argument(..., help="YAML config: a run config plus
     console.print(f"nested estimate: {res.nested['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f})")
     console.print(f"naive best trial on its own folds ({res.summary['naive']['metric']}): {res.naive:.3f}")
     console.print(f"run: {res.run.run_dir}")
+    console.print(f"report: {res.summary['report']}")

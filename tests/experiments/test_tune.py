@@ -63,6 +63,14 @@ def test_a_tiny_search_gives_nested_and_naive_figures_and_a_final_run(tmp_path, 
     assert run_finished(run) and (run / "checkpoint" / "model.safetensors").is_file()
     tune_dir = tmp_path / "runs" / "t-tune"
     assert (tune_dir / "recipe.yaml").is_file() and (tune_dir / "leaderboard.csv").is_file()
+    assert any(ln == f"report: {tune_dir / 'report.html'}" for ln in lines)
+    report = (tune_dir / "report.md").read_text()
+    for needle in ("nested estimate (pooled held-out outer folds, 60 images)", "optimism (naive − nested)",
+                   "## Chosen recipe", "model:", "![Optimisation history](plots/history.png)",
+                   "## Parameter importances", "## Leaderboard (final search)", "CPU time"):
+        assert needle in report, needle
+    assert "data:image/png;base64," in (tune_dir / "report.html").read_text()
+    assert "outer-0 trials: 3/3 done" in err and "best " in err  # progress on the terminal (plain lines here)
     storage = f"sqlite:///{tune_dir / 'study.db'}"
     names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
     assert names == {"outer-0", "outer-1", "final"}
@@ -100,6 +108,7 @@ def test_a_killed_tune_resumes_without_repeating_finished_trials(tmp_path, monke
     after = _done(storage, "outer-0")
     assert len(after) == 4  # the finished trials counted, only the missing ones were run
     assert {t.number: t.params for t in after if t.number in before} == before
+    assert len({tuple(sorted(t.params.items())) for t in after}) == 4  # the resumed sampler drew new recipes
 
 
 @pytest.mark.parametrize("search, needle", [

@@ -7,10 +7,9 @@ the final recipe (its best inner score is the naive figure), which is trained as
 from __future__ import annotations
 
 import json
-import math
+import re
 import resource
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,18 +19,23 @@ import numpy as np
 import pandas as pd
 
 from oncotransfer.config import ExperimentConfig, to_dict
-from oncotransfer.data.augment import Augmenter
-from oncotransfer.data.splits import Fold, make_split
-from oncotransfer.errors import ConfigError, MissingExtraError, OncoError
+from oncotransfer.data.splits import make_split
+from oncotransfer.errors import ConfigError, MissingExtraError
 from oncotransfer.evaluate.metrics import classification_metrics
 from oncotransfer.experiments.run import RunResult, run_experiment
-from oncotransfer.experiments.tune_space import recipe_config, recipe_yaml, sample
+from oncotransfer.experiments.tune_ray import run_ray
+from oncotransfer.experiments.tune_report import leaderboard, write_tune_report
+from oncotransfer.experiments.tune_space import recipe_config, recipe_yaml
+from oncotransfer.experiments.tune_trial import Data, Inner, fit_and_score, inner_folds, kfold, run_local, score
+from oncotransfer.experiments.tune_workers import reap_dead_trials, storage_for, wait_for, worker_sampler
 from oncotransfer.io import atomic_write_text
+from oncotransfer.progress import Progress
 from oncotransfer.rundir import run_finished
 from oncotransfer.search_config import SearchConfig
-from oncotransfer.train.data import LoadedData, load_data
 from oncotransfer.train.device import pick_device
-from oncotransfer.train.fold import collect_outputs, train_fold
+
+EXECUTORS: dict[str, Callable[..., None]] = {"local": run_local, "ray": run_ray}
+"""How a study's trials run: one after the other here, or as Ray tasks (several at once, on a cluster)."""
 
 
 @dataclass
@@ -46,64 +50,6 @@ class TuneResult:
     summary: dict = field(default_factory=dict)
 
 
-class _Data:
-    """Images decoded once per image size, every size in the same manifest order as the first."""
-
-    def __init__(self, cfg: ExperimentConfig):
-        self.cfg, self.by_size = cfg, {}
-
-    def __call__(self, cfg: ExperimentConfig) -> LoadedData:
-        size = cfg.data.image_size or 224
-        if size not in self.by_size:
-            data = load_data(cfg.data, size, cfg.train.num_workers, phash=cfg.split.group_duplicates)
-            first = next(iter(self.by_size.values()), None)
-            if first is not None and first.manifest.paths != data.manifest.paths:
-                raise ConfigError(f"data at image size {size} decodes other files than at the first size; "
-                                  "remove the unreadable images or search one image size")
-            self.by_size[size] = data
-        return self.by_size[size]
-
-
-def _kfold(cfg: ExperimentConfig, folds: int):
-    return cfg.split.model_copy(update={"kind": "kfold", "folds": folds})
-
-
-def _inner_folds(cfg: ExperimentConfig, data: LoadedData, rows: np.ndarray, k: int) -> list[Fold]:
-    """Grouped k-fold over ``rows`` (the outer training part), as global row indices."""
-    m = data.manifest
-    split = make_split(m.subset(rows), _kfold(cfg, k), data.dup_groups[rows])
-    return [Fold(f.index, rows[f.train], rows[f.val], rows[f.test]) for f in split.folds]
-
-
-def _fit_and_score(cfg: ExperimentConfig, data: LoadedData, fold: Fold, work: Path, device) -> np.ndarray:
-    """Train ``fold`` with ``cfg`` (in a scratch folder: its fit state is not kept) -> test-row probabilities."""
-    with tempfile.TemporaryDirectory(dir=work) as tmp:
-        res = train_fold(cfg, data, fold, Path(tmp), device, Augmenter(cfg.augment))
-        out = collect_outputs(res, data, cfg, device)
-    return out.predictions[[f"prob_{c}" for c in data.manifest.classes]].to_numpy(dtype=np.float64)
-
-
-def _score(metric: str, y: np.ndarray, probs: np.ndarray, classes: list[str]) -> float:
-    value = classification_metrics(y, probs, classes, bootstrap=0)[metric]
-    return float(value) if value is not None and not math.isnan(value) else 0.0
-
-
-def _objective(base: ExperimentConfig, search: SearchConfig, data_for: _Data, folds: list[Fold], work: Path,
-               device, optuna) -> Callable:
-    def objective(trial) -> float:
-        cfg = recipe_config(base, sample(trial, search.space))
-        data = data_for(cfg)
-        scores = []
-        for j, fold in enumerate(folds):
-            probs = _fit_and_score(cfg, data, fold, work, device)
-            scores.append(_score(search.metric, data.manifest.labels[fold.test], probs, data.manifest.classes))
-            trial.report(float(np.mean(scores)), j)  # the pruner compares trials after the same inner folds
-            if j < len(folds) - 1 and trial.should_prune():
-                raise optuna.TrialPruned()
-        return float(np.mean(scores))
-    return objective
-
-
 def _pruner(name: str, n_folds: int, optuna):
     if name == "none":
         return optuna.pruners.NopPruner()
@@ -112,20 +58,37 @@ def _pruner(name: str, n_folds: int, optuna):
     return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
 
 
-def _search(name: str, objective: Callable, search: SearchConfig, storage: str, trials: int, timeout: float | None,
-            n_folds: int, say: Callable[[str], None]):
-    """Run (or continue) one study to ``trials`` finished trials: those already COMPLETE or PRUNED are not rerun."""
-    optuna = _optuna()
+def _search(name: str, inner: Inner, storage, timeout: float | None, run_trials: Callable[..., None],
+            say: Callable[[str], None], progress: Progress | None):
+    """Run (or continue) one study to ``trials`` finished trials, shared with every worker on ``storage``: those
+    already COMPLETE or PRUNED are not rerun, those RUNNING elsewhere are not started again."""
+    optuna, search, trials = _optuna(), inner.search, inner.trials
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = worker_sampler(search.seed, optuna)
     study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction="maximize",
-                                sampler=optuna.samplers.TPESampler(seed=search.seed),
-                                pruner=_pruner(search.pruner, n_folds, optuna))
+                                sampler=sampler, pruner=_pruner(search.pruner, len(inner.folds), optuna))
+    reap_dead_trials(study, optuna)
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     done = len(study.get_trials(deepcopy=False, states=states))
+    t0 = time.monotonic()
+
+    def tell(study, trial) -> None:
+        if trial.state not in states:
+            return
+        finished = study.get_trials(deepcopy=False, states=states)
+        best = max((t.value for t in finished if t.state == states[0]), default=None)
+        left = "" if timeout is None else f", {max(0.0, timeout - (time.monotonic() - t0)) / 60:.1f} min left"
+        say(f"{name}: trial {trial.number} {trial.state.name.lower()}"
+            + (f" {search.metric} {trial.value:.3f}" if trial.value is not None else "")
+            + ("" if best is None else f", best {best:.3f}") + f" ({len(finished)}/{trials}{left})")
+        if progress is not None:
+            progress(f"{name} trials", min(len(finished), trials), trials)
+
     if done < trials and (timeout is None or timeout > 0):
-        # The callback counts trials of every process sharing the study, so several workers stop together.
-        study.optimize(objective, n_trials=trials - done, timeout=timeout, catch=(OncoError,),
-                       callbacks=[optuna.study.MaxTrialsCallback(trials, states=states)])
+        if progress is not None:
+            progress(f"{name} trials", done, trials)
+        run_trials(study, inner, trials - done, timeout, tell, optuna)
+    _settle(study, optuna, say, name)
     finished = study.get_trials(deepcopy=False, states=states)
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in finished):
         raise ConfigError(f"tune: search {name} finished no trial in its budget; give a larger --budget or a "
@@ -133,6 +96,21 @@ def _search(name: str, objective: Callable, search: SearchConfig, storage: str, 
     say(f"{name}: {len(finished)} trial(s) ({sum(t.state == states[1] for t in finished)} pruned), "
         f"best inner {search.metric} {study.best_value:.3f}")
     return study
+
+
+def _settle(study, optuna, say: Callable[[str], None], name: str, poll_s: float = 2.0) -> None:
+    """Wait for the trials other workers still run, so that every worker reads the same best trial."""
+    told = False
+    while True:
+        reap_dead_trials(study, optuna)
+        optuna.storages.fail_stale_trials(study)
+        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if not running:
+            return
+        if not told:
+            say(f"{name}: waiting for {len(running)} trial(s) of other workers")
+            told = True
+        time.sleep(poll_s)
 
 
 def _optuna():
@@ -168,70 +146,117 @@ def _check_same(tune_dir: Path, cfg: ExperimentConfig, search: SearchConfig) -> 
 
 def run_tune(cfg: ExperimentConfig, search: SearchConfig, *, trials: int | None = None,
              budget_s: float | None = None, storage: str | None = None, tune_dir: Path | None = None,
-             log: Callable[[str], None] = lambda s: None) -> TuneResult:
-    """Nested search, final search on all data, final run; ``storage`` defaults to SQLite in the tune folder."""
+             executor: str = "local", workers: int | None = None, address: str | None = None,
+             log: Callable[[str], None] = lambda s: None, progress: Progress | None = None) -> TuneResult:
+    """Nested search, final search on all data, final run; ``storage`` defaults to SQLite in the tune folder.
+
+    Every worker started on the same ``storage`` (and tune folder) runs this same call: the trials are shared
+    (tune_workers), each refit and the final run is done by one of them, and all end with the same result."""
+    if executor not in EXECUTORS:
+        raise ConfigError(f"--executor {executor!r}: unknown executor; valid: {', '.join(sorted(EXECUTORS))}")
     optuna = _optuna()
+    run_trials = _runner(executor, workers, address)
     t0, cpu0 = time.monotonic(), _cpu_minutes()
     tune_dir = Path(tune_dir or tune_dir_for(cfg))
     _check_same(tune_dir, cfg, search)
     storage = storage or f"sqlite:///{(tune_dir / 'study.db').resolve()}"
+    store = _storage(storage, optuna)
     trials = trials or search.trials
-    data_for = _Data(cfg)
+    data_for = Data(cfg)
     data = data_for(cfg)
     m, device = data.manifest, pick_device(cfg.train.device)
-    outer = make_split(m, _kfold(cfg, search.outer_folds), data.dup_groups)
+    outer = make_split(m, kfold(cfg, search.outer_folds), data.dup_groups)
     log(f"{len(m)} images; {len(outer.folds)} outer folds grouped by {outer.grouped_by or 'nothing (IMAGE-LEVEL)'}, "
-        f"{search.inner_folds} inner folds, {trials} trials per search")
+        f"{search.inner_folds} inner folds, {trials} trials per search, executor {executor}")
     (tune_dir / "outer").mkdir(exist_ok=True)
     searches_left = len(outer.folds) + 1
 
     def timeout() -> float | None:
         return None if budget_s is None else (budget_s - (time.monotonic() - t0)) / searches_left
 
-    held, per_fold = [], []
+    def inner_for(rows: np.ndarray) -> Inner:
+        return Inner(cfg, search, data_for, inner_folds(cfg, data, rows, search.inner_folds), tune_dir, device,
+                     trials)
+
+    studies = []  # every search first: the refits wait for no one while other workers still run trials
     for f in outer.folds:
-        name, done_file = f"outer-{f.index}", tune_dir / "outer" / f"fold{f.index}.csv"
-        rows = np.sort(np.concatenate([f.train, f.val]))
-        folds = _inner_folds(cfg, data, rows, search.inner_folds)
-        study = _search(name, _objective(cfg, search, data_for, folds, tune_dir, device, optuna), search, storage,
-                        trials, timeout(), len(folds), log)
+        studies.append(_search(f"outer-{f.index}", inner_for(np.sort(np.concatenate([f.train, f.val]))), store,
+                               timeout(), run_trials, log, progress))
         searches_left -= 1
-        if not done_file.is_file():  # refit the fold's best recipe on its whole training part, score held-out rows
-            best = recipe_config(cfg, study.best_params)
-            d = data_for(best)
-            probs = _fit_and_score(best, d, f, tune_dir, device)
+    study = _search("final", inner_for(np.arange(len(m))), store, timeout(), run_trials, log, progress)
+
+    held, per_fold = [], []
+    for f, fold_study in zip(outer.folds, studies):
+        done_file = tune_dir / "outer" / f"fold{f.index}.csv"
+
+        def refit(f=f, fold_study=fold_study, done_file=done_file) -> None:
+            """The fold's best recipe on its whole training part, scored on its held-out rows."""
+            best = recipe_config(cfg, fold_study.best_params)
+            probs = fit_and_score(best, data_for(best), f, tune_dir, device)
             frame = pd.DataFrame(probs, columns=[f"prob_{c}" for c in m.classes]).assign(
-                index=f.test, label=m.labels[f.test], inner=study.best_value)
-            frame.to_csv(done_file, index=False)
+                index=f.test, label=m.labels[f.test], inner=fold_study.best_value)
+            atomic_write_text(done_file, frame.to_csv(index=False))
+
+        wait_for(done_file.is_file, done_file.with_suffix(".lock"), refit, f"the refit of outer fold {f.index}", log)
         frame = pd.read_csv(done_file)
         held.append(frame)
         probs = frame[[f"prob_{c}" for c in m.classes]].to_numpy()
         per_fold.append({"fold": f.index, "inner_best": float(frame["inner"].iloc[0]),
-                         "test": _score(search.metric, frame["label"].to_numpy(), probs, m.classes),
-                         "params": study.best_params})
+                         "test": score(search.metric, frame["label"].to_numpy(), probs, m.classes),
+                         "params": fold_study.best_params})
         log(f"outer fold {f.index + 1}/{len(outer.folds)}: held-out {search.metric} {per_fold[-1]['test']:.3f}")
     pooled = pd.concat(held)
     nested = classification_metrics(pooled["label"].to_numpy(), pooled[[f"prob_{c}" for c in m.classes]].to_numpy(),
                                     m.classes, cfg.evaluate.positive_classes, cfg.evaluate.bootstrap or 1000,
                                     search.seed)
     nested["per_fold"] = per_fold
-    final_folds = _inner_folds(cfg, data, np.arange(len(m)), search.inner_folds)
-    study = _search("final", _objective(cfg, search, data_for, final_folds, tune_dir, device, optuna), search,
-                    storage, trials, timeout(), len(final_folds), log)
     recipe = study.best_params
     chosen = recipe_config(cfg, recipe)
     atomic_write_text(tune_dir / "recipe.yaml", recipe_yaml(chosen, recipe))
-    study.trials_dataframe().to_csv(tune_dir / "leaderboard.csv", index=False)
+    atomic_write_text(tune_dir / "leaderboard.csv", leaderboard(study, optuna).to_csv(index=False))
     run_dir = tune_dir / "final"
-    if run_finished(run_dir):
-        run = RunResult(run_dir, json.loads((run_dir / "metrics.json").read_text()), m.classes)
-    else:
+
+    def final_run() -> None:
         shutil.rmtree(run_dir, ignore_errors=True)  # a final run cut short: trained again from the start
-        run = run_experiment(chosen, run_dir, data=data_for(chosen), log=log)
+        run_experiment(chosen, run_dir, data=data_for(chosen), log=log)
+
+    wait_for(lambda: run_finished(run_dir), tune_dir / "final.lock", final_run, "the final run", log)
+    run = RunResult(run_dir, json.loads((run_dir / "metrics.json").read_text()), m.classes)
     summary = {"nested": {k: nested[k] for k in ("accuracy", "accuracy_ci95", "balanced_accuracy", "roc_auc",
                                                    "n", "per_fold")},
                "naive": {"metric": search.metric, "value": study.best_value},
-               "recipe": recipe, "run": str(run_dir), "storage": storage, "trials_per_search": trials,
-               "seconds": time.monotonic() - t0, "cpu_minutes": _cpu_minutes() - cpu0}
+               "recipe": recipe, "run": str(run_dir), "storage": _safe_url(storage), "trials_per_search": trials,
+               "executor": executor, "seconds": time.monotonic() - t0, "cpu_minutes": _cpu_minutes() - cpu0}
     atomic_write_text(tune_dir / "tune.json", json.dumps(summary, indent=1))
+    summary["report"] = str(write_tune_report(tune_dir, study, studies, summary, chosen, search, optuna))
     return TuneResult(tune_dir, nested, study.best_value, recipe, run, summary)
+
+
+def _runner(executor: str, workers: int | None, address: str | None) -> Callable[..., None]:
+    """The executor's trial loop with its options bound; an option it does not take fails before any work."""
+    runner, options = EXECUTORS[executor], {}
+    if executor == "local" and (workers is not None or address is not None):
+        raise ConfigError(f"--{'workers' if workers is not None else 'address'} does not apply to the local "
+                          "executor; give --executor ray")
+    if executor == "ray":
+        options = {"workers": workers, "address": address}
+
+    def run_trials(study, inner: Inner, n_trials: int, timeout: float | None, tell: Callable, optuna) -> None:
+        runner(study, inner, n_trials, timeout, tell, optuna, **options)
+    return run_trials
+
+
+def _storage(url: str, optuna):
+    try:
+        return storage_for(url, optuna)
+    except ImportError as e:  # the URL's database driver (psycopg2 for postgresql://)
+        raise MissingExtraError(f"--storage {_safe_url(url)}: its database driver is missing ({e}); "
+                                "pip install 'oncotransfer[tune]'") from None
+    except Exception as e:  # noqa: BLE001 - SQLAlchemy's errors: a bad URL, an unreachable server
+        raise ConfigError(f"--storage {_safe_url(url)}: cannot open the study storage "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def _safe_url(url: str) -> str:
+    """``url`` without its password (it goes into tune.json and error lines)."""
+    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
