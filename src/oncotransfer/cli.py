@@ -376,26 +376,16 @@ def main() -> None:
         err.print(f"error: {line}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt as e:
-        err.print(interrupted_hint(sys.argv[1:], e.run_dir if isinstance(e, RunInterrupted) else None), highlight=False, soft_wrap=True)
+        run_dir = e.run_dir if isinstance(e, RunInterrupted) else None
+        err.print(cli_signals.interrupted_hint(sys.argv[1:], run_dir), highlight=False, soft_wrap=True)
         sys.exit(130)
     except SystemExit as e:
         # typer turns Ctrl-C inside a command into Exit(130) (then sys.exit): the interrupt is that Exit's cause
         interrupt = getattr(e.__context__, "__cause__", None)
         if e.code == 130 and isinstance(interrupt, KeyboardInterrupt):
             run_dir = interrupt.run_dir if isinstance(interrupt, RunInterrupted) else None
-            err.print(interrupted_hint(sys.argv[1:], run_dir), highlight=False, soft_wrap=True)
+            err.print(cli_signals.interrupted_hint(sys.argv[1:], run_dir), highlight=False, soft_wrap=True)
         raise
-
-
-def interrupted_hint(args: list[str], run_dir: Optional[Path] = None) -> str:
-    """What to type to continue after Ctrl-C, for the command that was interrupted."""
-    command = next((a for a in args if not a.startswith("-")), "")
-    if command == "grid":
-        return ("interrupted; finished runs are kept: run the same `oncotransfer grid GRID.yaml` again "
-                "to continue with the rest")
-    if command == "train":
-        return f"interrupted; continue with `oncotransfer train CONFIG --resume {run_dir or 'RUN_DIR'}`"
-    return "interrupted"
 
 
 if __name__ == "__main__":

@@ -25,3 +25,14 @@ def restore() -> None:
     """Back to KeyboardInterrupt, which ``cli.main`` turns into its hint and exit 130."""
     if signal.getsignal(signal.SIGINT) is _interrupted_early:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def interrupted_hint(args: list[str], run_dir: Path | None = None) -> str:
+    """What to type to continue after Ctrl-C, for the command that was interrupted."""
+    command = next((a for a in args if not a.startswith("-")), "")
+    if command == "grid":
+        return ("interrupted; finished runs are kept: run the same `oncotransfer grid GRID.yaml` again "
+                "to continue with the rest")
+    if command == "train":
+        return f"interrupted; continue with `oncotransfer train CONFIG --resume {run_dir or 'RUN_DIR'}`"
+    return "interrupted"

@@ -12,10 +12,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Sequence
-
-import numpy as np
-import pandas as pd
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -383,31 +380,3 @@ def run_finished(run_dir: str | Path, report: bool = False) -> bool:
         return False  # written by a run that made no report (a grid without run_reports)
     # and the files themselves: a report removed since (or a layout-1 run killed before it) is not finished
     return all((Path(run_dir) / f).is_file() for f in ("report.md", "report.html"))
-
-
-def predictions_table(paths: Sequence[str], probs: np.ndarray, classes: Sequence[str], *,
-                      labels: Sequence[str] | None = None, fold: int | None = None,
-                      calibrated: np.ndarray | None = None, ood_scores: np.ndarray | None = None,
-                      in_distribution: np.ndarray | None = None) -> pd.DataFrame:
-    """The one layout of a predictions table (``predictions.csv``, ``predict``'s CSV, external scoring):
-    [fold,] path, [label,] pred, ``prob_<class>`` per class, and ``cal_prob_<class>`` when calibrated
-    probabilities exist, then ``ood_score`` (higher = more unusual) and ``in_distribution`` (True/False; empty
-    without a threshold) when the model has an out-of-distribution detector. ``probs``: (N, C) in ``classes`` order."""
-    probs = np.asarray(probs).reshape(len(paths), len(classes))
-    cols: dict[str, Any] = {} if fold is None else {"fold": fold}
-    cols["path"] = list(paths)
-    if labels is not None:
-        cols["label"] = list(labels)
-    cols["pred"] = [classes[k] for k in probs.argmax(1)] if len(probs) else []
-    df = pd.DataFrame(cols)
-    for c, name in enumerate(classes):
-        df[f"prob_{name}"] = probs[:, c]
-    if calibrated is not None:
-        calibrated = np.asarray(calibrated)
-        for c, name in enumerate(classes):
-            df[f"cal_prob_{name}"] = calibrated[:, c]
-    if ood_scores is not None:
-        df["ood_score"] = np.asarray(ood_scores, dtype=float).reshape(-1)
-        df["in_distribution"] = (pd.Series([None] * len(df), dtype=object) if in_distribution is None
-                                 else pd.Series(np.asarray(in_distribution, dtype=bool)).astype(object))
-    return df

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -56,7 +56,7 @@ def _numbers(path: Path, df: pd.DataFrame, column: str, fix: str, *, empty_ok: b
 
 
 def read_predictions(path: str | Path, classes: Sequence[str] | None = None, fix: str = RETRAIN) -> pd.DataFrame:
-    """``predictions.csv`` (or a table of its layout, ``rundir.predictions_table``): text columns as strings,
+    """``predictions.csv`` (or a table of its layout, ``predictions_table``): text columns as strings,
     ``prob_*`` finite in [0, 1], ``cal_prob_*`` too or empty, ``fold`` integers, ``ood_score`` numbers or empty,
     ``label`` and ``pred`` each one of ``classes`` (when given)."""
     path = Path(path)
@@ -105,4 +105,32 @@ def check_split(run_dir: str | Path) -> pd.DataFrame:
             bad = (~df[c].str.fullmatch(pattern.pattern)).to_numpy()
             if bad.any():
                 raise _bad(path, df, bad, c, f"is not {what}", fix)
+    return df
+
+
+def predictions_table(paths: Sequence[str], probs: np.ndarray, classes: Sequence[str], *,
+                      labels: Sequence[str] | None = None, fold: int | None = None,
+                      calibrated: np.ndarray | None = None, ood_scores: np.ndarray | None = None,
+                      in_distribution: np.ndarray | None = None) -> pd.DataFrame:
+    """The one layout of a predictions table (``predictions.csv``, ``predict``'s CSV, external scoring):
+    [fold,] path, [label,] pred, ``prob_<class>`` per class, and ``cal_prob_<class>`` when calibrated
+    probabilities exist, then ``ood_score`` (higher = more unusual) and ``in_distribution`` (True/False; empty
+    without a threshold) when the model has an out-of-distribution detector. ``probs``: (N, C) in ``classes`` order."""
+    probs = np.asarray(probs).reshape(len(paths), len(classes))
+    cols: dict[str, Any] = {} if fold is None else {"fold": fold}
+    cols["path"] = list(paths)
+    if labels is not None:
+        cols["label"] = list(labels)
+    cols["pred"] = [classes[k] for k in probs.argmax(1)] if len(probs) else []
+    df = pd.DataFrame(cols)
+    for c, name in enumerate(classes):
+        df[f"prob_{name}"] = probs[:, c]
+    if calibrated is not None:
+        calibrated = np.asarray(calibrated)
+        for c, name in enumerate(classes):
+            df[f"cal_prob_{name}"] = calibrated[:, c]
+    if ood_scores is not None:
+        df["ood_score"] = np.asarray(ood_scores, dtype=float).reshape(-1)
+        df["in_distribution"] = (pd.Series([None] * len(df), dtype=object) if in_distribution is None
+                                 else pd.Series(np.asarray(in_distribution, dtype=bool)).astype(object))
     return df

@@ -75,7 +75,7 @@ def export_run(run_dir: str | Path, fmt: Literal["onnx", "torchscript"] = "onnx"
     A multi-fold run exports the ensemble of its fold models in one file (``fold``: that fold's model alone);
     temperatures are part of the exported graph, so its outputs are the calibrated probabilities."""
     from oncotransfer.data.images import normalise
-    from oncotransfer.infer.predict import checkpoint_digest
+    from oncotransfer.infer.export_cache import checkpoint_digest
     from oncotransfer.infer.predict import Predictor
     from oncotransfer.io import write_json
     from oncotransfer.rundir import file_digest

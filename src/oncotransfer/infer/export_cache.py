@@ -109,3 +109,7 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def checkpoint_digest(run_dir: Path) -> str:
+    return sha256_file(Path(run_dir) / "checkpoint" / "model.safetensors")

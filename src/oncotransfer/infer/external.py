@@ -19,7 +19,7 @@ from oncotransfer.evaluate.report import evaluate_run
 from oncotransfer.evaluate.shift import collapse_duplicates, shift_test
 from oncotransfer.evaluate.slides import attach_slides
 from oncotransfer.infer.predict import SCORE_BATCH, Engine, Predictor
-from oncotransfer.rundir import predictions_table
+from oncotransfer.runtables import predictions_table
 
 ADAPT = ("none", "bn")
 
@@ -111,7 +111,7 @@ def _export_scoring(pred: Predictor, folder: Path) -> None:
     from oncotransfer.io import write_json
     from oncotransfer.rundir import file_digest
     from oncotransfer.runtime import export_onnx, ort_session, run_session_outputs
-    from oncotransfer.infer.predict import checkpoint_digest
+    from oncotransfer.infer.export_cache import checkpoint_digest
     model = ScoringModel(pred).eval()
     x = pred.normalised(parity_images(pred.run_dir, pred.meta, pred.size))
     with torch.inference_mode():

@@ -10,11 +10,12 @@ import torch
 from PIL import Image
 
 from oncotransfer.data.images import decode_for_model, normalise, resize_uint8
-from oncotransfer.data.readers import MAX_PIXELS, ImageReadError, is_readable_name, known_suffixes
+from oncotransfer.data.readers import MAX_PIXELS, ImageReadError, expand_paths
 from oncotransfer.data.readers.quality import blank_reason
 from oncotransfer.errors import CheckpointError, ConfigError, DataError
 from oncotransfer.io import atomic_to_csv, atomic_write_bytes
-from oncotransfer.rundir import export_fix, predictions_table, read_export_info, verified_bytes
+from oncotransfer.rundir import export_fix, read_export_info, verified_bytes
+from oncotransfer.runtables import predictions_table
 
 Engine = Literal["auto", "torch", "onnx"]
 DEFAULT_COVERAGE = 0.9
@@ -30,23 +31,6 @@ def onnx_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], dict[str, str]]:
-    """Files as given, folders walked recursively for the files some reader owns; missing paths become errors."""
-    out: list[Path] = []
-    errors: dict[str, str] = {}
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and is_readable_name(f))
-            if not found:
-                errors[str(p)] = f"{p}: folder holds no images ({', '.join(sorted(known_suffixes()))})"
-            out += found
-        elif p.is_file():
-            out.append(p)
-        else:
-            errors[str(p)] = f"{p}: no such file or folder"
-    return out, errors
 
 
 class Predictor:
@@ -362,11 +346,6 @@ def _onnx_session(run_dir: Path, path: Path):
     except Exception as e:  # onnxruntime raises its own error types for a damaged model
         raise CheckpointError(f"{path}: does not load ({str(e).splitlines()[0][:100]}); the file is damaged: "
                               f"{export_fix(run_dir)}") from None
-
-
-def checkpoint_digest(run_dir: Path) -> str:
-    from oncotransfer.io import sha256_file
-    return sha256_file(Path(run_dir) / "checkpoint" / "model.safetensors")
 
 
 def run_predict(run_dir: str | Path, paths: list[str], out: str | Path, tta: bool = False, explain: bool = False,

@@ -15,7 +15,7 @@ from oncotransfer.data.splits import Fold
 from oncotransfer.models.classifier import Classifier
 from oncotransfer.models.factory import classifier_for
 from oncotransfer.progress import Progress
-from oncotransfer.rundir import predictions_table
+from oncotransfer.runtables import predictions_table
 from oncotransfer.train import distributed as D
 from oncotransfer.train.activations import ActivationCache
 from oncotransfer.train.checkpoint import load_fit_state, save_fit_state

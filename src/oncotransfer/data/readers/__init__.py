@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
+from typing import Iterable
 
 from PIL import Image
 
@@ -21,7 +22,7 @@ from oncotransfer.data.readers.pillow import IMAGE_SUFFIXES, PillowReader
 from oncotransfer.data.readers.slide import SlideError, SlideReader
 from oncotransfer.errors import ConfigError, MissingExtraError
 
-__all__ = ["READERS", "Reader", "Probe", "ImageReadError", "ImageTooLargeError", "SlideError", "MAX_PIXELS",
+__all__ = ["READERS", "expand_paths", "Reader", "Probe", "ImageReadError", "ImageTooLargeError", "SlideError", "MAX_PIXELS",
            "DEFAULT_MAX_PIXELS", "FRAME_TAG", "IMAGE_SUFFIXES", "register", "get_reader", "reader_for", "probe",
            "open_rgb", "is_readable_name", "split_frame", "regular_file_problem", "ingest_max_pixels",
            "decode_failure", "known_suffixes", "too_large_reason"]
@@ -83,6 +84,23 @@ def is_readable_name(path: str | Path) -> bool:
         return False
     head = read_head(p, 1024)
     return any(r.claims(p, head) for r in READERS.values())
+
+
+def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], dict[str, str]]:
+    """Files as given, folders walked recursively for the files some reader owns; missing paths become errors."""
+    out: list[Path] = []
+    errors: dict[str, str] = {}
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and is_readable_name(f))
+            if not found:
+                errors[str(p)] = f"{p}: folder holds no images ({', '.join(sorted(known_suffixes()))})"
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            errors[str(p)] = f"{p}: no such file or folder"
+    return out, errors
 
 
 def probe(source: str | Path | bytes, max_pixels: int | None = None, draft_size: int | None = None) -> Probe:
