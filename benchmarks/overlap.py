@@ -179,7 +179,7 @@ def main() -> int:
                 files = [m.paths[i] if name == "none" else
                          str(write(open_rgb(m.paths[i]), name, Path(tmp) / name / str(i))) for i in idx]
                 q = describe_files(files, mirrored=True)
-                ov = find_overlap(["-"] * len(idx), None, refs[f], q)
+                ov = find_overlap(["-"] * len(idx), None, refs[f], q, exact_inliers=True)
                 named += int(ov.mask.sum())
                 if name == "none":
                     distinct_inliers += ov.inliers.tolist()
@@ -203,7 +203,7 @@ def main() -> int:
                 shas = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in files]
                 old_near = hamming_min(q.phashes[:, 0], refs[f].phash) <= NEAR_BITS
                 old += int((np.array([s in refs[f].sha256 for s in shas]) | old_near).sum())
-                ov = find_overlap(shas, None, refs[f], q)
+                ov = find_overlap(shas, None, refs[f], q, exact_inliers=True)
                 new += int(ov.mask.sum())
                 inl += ov.inliers.tolist()
             det_rows.append((name, old, new, args.per_transform))

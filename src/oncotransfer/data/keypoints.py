@@ -157,13 +157,17 @@ def _inliers(q: tuple[np.ndarray, np.ndarray], r: tuple[np.ndarray, np.ndarray],
     return int(inl.sum()) if inl is not None else 0
 
 
-def best_inliers(queries: list[Keypoints], ref: Keypoints) -> np.ndarray:
+def best_inliers(queries: list[Keypoints], ref: Keypoints, enough: int | None = None,
+                 only: np.ndarray | None = None) -> np.ndarray:
     """int (N,): for each query image (over its orientations, ``queries``: the images, their mirror images) the
     most verified matches with any reference image. Candidates first: every query keypoint votes for the
-    reference image holding its nearest descriptor; only the CANDIDATES most voted-for are verified."""
+    reference image holding its nearest descriptor; only the CANDIDATES most voted-for are verified.
+    ``enough``: stop verifying an image once it holds that many (its count is then at least ``enough``, not
+    the most); ``only``: a mask of the images to check (the others stay 0)."""
     import cv2
     n = len(queries[0])
     out = np.zeros(n, dtype=int)
+    todo = np.ones(n, dtype=bool) if only is None else np.asarray(only, dtype=bool)
     if len(ref) == 0 or len(ref.desc) == 0:
         return out
     owner = np.repeat(np.arange(len(ref)), np.diff(ref.offsets))
@@ -176,7 +180,7 @@ def best_inliers(queries: list[Keypoints], ref: Keypoints) -> np.ndarray:
     for q in queries:
         for i in range(n):
             pts, desc = q.image(i)
-            if len(desc) == 0:
+            if len(desc) == 0 or not todo[i] or (enough is not None and out[i] >= enough):
                 continue
             nearest = [m[0] for m in index.knnMatch(desc, k=1) if m and m[0].distance <= VOTE_BITS]
             if not nearest:
@@ -186,4 +190,6 @@ def best_inliers(queries: list[Keypoints], ref: Keypoints) -> np.ndarray:
                 if votes[j] < 3:  # too few votes to hold MIN_INLIERS verified matches
                     break
                 out[i] = max(out[i], _inliers((pts, desc), ref.image(int(j)), matcher))
+                if enough is not None and out[i] >= enough:
+                    break
     return out

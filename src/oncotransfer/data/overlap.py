@@ -169,10 +169,12 @@ class Overlap:
                 "clean": clean, "notes": list(self.reference.notes)}
 
 
-def find_overlap(sha256: list[str], phash: np.ndarray | None, ref: Reference, query: Described | None = None
-                 ) -> Overlap:
+def find_overlap(sha256: list[str], phash: np.ndarray | None, ref: Reference, query: Described | None = None,
+                 exact_inliers: bool = False) -> Overlap:
     """Which external images (``sha256``; ``phash``: (N,) or (N, 8) dihedral; ``query``: their keypoints and
-    dihedral pHashes, from ``describe_files(..., mirrored=True)``) copy a reference image."""
+    dihedral pHashes, from ``describe_files(..., mirrored=True)``) copy a reference image. Keypoints are
+    verified only for images the hashes did not name, and only until MIN_INLIERS matches (``exact_inliers``:
+    every image, to the most matches: what benchmarks/overlap.py reports)."""
     identical = np.array([h in ref.sha256 for h in sha256], dtype=bool)
     near = np.zeros(len(sha256), dtype=bool)
     if query is not None:
@@ -183,7 +185,8 @@ def find_overlap(sha256: list[str], phash: np.ndarray | None, ref: Reference, qu
         near = (np.min([hamming_min(ph[:, k], ref.phash) for k in range(ph.shape[1])], axis=0) <= NEAR_BITS)
     by_kp = inliers = None
     if query is not None and ref.keypoints is not None:
-        inliers = best_inliers([query.keypoints, query.mirrored], ref.keypoints)
+        inliers = best_inliers([query.keypoints, query.mirrored], ref.keypoints,
+                               *((None, None) if exact_inliers else (MIN_INLIERS, ~(near | identical))))
         kp = inliers >= MIN_INLIERS
         by_kp = kp & ~near & ~identical
         near = near | kp
