@@ -1,7 +1,10 @@
 """Scoring cost of a fold ensemble against one member: is the ensemble of 5 close to one prefix and 5 tails?
 
     HF_HUB_OFFLINE=1 python benchmarks/scoring.py [--images 64] [--size 224] [--repeats 2] [--threads 1]
-        [--folds 5] [--freeze last:2 last:1 frozen]
+        [--folds 5] [--freeze last:2 last:1 frozen] [--run RUN_DIR [--data PATH] [--e2e-images 100]]
+
+With ``--run``, the end-to-end rows of benchmarks/scoring_e2e.py follow in the same run (predict with the
+ensemble and with one fold, evaluate --data, serve's request rate).
 
 Members: 5 copies of the packaged EfficientNet-Lite0 classifier (paper head, 2 classes) whose trainable
 tensors (the tail and head under ``freeze``) are perturbed per copy, as a run's folds differ; the frozen
@@ -133,6 +136,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="PyTorch and ONNX Runtime threads (same for both)")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--freeze", nargs="+", default=list(TARGETS))
+    ap.add_argument("--run", type=Path, help="a multi-fold run: also time predict, evaluate --data and serve end to "
+                                             "end on it (benchmarks/scoring_e2e.py), in this run")
+    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "busi-dev")
+    ap.add_argument("--e2e-images", dest="e2e_images", type=int, default=100)
+    ap.add_argument("--requests", type=int, default=200)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -150,6 +158,13 @@ def main() -> None:
           "PyTorch probabilities on 8 images")
     for freeze in dict.fromkeys(r[0] for r in rows):
         print(f"{freeze}: {next(r[-1] for r in rows if r[0] == freeze)}")
+    if args.run:
+        import sys
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import scoring_e2e
+        torch.set_num_threads(os.cpu_count() or 1)  # end to end: the commands' own threading
+        scoring_e2e.report(argparse.Namespace(run=args.run, data=args.data, images=args.e2e_images,
+                                              requests=args.requests))
 
 
 if __name__ == "__main__":

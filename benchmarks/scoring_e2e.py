@@ -57,10 +57,15 @@ def model_only(run: Path, files: list[Path]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", type=Path, required=True)
-    ap.add_argument("--data", type=Path, default=Path("/work/shared/data/busi-dev"))
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "busi-dev")
     ap.add_argument("--images", type=int, default=100)
     ap.add_argument("--requests", type=int, default=200)
-    a = ap.parse_args()
+    report(ap.parse_args())
+
+
+def report(a: argparse.Namespace) -> None:
+    """The end-to-end rows for ``a.run`` (``a.data``, ``a.images``, ``a.requests``); benchmarks/scoring.py --run
+    prints them after its model-time rows, in the same process."""
     from oncotransfer.infer.external import evaluate_on
     from oncotransfer.infer.predict import Predictor, run_predict
     files = _images(a.data, a.images)
