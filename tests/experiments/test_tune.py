@@ -132,3 +132,21 @@ def test_a_bad_budget_is_one_line_before_any_work(tmp_path, monkeypatch, capsys)
     assert code == 2 and out == ""
     assert err.strip() == ("error: --budget: 'tomorrow' is not a duration; give e.g. 30m, 2h, 90s or 900 (seconds)")
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_trial_running_past_its_searchs_budget_stops_after_its_fold_once_another_finished():
+    """Optuna's timeout only stops new trials; one slow recipe would overrun the budget by its whole length."""
+    import time
+
+    import optuna
+
+    from oncotransfer.experiments.tune_trial import Inner, _past_deadline
+    spent = Inner(None, None, None, [], Path("."), None, 4, deadline=time.monotonic() - 1)
+    left = Inner(None, None, None, [], Path("."), None, 4, deadline=time.monotonic() + 3600)
+    study = optuna.create_study()
+    first = study.ask()
+    assert not _past_deadline(spent, first, optuna)  # nothing finished yet: the search needs this answer
+    study.tell(first, 0.5)
+    second = study.ask()
+    assert _past_deadline(spent, second, optuna) and not _past_deadline(left, second, optuna)
+    assert not _past_deadline(Inner(None, None, None, [], Path("."), None, 4), second, optuna)

@@ -2,8 +2,10 @@
 executor, which runs a study's trials one after the other in this process."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -51,6 +53,9 @@ class Inner:
     device: Any
     trials: int
     """The study's trial count, shared by all its workers."""
+    deadline: float | None = None
+    """``time.monotonic()`` at which the search's share of the budget is spent: a trial still running then stops
+    after its current inner fold (pruned), unless the study has no finished trial yet."""
 
 
 def kfold(cfg: ExperimentConfig, folds: int):
@@ -87,14 +92,25 @@ def objective(inner: Inner, optuna) -> Callable:
             probs = fit_and_score(cfg, data, fold, inner.work, inner.device)
             scores.append(score(inner.search.metric, data.manifest.labels[fold.test], probs, data.manifest.classes))
             trial.report(float(np.mean(scores)), j)  # the pruner compares trials after the same inner folds
-            if j < len(inner.folds) - 1 and trial.should_prune():
+            if j < len(inner.folds) - 1 and (trial.should_prune() or _past_deadline(inner, trial, optuna)):
                 raise optuna.TrialPruned()
         return float(np.mean(scores))
     return run
 
 
+def _past_deadline(inner: Inner, trial, optuna) -> bool:
+    """The budget's share is spent (Optuna's timeout only stops new trials: one slow recipe would overrun it by
+    its whole length) and another trial already finished, so the search has an answer without this one."""
+    if inner.deadline is None or time.monotonic() < inner.deadline:
+        return False
+    done = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return len(done) > 0
+
+
 def run_local(study, inner: Inner, n_trials: int, timeout: float | None, tell: Callable, optuna) -> None:
     """The study's trials one after the other in this process."""
+    if timeout is not None:
+        inner = dataclasses.replace(inner, deadline=time.monotonic() + timeout)
     # Counting RUNNING trials too, a worker stops once the trials of all workers make the count.
     stop = optuna.study.MaxTrialsCallback(inner.trials, states=counted_states(optuna))
     study.optimize(objective(inner, optuna), n_trials=n_trials, timeout=timeout, catch=(OncoError, Surplus),
