@@ -24,10 +24,13 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def cpu_bf16_native() -> bool:
-    """True when oneDNN has native bf16 kernels (AVX512-BF16 / AMX). Without them bf16 autocast is emulated
-    and measured 6-10x slower than fp32 on an AVX2-only CPU, so it is not used there."""
+    """True when the CPU computes in bf16 itself (AVX512-BF16 or AMX) and oneDNN uses it. Without those bf16
+    autocast is emulated: 6-10x slower than fp32 on an AVX2-only CPU, and 4.4x per cached ``last:2`` step on
+    an AVX512 Xeon without AVX512-BF16 (benchmarks/tail_step.py). oneDNN's own check is not enough: it
+    answers True on any AVX512 CPU, where it emulates bf16."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        isa = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return bool(isa and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
