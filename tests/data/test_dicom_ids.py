@@ -99,3 +99,19 @@ def test_valid_identifiers_hash_and_shown_values_are_bounded(tmp_path, monkeypat
     info = D.read_info(_dicom(tmp_path / "x.dcm", Manufacturer="V\x1b[2J" + "v" * 60))
     assert info.patient == D.hash_id("MRN1") and info.study == D.hash_id("1.2.3", "st")
     assert "\x1b" not in info.manufacturer and len(info.manufacturer) <= 64
+
+
+def test_probing_a_hostile_identifier_warns_nothing_that_quotes_it(tmp_path, monkeypatch) -> None:
+    """pydicom warns on a bad UI/LO value by quoting it: data inspect's probe must not pass the raw id on."""
+    import warnings
+
+    from oncotransfer.data.readers import probe
+    monkeypatch.setenv("ONCOTRANSFER_ID_SALT", "tests-salt-of-16+bytes")
+    value = "1." * 40
+    p = _dicom(tmp_path / "x.dcm", SeriesInstanceUID=value)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ImageReadError) as e:
+            probe(str(p))
+    assert value not in str(e.value)
+    assert not [w for w in caught if value in str(w.message)]

@@ -217,6 +217,7 @@ def read_info(path: str | Path) -> DicomInfo:
     return _info(_read(str(path), str(path), header_only=True), path)
 
 
+@_quiet  # pydicom's warnings on a bad UI or LO value quote it: a raw identifier must not reach the terminal
 def _info(ds, path: str | Path) -> DicomInfo:
     ids = [identifier(ds, key, kind, path) for key, kind in
            (("PatientID", "p"), ("StudyInstanceUID", "st"), ("SeriesInstanceUID", "se"))]
