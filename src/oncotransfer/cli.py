@@ -377,14 +377,13 @@ def main() -> None:
         sys.exit(1)
     except KeyboardInterrupt as e:
         run_dir = e.run_dir if isinstance(e, RunInterrupted) else None
-        err.print(cli_signals.interrupted_hint(sys.argv[1:], run_dir), highlight=False, soft_wrap=True)
-        sys.exit(130)
+        cli_signals.exit_interrupted(cli_signals.interrupted_hint(sys.argv[1:], run_dir))
     except SystemExit as e:
         # typer turns Ctrl-C inside a command into Exit(130) (then sys.exit): the interrupt is that Exit's cause
         interrupt = getattr(e.__context__, "__cause__", None)
         if e.code == 130 and isinstance(interrupt, KeyboardInterrupt):
             run_dir = interrupt.run_dir if isinstance(interrupt, RunInterrupted) else None
-            err.print(cli_signals.interrupted_hint(sys.argv[1:], run_dir), highlight=False, soft_wrap=True)
+            cli_signals.exit_interrupted(cli_signals.interrupted_hint(sys.argv[1:], run_dir))
         raise
 
 
