@@ -41,3 +41,14 @@ def tiny_grid(tmp: Path, grid: dict, trials: int = 2, name: str = "tiny", **extr
     path.write_text(yaml.safe_dump({"name": name, "base": base, "grid": grid, "trials": trials,
                                     "output_dir": str(tmp / "out"), **extra}))
     return path
+
+
+def randomise_bn(model) -> None:
+    """Non-trivial BatchNorm statistics, so frozen (eval-mode) BatchNorm is really exercised and an eval-mode
+    comparison is not one of identity normalisations."""
+    import torch
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from synthetic import randomise_bn
 from oncotransfer.config import HeadConfig
 from oncotransfer.models import create_classifier
 from oncotransfer.models.ensemble import Ensemble
@@ -15,15 +16,6 @@ from oncotransfer.models.ensemble import Ensemble
 SIZE = 64
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def randomise_bn(model: nn.Module) -> None:
-    """Non-trivial BatchNorm statistics, so frozen (eval-mode) BatchNorm is really exercised."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
 
 
 def folds(freeze: str = "last:2", n: int = 3) -> list[nn.Module]:

@@ -7,6 +7,7 @@ import timm
 import torch
 from torch import nn
 
+from synthetic import randomise_bn
 from oncotransfer.config import HeadConfig, validate
 from oncotransfer.errors import ConfigError
 from oncotransfer.models import create_classifier
@@ -28,15 +29,6 @@ def images(n: int = 4, seed: int = 0) -> torch.Tensor:
 
 def trainable(model) -> set[str]:
     return {n for n, p in model.backbone.named_parameters() if p.requires_grad}
-
-
-def randomise_bn(model: nn.Module) -> None:
-    """Non-trivial BatchNorm statistics, so an eval-mode comparison is not one of identity normalisations."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
 
 
 # ---------------------------------------------------------------- stage_chain
