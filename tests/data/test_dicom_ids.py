@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pydicom = pytest.importorskip("pydicom")
@@ -13,6 +13,9 @@ pydicom = pytest.importorskip("pydicom")
 from oncotransfer.data.readers import ImageReadError  # noqa: E402
 from oncotransfer.data.readers import dicom as D  # noqa: E402
 from oncotransfer.errors import ConfigError  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "hostile"))
+from outputs import dicom  # noqa: E402
 
 
 @pytest.fixture
@@ -67,21 +70,8 @@ def test_salt_file_that_is_not_a_regular_file_is_refused_at_once(key_home: Path,
 
 
 def _dicom(path: Path, **ids: str) -> Path:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, UltrasoundImageStorage, generate_uid
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = UltrasoundImageStorage, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = "MRN1", "1.2.3", "1.2.3.4"
-    ds.Modality, ds.Manufacturer = "US", "Vendor"
-    for k, v in ids.items():
-        setattr(ds, k, v)
-    ds.set_pixel_data(np.zeros((8, 8), np.uint8), "MONOCHROME2", 8)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    """A small ultrasound object with patient MRN1 and ``ids`` over the defaults (the hostile suite's builder)."""
+    return dicom(path, **{"PatientID": "MRN1", **ids})
 
 
 @pytest.mark.parametrize("key,value", [("PatientID", "MRN\x1b]0;owned\x07"), ("PatientID", "M" * 65),
