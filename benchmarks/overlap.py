@@ -111,24 +111,15 @@ def same_scan(query: str, refs: list[str]) -> tuple[str, int, float]:
     or shifted copy of one scan (NCC near 1 where the two overlap) from a distinct image whose keypoints happen to
     line up (NCC near 0). Independent of the keypoint count the detector thresholds, so it can judge it."""
     import cv2
-    from oncotransfer.data.keypoints import _grey, orb
+    from oncotransfer.data.keypoints import _grey, orb, similarity
     from oncotransfer.data.readers import open_rgb
-    gq = _grey(open_rgb(query))
-    pq, dq = orb(open_rgb(query))
+    query_img = open_rgb(query)
+    gq, q = _grey(query_img), orb(query_img)
     matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
     best = (refs[0], -1, None, None)
     for r in refs:
         img = open_rgb(r)
-        pr, dr = orb(img)
-        if len(dq) < 2 or len(dr) < 2:
-            continue
-        good = [a for a, b in (mm for mm in matcher.knnMatch(dq, dr, k=2) if len(mm) == 2)
-                if a.distance < 0.8 * b.distance]
-        if len(good) < 3:
-            continue
-        M, inl = cv2.estimateAffinePartial2D(pq[[g.queryIdx for g in good]], pr[[g.trainIdx for g in good]],
-                                             method=cv2.RANSAC, ransacReprojThreshold=5.0)
-        k = int(inl.sum()) if inl is not None else 0
+        k, M = similarity(q, orb(img), matcher)
         if k > best[1]:
             best = (r, k, M, _grey(img))
     r, k, M, gr = best

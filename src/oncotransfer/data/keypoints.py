@@ -142,19 +142,25 @@ def load_keypoints(path: Path) -> tuple[np.ndarray, list[str], Keypoints] | None
         return None
 
 
-def _inliers(q: tuple[np.ndarray, np.ndarray], r: tuple[np.ndarray, np.ndarray], matcher) -> int:
-    """Matches (Lowe's ratio test 0.8) consistent with one rotation + uniform scale + shift (RANSAC, 5 px)."""
+def similarity(q: tuple[np.ndarray, np.ndarray], r: tuple[np.ndarray, np.ndarray], matcher
+               ) -> tuple[int, np.ndarray | None]:
+    """(matches consistent with one rotation + uniform scale + shift, that 2x3 transform from ``q`` to ``r`` or
+    None): Lowe's ratio test 0.8, then RANSAC with 5 px. ``q``, ``r``: (positions, descriptors)."""
     import cv2
     (pq, dq), (pr, dr) = q, r
     if len(dq) < 2 or len(dr) < 2:
-        return 0
+        return 0, None
     good = [a for a, b in (m for m in matcher.knnMatch(dq, dr, k=2) if len(m) == 2) if a.distance < 0.8 * b.distance]
     if len(good) < 3:
-        return 0
+        return 0, None
     a = pq[[g.queryIdx for g in good]]
     b = pr[[g.trainIdx for g in good]]
-    _, inl = cv2.estimateAffinePartial2D(a, b, method=cv2.RANSAC, ransacReprojThreshold=5.0)
-    return int(inl.sum()) if inl is not None else 0
+    M, inl = cv2.estimateAffinePartial2D(a, b, method=cv2.RANSAC, ransacReprojThreshold=5.0)
+    return (int(inl.sum()), M) if inl is not None else (0, None)
+
+
+def _inliers(q: tuple[np.ndarray, np.ndarray], r: tuple[np.ndarray, np.ndarray], matcher) -> int:
+    return similarity(q, r, matcher)[0]
 
 
 def best_inliers(queries: list[Keypoints], ref: Keypoints, enough: int | None = None,
