@@ -127,14 +127,15 @@ def too_large_reason(source: str | Path, max_pixels: int = MAX_PIXELS) -> str | 
 
 
 def open_rgb(source: str | Path | bytes, draft_size: int | None = None, max_pixels: int | None = None,
-             frame: int | None = None, us_region: bool = True) -> Image.Image:
+             frame: int | None = None, us_region: bool = True, grey: bool = False) -> Image.Image:
     """Decode one frame of ``source`` fully to RGB through its reader. ``file#frame=K`` picks frame K, else
     ``frame``, else the middle one. A header declaring more than ``max_pixels`` (None: the reader's own bomb
-    limit) raises ``ImageTooLargeError`` before decoding; anything unusable raises ``ImageReadError``."""
+    limit) raises ``ImageTooLargeError`` before decoding; anything unusable raises ``ImageReadError``.
+    ``grey``: a single-channel frame may stay mode ``L`` (``Reader.decode_grey``: the same pixels, cheaper)."""
     reader = reader_for(source)
+    decode = reader.decode_grey if grey else reader.decode
     try:
-        return reader.decode(source if isinstance(source, bytes) else str(source), frame, max_pixels, draft_size,
-                             us_region)
+        return decode(source if isinstance(source, bytes) else str(source), frame, max_pixels, draft_size, us_region)
     except (ImageReadError, MissingExtraError):
         raise
     except Exception as e:  # noqa: BLE001

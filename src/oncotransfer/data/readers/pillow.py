@@ -48,9 +48,9 @@ def _open(source: str | Path | bytes, max_pixels: int | None) -> Image.Image:
     return img
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image, keep_grey: bool = False) -> Image.Image:
     """Any Pillow mode -> RGB: EXIF orientation applied, 16-bit and float stretched over their used range,
-    transparency composited over white."""
+    transparency composited over white. ``keep_grey``: an 8-bit grey result stays ``L`` (``decode_grey``)."""
     # In place: the freshly decoded image is ours, and a copy would add a full-size frame to the peak.
     ImageOps.exif_transpose(img, in_place=True)
     if img.mode in _HIGH_BIT:
@@ -63,7 +63,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(bg, rgba)
-    return img.convert("RGB")
+    return img if keep_grey and img.mode == "L" else img.convert("RGB")
 
 
 IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"GIF87a", b"GIF89a", b"BM")
@@ -97,6 +97,12 @@ class PillowReader(Reader):
         return Probe(self.name, "image", w, h, frames=frames, mode=mode, peak_bytes=dw * dh * (_bpp(mode) + 3))
 
     def decode(self, source, frame=None, max_pixels=None, draft_size=None, us_region=True) -> Image.Image:
+        return self._decode(source, max_pixels, draft_size, keep_grey=False)
+
+    def decode_grey(self, source, frame=None, max_pixels=None, draft_size=None, us_region=True) -> Image.Image:
+        return self._decode(source, max_pixels, draft_size, keep_grey=True)
+
+    def _decode(self, source, max_pixels, draft_size, keep_grey: bool) -> Image.Image:
         name = source_name(source)
         img = _open(source, max_pixels)
         try:
@@ -106,7 +112,7 @@ class PillowReader(Reader):
                 if draft_size and img.format == "JPEG":
                     img.draft("RGB", (draft_size, draft_size))  # libjpeg decodes at 1/2..1/8 scale: much faster
                 img.load()
-                return to_rgb(img)
+                return to_rgb(img, keep_grey)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageTooLargeError(f"{name}: image too large ({e})") from None
         except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
