@@ -21,6 +21,21 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+BACKGROUND_NICE = 10
+"""How far reader threads lower their priority: the engine's threads get about 90% of a core they compete for."""
+
+
+def yield_to_engine() -> None:
+    """Lower the calling thread's priority (Linux: each thread has its own nice value), for threads that
+    decode the next batch while the engine scores this one on the same cores: an engine thread delayed at
+    one of its barriers stalls the others, so decoding goes to the time the engine leaves. Elsewhere, nothing."""
+    import threading
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+    except (AttributeError, OSError):  # not Linux, or not permitted: plain threads
+        pass
+
+
 def export_onnx(module: nn.Module, path: Path, size: int, opset: int = 17, dynamic_batch: bool = True,
                 outputs: tuple[str, ...] = ("output",)) -> Path:
     """Export an eval-mode module that takes a normalised (N, 3, size, size) float batch; written atomically.

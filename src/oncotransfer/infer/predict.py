@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from oncotransfer.data.images import decode_for_model, normalise, resize_uint8
+from oncotransfer.data.images import decode_for_model, decode_tensor, normalise, resize_uint8
 from oncotransfer.data.readers import MAX_PIXELS, ImageReadError, expand_paths
 from oncotransfer.data.readers.quality import blank_reason
 from oncotransfer.errors import CheckpointError, ConfigError, DataError
@@ -297,18 +297,22 @@ class Predictor:
                  ) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor, dict[str, str], dict[str, str]]]:
         """(paths decoded, their uint8 batch, the batch normalised, {path: error}, {path: blank reason}) per
         ``batch_size`` files, in order; a file decodes in one of ``usable_cores()`` threads (Pillow releases the
-        GIL), and the batch is normalised here too, off the scoring thread."""
+        GIL), and the batch is normalised here too, off the scoring thread. These threads run at a lower
+        priority (``runtime.yield_to_engine``) when ONNX Runtime scores on the same cores."""
         from concurrent.futures import ThreadPoolExecutor
 
-        from oncotransfer.runtime import usable_cores
+        from oncotransfer.runtime import usable_cores, yield_to_engine
+        if self.session is not None:
+            yield_to_engine()  # this generator runs in prefetch's thread
 
         def one(f) -> tuple[torch.Tensor | None, str | None, str | None]:
             try:
-                t = decode_for_model(f, self.size, max_pixels, us_region=self.us_region)[1]
+                t = decode_tensor(f, self.size, max_pixels, us_region=self.us_region)[1]
             except ImageReadError as e:
                 return None, str(e), None
             return t, None, blank_reason(t.numpy())  # the model's input, as training checks it
-        with ThreadPoolExecutor(max(1, usable_cores())) as pool:
+        background = yield_to_engine if self.session is not None else None
+        with ThreadPoolExecutor(max(1, usable_cores()), initializer=background) as pool:
             for s in range(0, len(files), batch_size):
                 part = files[s:s + batch_size]
                 names, tensors, failed, blanks = [], [], {}, {}
