@@ -77,6 +77,9 @@ def test_a_tiny_search_gives_nested_and_naive_figures_and_a_final_run(tmp_path, 
     for name in names:  # every search ran its trials; each trial reported per inner fold
         trials = optuna.load_study(study_name=name, storage=storage).get_trials(states=DONE)
         assert len(trials) == 3 and all(t.intermediate_values for t in trials)
+        # the config's own recipe first (epochs 2, head 100 -> the nearest width 16, lr 0.001), timed and estimated
+        assert trials[0].params == {"freeze": "frozen", "epochs": 2, "head_width": 16, "lr": 0.001}
+        assert all(t.user_attrs["seconds"] > 0 and t.user_attrs["estimate_s"] > 0 for t in trials)
 
 
 def _done(storage: str, name: str) -> list:
@@ -150,3 +153,47 @@ def test_a_trial_running_past_its_searchs_budget_stops_after_its_fold_once_anoth
     second = study.ask()
     assert _past_deadline(spent, second, optuna) and not _past_deadline(left, second, optuna)
     assert not _past_deadline(Inner(None, None, None, [], Path("."), None, 4), second, optuna)
+
+
+def test_the_base_recipe_is_projected_onto_the_space():
+    from oncotransfer.experiments.tune_cost import base_params
+    from oncotransfer.search_config import SearchSpace
+    space = SearchSpace(freeze=["frozen", "last:1"], backbone=["efficientnet_lite0"], views=[0, 3],
+                        epochs=[20, 40], lr=(1e-4, 1e-2), head_width=[0, 256])
+    base = {"backbone": "efficientnet_lite0", "freeze": "pool:4", "image_size": 224, "views": 3, "epochs": 30,
+            "lr": 0.05, "schedule": "constant", "label_smoothing": 0.0, "head_width": 100}
+    got = base_params(None, space, base)
+    # a choice the space lacks: the first (freeze), the nearest number (30 -> the cheaper 20 on a tie), the
+    # range's edge for lr; fixed keys (backbone, image_size) are not searched, so not given
+    assert got == {"freeze": "frozen", "views": 3, "epochs": 20, "schedule": "constant", "label_smoothing": 0.0,
+                   "head_width": 0, "lr": 0.01}
+
+
+def test_a_recipe_that_cannot_finish_in_the_time_left_is_skipped_before_it_trains():
+    import time
+
+    from oncotransfer.data.splits import Fold
+    from oncotransfer.experiments.tune_cost import estimate_s
+    from oncotransfer.experiments.tune_trial import Inner, _skip_if_too_slow
+    import numpy as np
+    folds = [Fold(i, np.arange(100), np.arange(0), np.arange(50)) for i in range(3)]
+    cheap = {"backbone": "efficientnet_lite0", "freeze": "frozen", "image_size": 224, "views": 0, "epochs": 20}
+    heavy = {**cheap, "backbone": "efficientnet_lite2", "freeze": "last:2", "views": 3, "epochs": 40}
+    assert estimate_s(heavy, 100, 3) > 50 * estimate_s(cheap, 100, 3)
+    inner = Inner(None, None, None, folds, Path("."), None, 9, deadline=time.monotonic() + 120)
+    study = optuna.create_study()
+    first = study.ask()
+    _skip_if_too_slow(inner, first, heavy, optuna)  # nothing finished yet: the search needs an answer, it runs
+    first.set_user_attr("seconds", 2 * first.user_attrs["estimate_s"])  # this machine: twice the estimate
+    study.tell(first, 0.5)
+    second = study.ask()
+    _skip_if_too_slow(inner, second, cheap, optuna)  # a few seconds: fits
+    third = study.ask()
+    with pytest.raises(optuna.TrialPruned):
+        _skip_if_too_slow(inner, third, heavy, optuna)
+    assert third.user_attrs["skipped"].endswith("min left in this search")
+    capped = Inner(None, None, None, folds, Path("."), None, 9, max_trial_s=1.0)
+    fourth = study.ask()
+    with pytest.raises(optuna.TrialPruned):
+        _skip_if_too_slow(capped, fourth, cheap, optuna)  # about 2 x 2.1 s > 1 s
+    assert "so that its final run fits" in fourth.user_attrs["skipped"]

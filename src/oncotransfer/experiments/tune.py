@@ -25,7 +25,8 @@ from oncotransfer.evaluate.metrics import classification_metrics
 from oncotransfer.experiments.run import RunResult, run_experiment
 from oncotransfer.experiments.tune_ray import run_ray
 from oncotransfer.experiments.tune_report import leaderboard, write_tune_report
-from oncotransfer.experiments.tune_space import recipe_config, recipe_yaml
+from oncotransfer.experiments.tune_cost import base_params
+from oncotransfer.experiments.tune_space import defaults, recipe_config, recipe_yaml
 from oncotransfer.experiments.tune_trial import Data, Inner, fit_and_score, inner_folds, kfold, run_local, score
 from oncotransfer.experiments.tune_workers import reap_dead_trials, storage_for, wait_for, worker_sampler
 from oncotransfer.io import atomic_write_text
@@ -68,6 +69,8 @@ def _search(name: str, inner: Inner, storage, timeout: float | None, run_trials:
     study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction="maximize",
                                 sampler=sampler, pruner=_pruner(search.pruner, len(inner.folds), optuna))
     reap_dead_trials(study, optuna)
+    if not study.get_trials(deepcopy=False):  # a new study: the config's own recipe first (skipped if queued)
+        study.enqueue_trial(base_params(inner.base, search.space, defaults(inner.base)), skip_if_exists=True)
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     done = len(study.get_trials(deepcopy=False, states=states))
     t0 = time.monotonic()
@@ -78,7 +81,8 @@ def _search(name: str, inner: Inner, storage, timeout: float | None, run_trials:
         finished = study.get_trials(deepcopy=False, states=states)
         best = max((t.value for t in finished if t.state == states[0]), default=None)
         left = "" if timeout is None else f", {max(0.0, timeout - (time.monotonic() - t0)) / 60:.1f} min left"
-        say(f"{name}: trial {trial.number} {trial.state.name.lower()}"
+        skipped = trial.user_attrs.get("skipped")
+        say(f"{name}: trial {trial.number} " + (f"skipped ({skipped})" if skipped else trial.state.name.lower())
             + (f" {search.metric} {trial.value:.3f}" if trial.value is not None else "")
             + ("" if best is None else f", best {best:.3f}") + f" ({len(finished)}/{trials}{left})")
         if progress is not None:
@@ -183,8 +187,20 @@ def run_tune(cfg: ExperimentConfig, search: SearchConfig, *, trials: int | None 
                 (budget_s * (1 - REFIT_SHARE) - (time.monotonic() - t0)) / searches_left)
 
     def inner_for(rows: np.ndarray) -> Inner:
-        return Inner(cfg, search, data_for, inner_folds(cfg, data, rows, search.inner_folds), tune_dir, device,
-                     trials)
+        folds = inner_folds(cfg, data, rows, search.inner_folds)
+        return Inner(cfg, search, data_for, folds, tune_dir, device, trials, max_trial_s=max_trial_s(folds))
+
+    def max_trial_s(folds) -> float | None:
+        """A trial may cost what lets the final run (the config's split on all images, trained from scratch)
+        fit 60% of the reserve (the refits take the rest): the final run's fits over a trial's, in rows."""
+        if budget_s is None:
+            return None
+        kfold_split = cfg.split.kind == "kfold"
+        final_rows = len(m) * (1 - cfg.split.val_size) * (1 - (1 / cfg.split.folds if kfold_split
+                                                                else cfg.split.test_size))
+        final_fits = cfg.split.folds if kfold_split else 1
+        ratio = final_fits * final_rows / sum(len(f.train) for f in folds)
+        return budget_s * REFIT_SHARE * 0.6 / max(ratio, 1.0)
 
     studies = []  # every search first: the refits wait for no one while other workers still run trials
     for f in outer.folds:

@@ -19,14 +19,19 @@ TOP = 30  # leaderboard rows in the report; leaderboard.csv holds every trial
 
 
 def leaderboard(study, optuna) -> pd.DataFrame:
-    """The finished trials, best first: number, state, inner score, minutes, then the recipe's parameters."""
+    """The finished trials, best first: number, state (``skipped``: pruned before training, too slow for the
+    time left), inner score, minutes, the cost estimate before the machine factor, then the recipe's parameters."""
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     rows = []
     for t in study.get_trials(deepcopy=False, states=states):
         minutes = (t.duration.total_seconds() / 60) if t.duration is not None else None
         value = t.value if t.value is not None else max(t.intermediate_values.values(), default=None)
-        rows.append({"trial": t.number, "state": t.state.name.lower(), "inner_score": value,
-                     "folds_scored": len(t.intermediate_values), "minutes": minutes, **t.params})
+        est = t.user_attrs.get("estimate_s")
+        state = "skipped" if t.user_attrs.get("skipped") else t.state.name.lower()
+        rows.append({"trial": t.number, "state": state, "inner_score": value,
+                     "folds_scored": len(t.intermediate_values), "minutes": minutes,
+                     "estimated_minutes": None if est is None else est / 60,
+                     "note": t.user_attrs.get("skipped", ""), **t.params})
     board = pd.DataFrame(rows)
     if board.empty:
         return board

@@ -31,7 +31,7 @@ def _weights(base: ExperimentConfig, backbone: str) -> str:
 
 def recipe_config(base: ExperimentConfig, params: dict[str, Any]) -> ExperimentConfig:
     """The run config of a recipe; keys the space does not name keep the base's values."""
-    p = {**_defaults(base), **params}
+    p = {**defaults(base), **params}
     freeze, pool = p["freeze"], 1
     if freeze.startswith("pool:"):
         freeze, pool = "frozen", int(freeze[5:])
@@ -56,7 +56,7 @@ def recipe_config(base: ExperimentConfig, params: dict[str, Any]) -> ExperimentC
     return with_updates(base, updates)
 
 
-def _defaults(base: ExperimentConfig) -> dict[str, Any]:
+def defaults(base: ExperimentConfig) -> dict[str, Any]:
     """What a recipe that names no value for a key keeps: the base config's own choice."""
     m, t = base.model, base.train
     freeze = f"pool:{m.pool_stages}" if m.freeze == "frozen" and m.pool_stages > 1 else m.freeze

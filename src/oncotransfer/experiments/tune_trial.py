@@ -17,7 +17,8 @@ from oncotransfer.data.augment import Augmenter
 from oncotransfer.data.splits import Fold, make_split
 from oncotransfer.errors import ConfigError, OncoError
 from oncotransfer.evaluate.metrics import classification_metrics
-from oncotransfer.experiments.tune_space import recipe_config, sample
+from oncotransfer.experiments.tune_cost import estimate_s, machine_factor
+from oncotransfer.experiments.tune_space import defaults, recipe_config, sample
 from oncotransfer.experiments.tune_workers import Surplus, claim_trial, counted_states
 from oncotransfer.search_config import SearchConfig
 from oncotransfer.train.data import LoadedData, load_data
@@ -56,6 +57,9 @@ class Inner:
     deadline: float | None = None
     """``time.monotonic()`` at which the search's share of the budget is spent: a trial still running then stops
     after its current inner fold (pruned), unless the study has no finished trial yet."""
+    max_trial_s: float | None = None
+    """A recipe estimated (``tune_cost``) to take longer than this is skipped: its refit and the final run,
+    which train it again on more data, would not fit the budget's reserve."""
 
 
 def kfold(cfg: ExperimentConfig, folds: int):
@@ -85,17 +89,38 @@ def score(metric: str, y: np.ndarray, probs: np.ndarray, classes: list[str]) -> 
 def objective(inner: Inner, optuna) -> Callable:
     def run(trial) -> float:
         claim_trial(trial, inner.trials, optuna)  # before sampling: a surplus trial trains nothing
-        cfg = recipe_config(inner.base, sample(trial, inner.search.space))
+        params = sample(trial, inner.search.space)
+        _skip_if_too_slow(inner, trial, {**defaults(inner.base), **params}, optuna)
+        cfg = recipe_config(inner.base, params)
         data = inner.data_for(cfg)
-        scores = []
+        scores, t0 = [], time.monotonic()
         for j, fold in enumerate(inner.folds):
             probs = fit_and_score(cfg, data, fold, inner.work, inner.device)
             scores.append(score(inner.search.metric, data.manifest.labels[fold.test], probs, data.manifest.classes))
             trial.report(float(np.mean(scores)), j)  # the pruner compares trials after the same inner folds
             if j < len(inner.folds) - 1 and (trial.should_prune() or _past_deadline(inner, trial, optuna)):
                 raise optuna.TrialPruned()
+        trial.set_user_attr("seconds", time.monotonic() - t0)
         return float(np.mean(scores))
     return run
+
+
+def _skip_if_too_slow(inner: Inner, trial, params: dict, optuna) -> None:
+    """Prune a recipe before it trains when its estimated time (``tune_cost``, scaled by this study's finished
+    trials) exceeds what is left of the search's share, or ``max_trial_s``; the reason is kept on the trial.
+    Never the study's first trial to finish: a search always has an answer."""
+    raw = estimate_s(params, int(np.mean([len(f.train) for f in inner.folds])), len(inner.folds))
+    trial.set_user_attr("estimate_s", raw)
+    finished = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not finished:
+        return
+    need = raw * machine_factor(finished)
+    left = None if inner.deadline is None else inner.deadline - time.monotonic()
+    limits = [(left, "left in this search"), (inner.max_trial_s, "allowed a trial so that its final run fits")]
+    for limit, what in limits:
+        if limit is not None and need > limit:
+            trial.set_user_attr("skipped", f"needs about {need / 60:.1f} min, {max(limit, 0) / 60:.1f} min {what}")
+            raise optuna.TrialPruned()
 
 
 def _past_deadline(inner: Inner, trial, optuna) -> bool:
