@@ -56,7 +56,7 @@ def create_app(run_dir: str | Path, engine: str = "auto", max_upload_mb: float =
     ``access_log``: a file to append JSON lines to, ``"-"`` for stdout, None for none; ``coverage``: the share
     of in-distribution images answered, the least confident rest referred (default ``DEFAULT_COVERAGE``);
     ``log``: the engine's one line (exporting on first use, or why PyTorch scores)."""
-    from oncotransfer.data.images import decode_for_model, draft_size_for
+    from oncotransfer.data.images import decode_tensor, draft_size_for
     from oncotransfer.data.readers import probe
     from oncotransfer.infer.predict import DEFAULT_COVERAGE, Predictor
     coverage = DEFAULT_COVERAGE if coverage is None else float(coverage)
@@ -112,8 +112,8 @@ def create_app(run_dir: str | Path, engine: str = "auto", max_upload_mb: float =
 
     def infer(data: bytes, explain: bool) -> dict:
         """Decode and classify (in a worker thread)."""
-        img, t = decode_for_model(data, predictor.size, max_pixels=limits.max_pixels, frame=predictor.dicom_frame,
-                                  us_region=predictor.us_region)
+        img, t = decode_tensor(data, predictor.size, max_pixels=limits.max_pixels, frame=predictor.dicom_frame,
+                               us_region=predictor.us_region)  # a grey upload stays one band until resized
         batch = t.unsqueeze(0)
         if engines is not None and not explain:
             worker = engines.get()  # a single-threaded ONNX session of its own; the others serve other requests
@@ -130,7 +130,7 @@ def create_app(run_dir: str | Path, engine: str = "auto", max_upload_mb: float =
                 if explain:
                     from oncotransfer.infer.explain import heatmap, overlay_png
                     heat = heatmap(predictor.model, predictor.normalised(batch), k)
-                    overlay = base64.b64encode(overlay_png(img, heat)).decode("ascii")
+                    overlay = base64.b64encode(overlay_png(img.convert("RGB"), heat)).decode("ascii")
         flags = predictor.in_distribution(ood)
         refer, reasons = predictor.referrals(probs, ood, coverage)
         # a blank frame (a cleared screen, a failed export) is scored like any image, so the answer says so
