@@ -5,7 +5,7 @@
 RUN: a k-fold run whose base is frozen (``freeze: frozen``) or partly frozen (``last:N``), e.g. busi-dev's
 ``configs/busi_best.yaml``. For each fold model: its frozen prefix (``Classifier.tail_split``: the whole feature module of
 a frozen run, blocks 0-4 of Lite0 for ``last:2``) is exported to ONNX and quantised by ONNX Runtime, dynamic
-(weights int8) and static QDQ (weights per channel int8, activations uint8 calibrated MinMax on ``--calibration``
+(weights int8) and static QDQ (weights per channel int8, activations uint8 calibrated (``--method``: MinMax, percentile or entropy) on ``--calibration``
 of that fold's *training* images, never its validation ones). The fold's held-out (test) images then go through the
 fp32 and the int8 prefixes, and from there through the same fp32 tail, head and temperature. Pooled over the folds
 (each image scored once, by the model that did not train on it): accuracy, balanced accuracy, ROC AUC, ECE,
@@ -30,10 +30,10 @@ sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def quantise(fp32: Path, out: Path, calibration: np.ndarray) -> dict[str, Path]:
+def quantise(fp32: Path, out: Path, calibration: np.ndarray, method: str = "minmax") -> dict[str, Path]:
     """fp32 ONNX prefix -> {name: int8 model}: dynamic, and static QDQ calibrated on ``calibration`` (normalised)."""
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
-                                          quantize_static)
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_dynamic, quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
     pre = out / "pre.onnx"
     quant_pre_process(str(fp32), str(pre))
@@ -47,7 +47,9 @@ def quantise(fp32: Path, out: Path, calibration: np.ndarray) -> dict[str, Path]:
         def get_next(self):
             return next(self.it, None)
     quantize_static(str(pre), str(stat), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                                      "entropy": CalibrationMethod.Entropy}[method])
     return {"int8 dynamic": dyn, "int8 static QDQ": stat}
 
 
@@ -84,6 +86,8 @@ def main() -> None:
     ap.add_argument("--run", type=Path, required=True)
     ap.add_argument("--data", type=Path, default=None, help="the run's data folder (default: its config's)")
     ap.add_argument("--calibration", type=int, default=64, help="training images per fold for static calibration")
+    ap.add_argument("--method", choices=["minmax", "percentile", "entropy"], default="minmax",
+                    help="how static quantisation sets activation ranges from the calibration images")
     a = ap.parse_args()
 
     import pandas as pd
@@ -124,7 +128,7 @@ def main() -> None:
         fp32 = export_onnx(prefix.eval(), folder / "fp32.onnx", pred.size)
         rng = np.random.default_rng(fold)
         calib = x_all[rng.choice(train, min(a.calibration, len(train)), replace=False)]
-        models = {"fp32": fp32, **quantise(fp32, folder, calib)}
+        models = {"fp32": fp32, **quantise(fp32, folder, calib, a.method)}
         temperature = info.get("temperature") or 1.0
         for v, path in models.items():
             session = ort_session(path)
@@ -138,8 +142,8 @@ def main() -> None:
     y = y_all[scored]
     ref = probs["fp32"][scored]
     print(f"\n{a.run.name}: {int(scored.sum())} held-out images over {len(pred.members)} folds; prefix up to "
-          f"{cut_name} ({pred.meta['backbone']['name']}, {pred.size} px); static calibration on {a.calibration} "
-          f"training images a fold; the run's own pooled accuracy: {recorded:.3f}\n")
+          f"{cut_name} ({pred.meta['backbone']['name']}, {pred.size} px); static calibration ({a.method}) on "
+          f"{a.calibration} training images a fold; the run's own pooled accuracy: {recorded:.3f}\n")
     print("| prefix | images/s | speed-up | accuracy | balanced | ROC AUC | ECE | Brier | agrees with fp32 "
           "| largest prob. change |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -13,8 +13,8 @@ from oncotransfer.data.images import decode_for_model, decode_tensor, normalise,
 from oncotransfer.data.readers import MAX_PIXELS, ImageReadError, expand_paths
 from oncotransfer.data.readers.quality import blank_reason
 from oncotransfer.errors import CheckpointError, ConfigError, DataError
+from oncotransfer.infer.export_cache import first_line, onnx_available, open_session
 from oncotransfer.io import atomic_to_csv, atomic_write_bytes
-from oncotransfer.rundir import export_fix, read_export_info, verified_bytes
 from oncotransfer.runtables import predictions_table
 
 Engine = Literal["auto", "torch", "onnx"]
@@ -25,25 +25,19 @@ SCORE_BATCH = 16
 """Images per engine call in ``predict``: small enough that decoding the next batch overlaps scoring this one."""
 
 
-def onnx_available() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 class Predictor:
     """A run's classifier, or the ensemble of its fold models, with its own preprocessing; ``engine`` is
     ``torch`` or ``onnx``. Probabilities are calibrated (logits / T) where a temperature was fitted.
     ``model`` is the first member (fold 0 of an ensemble), used for Grad-CAM."""
 
-    def __init__(self, model: torch.nn.Module, meta: dict, engine: str = "torch", session=None,
-                 run_dir: Path | None = None, ensemble=None, members: list[dict] | None = None, ood=None):
-        from oncotransfer.models.ensemble import Ensemble
-        self.model = model.eval()
+    def __init__(self, model: torch.nn.Module | None, meta: dict, engine: str = "torch", session=None,
+                 run_dir: Path | None = None, ensemble=None, members: list[dict] | None = None, ood=None,
+                 loader: Callable[[], list[torch.nn.Module]] | None = None):
         self.members = members or [{"fold": int(meta.get("fold") or 0), "temperature": meta.get("temperature")}]
-        self.ensemble = (ensemble or Ensemble([self.model], [self.members[0].get("temperature")])).eval()
+        # ``loader`` builds the PyTorch members on first use of ``model``/``ensemble``: ONNX Runtime needs none
+        self._model, self._ensemble, self._loader = model, ensemble, loader
+        if model is None and loader is None:
+            raise ValueError("Predictor needs a model or a loader of its members")
         self.meta = meta
         self.engine = engine
         self.session = session
@@ -60,6 +54,35 @@ class Predictor:
         self.fill = str((cfg.get("augment") or {}).get("fill") or "nearest")
         self.onnx_path: Path | None = None  # the export the session was loaded from
 
+    @property
+    def ensemble(self):
+        """The PyTorch ensemble of the members (built on first use when the run was loaded for ONNX Runtime)."""
+        if self._ensemble is None:
+            from oncotransfer.models.ensemble import Ensemble
+            loaded = self._model is None
+            members = self._loader() if loaded else [self._model]
+            self._model = members[0]
+            self._ensemble = Ensemble([m.eval() for m in members],
+                                      [m.get("temperature") for m in self.members[:len(members)]],
+                                      [f"fold{m['fold']}" for m in self.members] if loaded else None)
+            self._ensemble.eval()
+        return self._ensemble
+
+    @ensemble.setter
+    def ensemble(self, value) -> None:
+        self._ensemble = value
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The first member (fold 0 of an ensemble), used for Grad-CAM."""
+        if self._model is None:
+            self.ensemble  # noqa: B018 - builds the members
+        return self._model.eval()
+
+    @model.setter
+    def model(self, value: torch.nn.Module) -> None:
+        self._model = value
+
     @classmethod
     def from_run(cls, run_dir: str | Path, engine: Engine = "auto", fold: int | None = None,
                  log: Callable[[str], None] | None = None) -> "Predictor":
@@ -67,21 +90,21 @@ class Predictor:
         run) or fold ``fold`` alone. ``auto`` and ``onnx`` score with ONNX Runtime on the run's export
         (``infer.export_cache``: exported on first use, again when stale); where that is impossible ``auto``
         scores with PyTorch and says why in one ``log`` line, and ``onnx`` is a one-line error."""
-        from oncotransfer.models.ensemble import Ensemble
-        from oncotransfer.models.factory import load_members
+        from oncotransfer.models.factory import load_members, member_plan
         run_dir = Path(run_dir)
         if engine not in ("auto", "torch", "onnx"):
             raise ConfigError(f"--engine {engine!r}: expected auto, torch or onnx")
-        members, entries, meta = load_members(run_dir, fold)
+        entries, meta = member_plan(run_dir, fold)
         info = [{"fold": int(e["fold"]), "temperature": e.get("temperature")} for e in entries]
         meta = {**meta, "fold": info[0]["fold"], "temperature": info[0]["temperature"]}
-        ensemble = Ensemble(members, [m["temperature"] for m in info], [f"fold{m['fold']}" for m in info])
         from oncotransfer.models.checkpoint import checkpoint_dir
         from oncotransfer.models.ood import load_ood
         ood = load_ood(checkpoint_dir(run_dir), [m["fold"] for m in info])
-        pred = cls(members[0], meta, "torch", None, run_dir, ensemble, info, ood)
+        pred = cls(None, meta, "torch", None, run_dir, None, info, ood, loader=lambda: load_members(run_dir, fold)[0])
         if engine != "torch":
             pred._use_onnx(engine, fold, log)
+        if pred.session is None:
+            pred.ensemble  # noqa: B018 - PyTorch scores: built now, so a damaged fold file is an error here
         return pred
 
     def _use_onnx(self, engine: str, fold: int | None, log: Callable[[str], None] | None) -> None:
@@ -102,11 +125,11 @@ class Predictor:
             try:
                 digest = None if self.ood_meta is None else self.ood_meta.tensors_sha256
                 folder = ensure_export(run_dir, fold, self.classes, self.members, digest, log, folder, export)
-                return _onnx_session(run_dir, folder / ONNX_NAME), folder / ONNX_NAME
+                return open_session(run_dir, folder / ONNX_NAME), folder / ONNX_NAME
             except OSError as e:  # a read-only run directory, a full disk
                 why = f"cannot write {e.filename or run_dir / 'export'} ({e.strerror or e})"
             except Exception as e:  # noqa: BLE001 - a model the exporter cannot trace fails in its own ways
-                why = f"the model does not export ({_first_line(e)})"
+                why = f"the model does not export ({first_line(e)})"
         if engine == "onnx":
             raise CheckpointError(f"--engine onnx: {run_dir}: {why}; use --engine torch")
         if log is not None:
@@ -329,27 +352,6 @@ class Predictor:
 
     def frame(self, paths: list[str], probs: np.ndarray, ood: np.ndarray | None = None) -> pd.DataFrame:
         return predictions_table(paths, probs, self.classes, ood_scores=ood, in_distribution=self.in_distribution(ood))
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
-
-def _onnx_session(run_dir: Path, path: Path):
-    """An ONNX Runtime session of the export, its file checked against model.json's digest first; a damaged
-    file is one line naming it."""
-    from oncotransfer.errors import MissingExtraError
-    from oncotransfer.runtime import ort_session
-    folder = path.parent.relative_to(run_dir)
-    info = read_export_info(run_dir, folder)
-    verified_bytes(path, info, f"{folder.as_posix()}/model.json", export_fix(run_dir))
-    try:
-        return ort_session(path, spin=False)  # predict's reader threads decode between batches
-    except MissingExtraError:
-        raise
-    except Exception as e:  # onnxruntime raises its own error types for a damaged model
-        raise CheckpointError(f"{path}: does not load ({str(e).splitlines()[0][:100]}); the file is damaged: "
-                              f"{export_fix(run_dir)}") from None
 
 
 def run_predict(run_dir: str | Path, paths: list[str], out: str | Path, tta: bool = False, explain: bool = False,

@@ -42,13 +42,19 @@ def write_checkpoint(run_dir: Path, model, meta: dict) -> Path:
 
 
 def read_checkpoint(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    meta = read_meta(run_dir)
+    ckpt = checkpoint_dir(Path(run_dir))
+    return _load(ckpt, _entry_for(meta, "model.safetensors")), meta
+
+
+def read_meta(run_dir: str | Path) -> dict:
+    """The checkpoint's meta.json, validated, without reading its tensors."""
     run_dir = Path(run_dir)
-    ckpt = run_dir / "checkpoint" if (run_dir / "checkpoint").is_dir() else run_dir
+    ckpt = checkpoint_dir(run_dir)
     if not (ckpt / "meta.json").is_file() or not (ckpt / "model.safetensors").is_file():
         raise CheckpointError(f"{run_dir}: no checkpoint (checkpoint/model.safetensors + meta.json); "
                               "give a run directory written by `oncotransfer train`")
-    meta = read_checkpoint_meta(ckpt).content()
-    return _load(ckpt, _entry_for(meta, "model.safetensors")), meta
+    return read_checkpoint_meta(ckpt).content()
 
 
 def _entry_for(meta: dict, file: str) -> dict:

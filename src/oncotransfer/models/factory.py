@@ -12,7 +12,7 @@ from oncotransfer.config import HeadConfig, ModelConfig
 from oncotransfer.errors import CheckpointError, ConfigError
 from oncotransfer.models.backbones import get_backbone, with_normalisation
 from oncotransfer.models.checkpoint import (RETRAIN, checkpoint_dir, fold_entry, fold_entries, fold_tensors,
-                                            read_checkpoint)
+                                            read_checkpoint, read_meta)
 from oncotransfer.models.classifier import Classifier, apply_freeze, feature_width
 from oncotransfer.models.heads import create_head
 from oncotransfer.models.tail import adopt_stages, common_prefix, cut_index, stage_chain
@@ -62,23 +62,39 @@ def _stamp(weights: str) -> int | None:
     return path.stat().st_mtime_ns if path is not None and path.exists() else None
 
 
-def _build(meta: dict, backbone=None):
-    """An untrained classifier of the checkpoint's shape; ``backbone`` (a module) is used as it is if given."""
+def _described(meta: dict):
+    """(backbone spec, head config) that meta.json describes; a one-line CheckpointError when it cannot be built."""
     pre = meta["preprocessing"]
     try:
         known = get_backbone(meta["backbone"]["name"])
     except ConfigError as e:  # the run's own file names it: say which file, not only the registry
         raise CheckpointError(f"checkpoint/meta.json: its backbone is not one this installation knows ({e}); "
                               "the run comes from another version or the file is damaged: retrain it") from None
-    spec = with_normalisation(known, pre["mean"], pre["std"])
-    if backbone is None:
-        backbone, _ = build_backbone(spec, "none")
-    pool = int(((meta.get("config") or {}).get("model") or {}).get("pool_stages") or 1)
     try:
         head_cfg = HeadConfig(**(meta.get("head") or {}))
     except (ValidationError, TypeError) as e:
         raise CheckpointError(f"meta.json: head: {str(e).splitlines()[-1].strip()[:100]}; the file is damaged or "
                               f"was edited by hand: {RETRAIN}") from None
+    return with_normalisation(known, pre["mean"], pre["std"]), head_cfg
+
+
+def member_plan(run_dir: str | Path, fold: int | None = None) -> tuple[list[dict], dict]:
+    """``(entries, meta)`` of the fold models ``load_members`` builds, checked as it checks meta.json but without
+    reading tensors or building modules: ONNX Runtime scores from the run's export, so the PyTorch members
+    (about 0.25 s each for Lite0) wait until something asks for them."""
+    run_dir = Path(run_dir)
+    meta = read_meta(run_dir)
+    _described(meta)
+    return ([fold_entry(run_dir, meta, fold)] if fold is not None else fold_entries(meta)), meta
+
+
+def _build(meta: dict, backbone=None):
+    """An untrained classifier of the checkpoint's shape; ``backbone`` (a module) is used as it is if given."""
+    pre = meta["preprocessing"]
+    spec, head_cfg = _described(meta)
+    if backbone is None:
+        backbone, _ = build_backbone(spec, "none")
+    pool = int(((meta.get("config") or {}).get("model") or {}).get("pool_stages") or 1)
     head = create_head(head_cfg, feature_width(backbone, pool), len(meta["classes"]))
     w = meta.get("weights") or {}
     info = WeightsInfo(w.get("source", "checkpoint"), w.get("digest", ""), tuple(pre["mean"]), tuple(pre["std"]))
