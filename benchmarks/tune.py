@@ -58,8 +58,9 @@ def main() -> int:
     print(f"| naive: final search's best trial on its own folds ({s['naive']['metric']}) | {s['naive']['value']:.3f} |")
     print(f"| optimism (naive - nested) | {s['naive']['value'] - n['accuracy']:+.3f} |")
     print(f"| balanced accuracy / ROC AUC (nested) | {n['balanced_accuracy']:.3f} / {n.get('roc_auc') or float('nan'):.3f} |")
-    print(f"| trials finished in the final search (complete / pruned) | "
-          f"{(board['state'] == 'complete').sum()} / {(board['state'] == 'pruned').sum()} |")
+    counts = {k: int((board["state"] == k).sum()) for k in ("complete", "pruned", "skipped")}
+    print(f"| trials in the final search (complete / pruned / skipped as too slow) | "
+          f"{counts['complete']} / {counts['pruned']} / {counts['skipped']} |")
     print(f"| wall minutes (budget {args.budget}) | {wall / 60:.1f} |")
     print(f"| CPU minutes | {s['cpu_minutes']:.1f} |")
     print(f"| chosen recipe | {json.dumps(s['recipe'])} |")

@@ -197,3 +197,15 @@ def test_a_recipe_that_cannot_finish_in_the_time_left_is_skipped_before_it_train
     with pytest.raises(optuna.TrialPruned):
         _skip_if_too_slow(capped, fourth, cheap, optuna)  # about 2 x 2.1 s > 1 s
     assert "so that its final run fits" in fourth.user_attrs["skipped"]
+
+
+def test_the_machine_factor_learns_from_trials_of_the_same_family():
+    from types import SimpleNamespace
+
+    from oncotransfer.experiments.tune_cost import machine_factor
+    done = [SimpleNamespace(user_attrs={"seconds": s, "estimate_s": 10.0, "family": f})
+            for s, f in ((4.0, "features"), (5.0, "features"), (30.0, "tail"))]
+    assert machine_factor(done, "tail") == 3.0  # the cached-feature trials ran faster than estimated; tails did not
+    assert machine_factor(done, "features") == 0.5
+    assert machine_factor(done[:2], "tail") == 0.5  # no tail finished yet: every trial's median
+    assert machine_factor([], "tail") == 1.0

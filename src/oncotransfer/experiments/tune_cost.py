@@ -35,11 +35,18 @@ def estimate_s(params: dict[str, Any], train_rows: int, folds: int) -> float:
     return folds * per_fit / 1000
 
 
-def machine_factor(trials) -> float:
+def family(params: dict[str, Any]) -> str:
+    """``tail`` (a last:N recipe: training dominates) or ``features`` (frozen or pooled: extraction, then cached)."""
+    return "tail" if str(params["freeze"]).startswith("last:") else "features"
+
+
+def machine_factor(trials, kind: str | None = None) -> float:
     """How much slower (> 1) or faster this machine ran the finished trials than ``estimate_s`` said: the median
-    ratio, kept within [0.25, 4]; 1 before any trial finished."""
-    ratios = sorted(t.user_attrs["seconds"] / t.user_attrs["estimate_s"] for t in trials
-                    if t.user_attrs.get("seconds") and t.user_attrs.get("estimate_s"))
+    ratio over the trials of the same ``family`` when there are any (a cached-feature trial says little about a
+    tail's training), else over all, kept within [0.25, 4]; 1 before any trial finished."""
+    timed = [t for t in trials if t.user_attrs.get("seconds") and t.user_attrs.get("estimate_s")]
+    same = [t for t in timed if t.user_attrs.get("family") == kind]
+    ratios = sorted(t.user_attrs["seconds"] / t.user_attrs["estimate_s"] for t in (same or timed))
     if not ratios:
         return 1.0
     return min(4.0, max(0.25, ratios[len(ratios) // 2]))

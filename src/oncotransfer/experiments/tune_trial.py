@@ -17,7 +17,7 @@ from oncotransfer.data.augment import Augmenter
 from oncotransfer.data.splits import Fold, make_split
 from oncotransfer.errors import ConfigError, OncoError
 from oncotransfer.evaluate.metrics import classification_metrics
-from oncotransfer.experiments.tune_cost import estimate_s, machine_factor
+from oncotransfer.experiments.tune_cost import estimate_s, family, machine_factor
 from oncotransfer.experiments.tune_space import defaults, recipe_config, sample
 from oncotransfer.experiments.tune_workers import Surplus, claim_trial, counted_states
 from oncotransfer.search_config import SearchConfig
@@ -111,10 +111,11 @@ def _skip_if_too_slow(inner: Inner, trial, params: dict, optuna) -> None:
     Never the study's first trial to finish: a search always has an answer."""
     raw = estimate_s(params, int(np.mean([len(f.train) for f in inner.folds])), len(inner.folds))
     trial.set_user_attr("estimate_s", raw)
+    trial.set_user_attr("family", family(params))
     finished = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not finished:
         return
-    need = raw * machine_factor(finished)
+    need = raw * machine_factor(finished, family(params))
     left = None if inner.deadline is None else inner.deadline - time.monotonic()
     limits = [(left, "left in this search"), (inner.max_trial_s, "allowed a trial so that its final run fits")]
     for limit, what in limits:
