@@ -207,5 +207,7 @@ def test_the_machine_factor_learns_from_trials_of_the_same_family():
             for s, f in ((4.0, "features"), (5.0, "features"), (30.0, "tail"))]
     assert machine_factor(done, "tail") == 3.0  # the cached-feature trials ran faster than estimated; tails did not
     assert machine_factor(done, "features") == 0.5
-    assert machine_factor(done[:2], "tail") == 0.5  # no tail finished yet: every trial's median
+    assert machine_factor(done[:2], "tail") == 1.0  # no tail finished yet: the others can only make it slower
+    slow = [SimpleNamespace(user_attrs={"seconds": 20.0, "estimate_s": 10.0, "family": "features"})]
+    assert machine_factor(slow, "tail") == 2.0
     assert machine_factor([], "tail") == 1.0

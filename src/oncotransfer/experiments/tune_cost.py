@@ -42,14 +42,16 @@ def family(params: dict[str, Any]) -> str:
 
 def machine_factor(trials, kind: str | None = None) -> float:
     """How much slower (> 1) or faster this machine ran the finished trials than ``estimate_s`` said: the median
-    ratio over the trials of the same ``family`` when there are any (a cached-feature trial says little about a
-    tail's training), else over all, kept within [0.25, 4]; 1 before any trial finished."""
+    ratio over the trials of the same ``family``, kept within [0.25, 4]. Before one of that family finished, the
+    other family can only make it slower: cached-feature trials run far under their estimate once the features
+    exist (the estimate counts an extraction the cache saves), which says nothing about training a tail."""
     timed = [t for t in trials if t.user_attrs.get("seconds") and t.user_attrs.get("estimate_s")]
     same = [t for t in timed if t.user_attrs.get("family") == kind]
     ratios = sorted(t.user_attrs["seconds"] / t.user_attrs["estimate_s"] for t in (same or timed))
     if not ratios:
         return 1.0
-    return min(4.0, max(0.25, ratios[len(ratios) // 2]))
+    median = min(4.0, max(0.25, ratios[len(ratios) // 2]))
+    return median if same or kind is None else max(1.0, median)
 
 
 def base_params(base: ExperimentConfig, space: SearchSpace, defaults: dict[str, Any]) -> dict[str, Any]:
