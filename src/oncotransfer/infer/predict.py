@@ -13,7 +13,7 @@ from oncotransfer.data.images import decode_for_model, decode_tensor, normalise,
 from oncotransfer.data.readers import MAX_PIXELS, ImageReadError, expand_paths
 from oncotransfer.data.readers.quality import blank_reason
 from oncotransfer.errors import CheckpointError, ConfigError, DataError
-from oncotransfer.infer.export_cache import first_line, onnx_available, open_session
+from oncotransfer.infer.sessions import first_line, onnx_available, open_session
 from oncotransfer.io import atomic_to_csv, atomic_write_bytes
 from oncotransfer.runtables import predictions_table
 
