@@ -157,8 +157,10 @@ def test_declared_sizes_and_bombs_refused_before_decoding(folder, fmt, w, h, sca
         w = min(w * scale, 2**31 - 1)   # JPEG sizes are 16-bit
     path = _place(folder, with_size(fmt, SEEDS[fmt], w, h), SUFFIX[fmt])
     decoded = []
-    real = images_mod.decode_for_model
-    with mock.patch.object(images_mod, "decode_for_model", lambda p, s, **kw: decoded.append(p) or real(p, s, **kw)):
+    real, real_tensor = images_mod.decode_for_model, images_mod.decode_tensor  # the RGB path and training's
+    with mock.patch.object(images_mod, "decode_for_model", lambda p, s, **kw: decoded.append(p) or real(p, s, **kw)), \
+            mock.patch.object(images_mod, "decode_tensor",
+                              lambda p, s, **kw: decoded.append(p) or real_tensor(p, s, **kw)):
         loaded = _through_everything(folder, path, train=w * h > LIMIT)
     if w * h > LIMIT:
         assert not loaded and str(path) not in decoded   # refused from the header, never decoded

@@ -122,8 +122,8 @@ def test_bomb_headers_are_refused_before_decoding(tmp_path, monkeypatch):
     assert "9000 x 9000" in rep.unreadable["a/big.png"]
 
     decoded = []
-    real = images_mod.decode_for_model
-    monkeypatch.setattr(images_mod, "decode_for_model", lambda p, s, **kw: decoded.append(p) or real(p, s, **kw))
+    real = images_mod.decode_tensor  # decode_many's decoder (grey sources stay one band)
+    monkeypatch.setattr(images_mod, "decode_tensor", lambda p, s, **kw: decoded.append(p) or real(p, s, **kw))
     paths = [str(tmp_path / "a" / "big.png"), str(tmp_path / "a" / "a0.png")]
     _, ok, failed, _ = decode_many(paths, 32, workers=1)
     assert ok == [1] and "header declares 9000 x 9000" in failed[0]
