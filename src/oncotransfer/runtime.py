@@ -31,7 +31,9 @@ def yield_to_engine() -> None:
     one of its barriers stalls the others, so decoding goes to the time the engine leaves. Elsewhere, nothing."""
     import threading
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+        tid = threading.get_native_id()
+        # only ever lower it: a process already niced further stays where its user put it
+        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), BACKGROUND_NICE))
     except (AttributeError, OSError):  # not Linux, or not permitted: plain threads
         pass
 

@@ -303,7 +303,10 @@ class Predictor:
         ok: list[str] = []
         blank: dict[str, str] = {}
         probs, oods = [], []
-        for names, batch, x, failed, blanks in prefetch(self._decoded(files, max_pixels, batch_size), depth=2):
+        from oncotransfer.runtime import yield_to_engine
+        background = yield_to_engine if self.session is not None else None  # normalising is reading work too
+        for names, batch, x, failed, blanks in prefetch(self._decoded(files, max_pixels, batch_size), depth=2,
+                                                        init=background):
             errors.update(failed)
             blank.update(blanks)
             if names:
@@ -325,8 +328,6 @@ class Predictor:
         from concurrent.futures import ThreadPoolExecutor
 
         from oncotransfer.runtime import usable_cores, yield_to_engine
-        if self.session is not None:
-            yield_to_engine()  # this generator runs in prefetch's thread
 
         def one(f) -> tuple[torch.Tensor | None, str | None, str | None]:
             try:

@@ -109,14 +109,17 @@ def training_tiling(meta: dict) -> dict:
     return read_tiling(f) if f.is_file() else {}
 
 
-def prefetch(batches: Iterator, depth: int = 3) -> Iterator:
-    """Run ``batches`` in a reader thread, at most ``depth`` batches ahead (bounded memory)."""
+def prefetch(batches: Iterator, depth: int = 3, init: Callable[[], None] | None = None) -> Iterator:
+    """Run ``batches`` in a reader thread, at most ``depth`` batches ahead (bounded memory); ``init`` runs first
+    in that thread (e.g. lowering its priority), never in the caller's."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
     stop = threading.Event()
 
     def reader() -> None:
         try:
+            if init is not None:
+                init()
             for b in batches:
                 while not stop.is_set():
                     try:
