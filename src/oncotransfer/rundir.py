@@ -86,6 +86,15 @@ class FoldEntry(FileDigest):
     temperature: Temperature = None
 
 
+class RecipeEntry(BaseModel):
+    """One more recipe of an ensemble of recipes (``models.recipes``): its checkpoint folder (``recipes/R``
+    inside ``checkpoint/``, never outside it) and the digests of its meta.json and ood.json (None: none)."""
+    model_config = ConfigDict(extra="allow")
+    dir: str = Field(pattern=r"^recipes/[1-9][0-9]{0,2}$")
+    meta_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    ood_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+
 class Preprocessing(BaseModel):
     model_config = ConfigDict(extra="allow")
     size: int = Field(ge=8, le=4096)
@@ -125,6 +134,8 @@ class CheckpointMeta(_RunFile):
     n_folds: int | None = Field(default=None, ge=1)
     temperature: Temperature = None
     folds: Annotated[list[FoldEntry], Field(min_length=1)] | None = None
+    recipes: list[RecipeEntry] | None = None
+    """Further recipes whose fold models the run's model averages with its own (``models.recipes``)."""
 
     @model_validator(mode="after")
     def _distinct_folds(self) -> "CheckpointMeta":
@@ -132,6 +143,8 @@ class CheckpointMeta(_RunFile):
         if self.folds:
             _unique([e.fold for e in self.folds], "fold")
             _unique([e.file for e in self.folds], "file")
+        if self.recipes:
+            _unique([e.dir for e in self.recipes], "recipe folder")
         return self
 
 

@@ -61,6 +61,8 @@ def protocol_lines(protocol: dict[str, Any], n_folds: int) -> list[dict[str, str
                       "level": ""})
     lines.append({"text": f"Augmentation: {protocol.get('augment', 'not recorded')}"
                           + (f" (zoom {protocol['zoom_mode']})" if protocol.get("zoom_mode") else ""), "level": ""})
+    if protocol.get("recipes"):  # experiments.recipe_merge: the model averages several recipes
+        lines.append({"text": f"Model: {protocol['recipes']}", "level": ""})
     return lines
 
 

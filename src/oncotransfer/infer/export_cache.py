@@ -37,7 +37,7 @@ def export_problem(run_dir: Path, folder: Path, classes: list[str], members: lis
         return f"{folder.name}/ holds no ONNX model"
     # what model.json says first, the files' digests after: `predict --fold K` asks the ensemble's folder
     # first, and hashing its model (5 members) only to learn it holds other folds cost a tenth of a second
-    held = None if info.members is None else [{"fold": m.fold, "temperature": m.temperature} for m in info.members]
+    held = None if info.members is None else [_member(m) for m in info.members]
     if held is not None and held != members:
         folds = [m["fold"] for m in held], [m["fold"] for m in members]
         return (f"it holds fold model(s) {folds[0]}, not {folds[1]}" if folds[0] != folds[1]
@@ -55,6 +55,26 @@ def export_problem(run_dir: Path, folder: Path, classes: list[str], members: lis
     if source.get("model_sha256") == info.sha256 and source.get("meta_sha256") not in (None, _meta_digest(run_dir)):
         return "the fold models changed since it was exported"
     return None
+
+
+def run_members(run_dir: Path, meta: dict) -> list[dict]:
+    """The members ``Predictor.from_run`` scores (fold, temperature, and recipe in an ensemble of recipes), read
+    from meta.json files without PyTorch; the digests are checked when the models are loaded to export them."""
+    from oncotransfer.rundir import read_checkpoint_meta
+    out = []
+    metas = [meta] + [read_checkpoint_meta(Path(run_dir) / "checkpoint" / r["dir"]).content()
+                      for r in meta.get("recipes") or []]
+    for r, m in enumerate(metas):
+        folds = m.get("folds") or [{"fold": int(m.get("fold") or 0), "temperature": m.get("temperature")}]
+        out += [{"fold": int(f["fold"]), "temperature": f.get("temperature"), **({"recipe": r} if r else {})}
+                for f in folds]
+    return out
+
+
+def _member(m) -> dict:
+    """A member as ``Predictor.members`` lists it: fold, temperature and, in an ensemble of recipes, recipe."""
+    recipe = (m.model_extra or {}).get("recipe")
+    return {"fold": m.fold, "temperature": m.temperature, **({"recipe": recipe} if recipe else {})}
 
 
 def ensure_export(run_dir: Path, fold: int | None, classes: list[str], members: list[dict], ood_digest: str | None,

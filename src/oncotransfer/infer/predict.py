@@ -59,12 +59,13 @@ class Predictor:
         """The PyTorch ensemble of the members (built on first use when the run was loaded for ONNX Runtime)."""
         if self._ensemble is None:
             from oncotransfer.models.ensemble import Ensemble
+            from oncotransfer.models.recipes import member_name
             loaded = self._model is None
             members = self._loader() if loaded else [self._model]
             self._model = members[0]
             self._ensemble = Ensemble([m.eval() for m in members],
                                       [m.get("temperature") for m in self.members[:len(members)]],
-                                      [f"fold{m['fold']}" for m in self.members] if loaded else None)
+                                      [member_name(m) for m in self.members] if loaded else None)
             self._ensemble.eval()
         return self._ensemble
 
@@ -95,11 +96,11 @@ class Predictor:
         if engine not in ("auto", "torch", "onnx"):
             raise ConfigError(f"--engine {engine!r}: expected auto, torch or onnx")
         entries, meta = member_plan(run_dir, fold)
-        info = [{"fold": int(e["fold"]), "temperature": e.get("temperature")} for e in entries]
+        info = [{"fold": int(e["fold"]), "temperature": e.get("temperature"),
+                 **({"recipe": int(e["recipe"])} if e.get("recipe") else {})} for e in entries]
         meta = {**meta, "fold": info[0]["fold"], "temperature": info[0]["temperature"]}
-        from oncotransfer.models.checkpoint import checkpoint_dir
-        from oncotransfer.models.ood import load_ood
-        ood = load_ood(checkpoint_dir(run_dir), [m["fold"] for m in info])
+        from oncotransfer.models.recipes import load_recipe_ood
+        ood = load_recipe_ood(run_dir, meta, info)
         pred = cls(None, meta, "torch", None, run_dir, None, info, ood, loader=lambda: load_members(run_dir, fold)[0])
         if engine != "torch":
             pred._use_onnx(engine, fold, log)
@@ -159,7 +160,10 @@ class Predictor:
         return int(p[6:]) if p.startswith("index:") else None
 
     def describe(self) -> str:
-        n = len(self.members)
+        from oncotransfer.models.recipes import recipe_count
+        n, recipes = len(self.members), recipe_count(self.members)
+        if recipes > 1:
+            return f"ensemble of {n} models: {recipes} recipes' fold models (probabilities averaged)"
         return (f"ensemble of {n} fold models (probabilities averaged)" if n > 1
                 else f"fold {self.members[0]['fold']} model")
 

@@ -78,14 +78,13 @@ class TileModel:
 def tile_model(run_dir: str | Path, log: Callable[[str], None] | None = None) -> TileModel:
     """The run's ``TileModel``: its ONNX export of every fold model (the ensemble), exported now (parity
     checked against PyTorch, as ``oncotransfer export``) when missing or stale (``infer.export_cache``)."""
-    from oncotransfer.infer.export_cache import ensure_export
+    from oncotransfer.infer.export_cache import ensure_export, run_members
     run_dir = Path(run_dir)
     if not (run_dir / "checkpoint" / "meta.json").is_file():
         raise CheckpointError(f"{run_dir}: no checkpoint (checkpoint/model.safetensors + meta.json); give a run "
                               "directory written by `oncotransfer train`")
     meta = read_checkpoint_meta(run_dir / "checkpoint").content()
-    folds = meta.get("folds") or [{"fold": int(meta.get("fold") or 0), "temperature": meta.get("temperature")}]
-    members = [{"fold": int(f["fold"]), "temperature": f.get("temperature")} for f in folds]
+    members = run_members(run_dir, meta)
     ood = read_ood_meta(run_dir / "checkpoint")
     try:
         folder = ensure_export(run_dir, None, meta["classes"], members, None if ood is None else ood.tensors_sha256,

@@ -15,6 +15,7 @@ from oncotransfer.models.checkpoint import (RETRAIN, checkpoint_dir, fold_entry,
                                             read_checkpoint, read_meta)
 from oncotransfer.models.classifier import Classifier, apply_freeze, feature_width
 from oncotransfer.models.heads import create_head
+from oncotransfer.models.recipes import check_same_input, recipe_folders, with_recipe
 from oncotransfer.models.tail import adopt_stages, common_prefix, cut_index, stage_chain
 from oncotransfer.models.weights import WeightsInfo, build_backbone
 from oncotransfer.weight_sources import parse_weights
@@ -85,7 +86,13 @@ def member_plan(run_dir: str | Path, fold: int | None = None) -> tuple[list[dict
     run_dir = Path(run_dir)
     meta = read_meta(run_dir)
     _described(meta)
-    return ([fold_entry(run_dir, meta, fold)] if fold is not None else fold_entries(meta)), meta
+    entries = [fold_entry(run_dir, meta, fold)] if fold is not None else fold_entries(meta)
+    for r, folder in enumerate(recipe_folders(run_dir, meta), start=1):  # an ensemble of recipes
+        other = read_meta(folder)
+        _described(other)
+        check_same_input(meta, other, folder)
+        entries += with_recipe([fold_entry(folder, other, fold)] if fold is not None else fold_entries(other), r)
+    return entries, meta
 
 
 def _build(meta: dict, backbone=None):
@@ -114,8 +121,19 @@ def load_classifier(run_dir: str | Path, fold: int = 0):
 
 
 def load_members(run_dir: str | Path, fold: int | None = None):
-    """``(members, entries, meta)``: every fold model of the run (``fold=None``) or fold ``fold`` alone.
-    Members whose fold file holds no backbone tensors (frozen runs) share fold 0's backbone module object,
+    """``(members, entries, meta)``: every fold model of the run (``fold=None``) or fold ``fold`` alone; for an
+    ensemble of recipes (``models.recipes``), those of every recipe, recipe 0's first."""
+    members, entries, meta = _load_recipe(run_dir, fold)
+    for r, folder in enumerate(recipe_folders(run_dir, meta), start=1):
+        more, more_entries, other = _load_recipe(folder, fold)
+        check_same_input(meta, other, folder)
+        members += more
+        entries += with_recipe(more_entries, r)
+    return members, entries, meta
+
+
+def _load_recipe(run_dir: str | Path, fold: int | None = None):
+    """``load_members`` of one recipe's checkpoint. Members whose fold file holds no backbone tensors (frozen runs) share fold 0's backbone module object,
     so an ensemble computes the backbone once; the folds of a ``last:N`` run share fold 0's frozen stages
     (``_share_frozen_prefix``), so one copy of them is kept and an ensemble runs them once."""
     run_dir = Path(run_dir)
