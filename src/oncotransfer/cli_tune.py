@@ -43,6 +43,10 @@ def tune(config: Path = typer.Argument(..., help="YAML config: a run config plus
         return
     lo, hi = res.nested["accuracy_ci95"]
     console.print(f"nested estimate: {res.nested['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f})")
-    console.print(f"naive best trial on its own folds ({res.summary['naive']['metric']}): {res.naive:.3f}")
+    console.print(f"naive: the chosen model on its own inner folds ({res.summary['naive']['metric']}): "
+                  f"{res.naive:.3f}")
+    members = [m["trial"] for m in res.summary["ensemble"]["members"]]
+    console.print(f"model: trial {members[0]}" if len(members) == 1 else
+                  f"model: the mean of trials {', '.join(map(str, members))} (each trained in members/)")
     console.print(f"run: {res.run.run_dir}")
     console.print(f"report: {res.summary['report']}")

@@ -66,6 +66,9 @@ class SearchConfig(BaseModel):
     inner_folds: int = Field(default=3, ge=2, le=20)
     trials: int = Field(default=30, ge=1, le=100000)
     """Trials per search (one per outer fold, one on all data for the final recipe); --trials overrides."""
+    ensemble: int = Field(default=3, ge=1, le=10)
+    """The model may be the mean of up to this many top trials: each search averages its top 1, 2, ... trials'
+    inner-fold predictions and keeps the smallest number that scores best (1: the best trial alone)."""
     budget: str | None = None
     """Wall-clock limit for the whole tune (30m, 2h, 900): split evenly across the searches; --budget overrides."""
     pruner: Literal["successive_halving", "hyperband", "none"] = "successive_halving"

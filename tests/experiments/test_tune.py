@@ -58,7 +58,8 @@ def test_a_tiny_search_gives_nested_and_naive_figures_and_a_final_run(tmp_path, 
     lines = out.splitlines()
     nested = next(ln for ln in lines if ln.startswith("nested estimate: "))
     assert "(95% CI " in nested and 0 <= float(nested.split()[2]) <= 1
-    assert any(ln.startswith("naive best trial on its own folds (accuracy): ") for ln in lines)
+    assert any(ln.startswith("naive: the chosen model on its own inner folds (accuracy): ") for ln in lines)
+    assert any(ln.startswith("model: trial") or ln.startswith("model: the mean of trials") for ln in lines)
     run = Path(next(ln for ln in lines if ln.startswith("run: "))[5:])
     assert run_finished(run) and (run / "checkpoint" / "model.safetensors").is_file()
     tune_dir = tmp_path / "runs" / "t-tune"
@@ -211,3 +212,80 @@ def test_the_machine_factor_learns_from_trials_of_the_same_family():
     slow = [SimpleNamespace(user_attrs={"seconds": 20.0, "estimate_s": 10.0, "family": "features"})]
     assert machine_factor(slow, "tail") == 2.0
     assert machine_factor([], "tail") == 1.0
+
+
+def test_the_top_trials_are_averaged_when_their_mean_scores_better_on_the_inner_folds(tmp_path):
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from oncotransfer.experiments.tune_ensemble import choose_members
+    cfg, search = load_tune_config(tune_yaml(tmp_path))
+    y = np.array([0, 1, 0, 1, 0, 1])
+    data = SimpleNamespace(manifest=SimpleNamespace(labels=y, classes=["a", "b"]))
+    inner = SimpleNamespace(base=cfg, search=search, data_for=lambda _cfg: data,
+                            folds=[SimpleNamespace(test=np.arange(3)), SimpleNamespace(test=np.arange(3, 6))])
+    study = optuna.create_study(direction="maximize")
+    size = optuna.distributions.CategoricalDistribution([64, 128])
+    for value, p_b, image_size in [(0.9, [.1, .9, .1, .9, .6, .4], 64),   # best: rows 4 and 5 wrong
+                                   (0.8, [.4, .6, .4, .6, .1, .9], 64),   # with the best: every row right
+                                   (0.75, [.4, .6, .4, .6, .1, .9], 128),  # another input: never a member
+                                   (0.7, [.9, .1, .9, .1, .9, .1], 64)]:  # a third member spoils row 5
+        oof = [[1 - p, p] for p in p_b]
+        study.add_trial(optuna.trial.create_trial(params={"image_size": image_size}, distributions={"image_size": size},
+                                                  value=value, user_attrs={"oof": oof}))
+    members, tried = choose_members(study, inner, 3, optuna)
+    assert [t.number for t in members] == [0, 1]
+    assert [(r["members"], r["trials"], round(r["score"], 3)) for r in tried] == [
+        (1, [0], 0.667), (2, [0, 1], 1.0), (3, [0, 1, 3], 0.667)]
+    assert [t.number for t in choose_members(study, inner, 1, optuna)[0]] == [0]  # ensemble: 1 -> the best alone
+
+
+def test_an_ensemble_of_top_trials_becomes_the_final_run(tmp_path, monkeypatch, capsys):
+    """The plumbing, whatever the inner folds say: each outer fold refits both members, each member is trained as
+    a run of its own in members/, and final/ is their merge, a run predict loads with every recipe's folds."""
+    from oncotransfer.experiments import tune as tune_module
+    from oncotransfer.infer.predict import Predictor
+
+    def top_two(study, inner, cap, optuna):
+        done = sorted(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),
+                      key=lambda t: (-t.value, t.number))[:2]
+        return done, [{"members": 1, "trials": [done[0].number], "score": done[0].value},
+                      {"members": 2, "trials": [t.number for t in done], "score": 0.5}]
+    monkeypatch.setattr(tune_module, "choose_members", top_two)
+    code, out, err = run_cli(monkeypatch, capsys, "tune", str(tune_yaml(tmp_path)), "--json")
+    assert code == 0, err
+    summary = __import__("json").loads(out)
+    members = [m["trial"] for m in summary["ensemble"]["members"]]
+    assert len(members) == 2 and summary["naive"]["value"] == 0.5
+    tune_dir = tmp_path / "runs" / "t-tune"
+    assert all(run_finished(tune_dir / "members" / f"trial{n}") for n in members)
+    final = Path(summary["run"])
+    assert run_finished(final) and (final / "checkpoint" / "recipes" / "1" / "meta.json").is_file()
+    assert all(len(p["members"]) == 2 for p in summary["nested"]["per_fold"])  # each outer fold refits both
+    pred = Predictor.from_run(final, "torch")
+    assert "2 recipes" in pred.describe()
+    assert "The final model is the mean of 2 trials' runs" in (tune_dir / "report.md").read_text()
+
+
+def test_an_ensemble_gets_only_the_members_the_time_left_can_train(tmp_path):
+    from types import SimpleNamespace
+
+    from oncotransfer.experiments.tune_cost import estimate_s
+    from oncotransfer.experiments.tune_ensemble import affordable
+    from oncotransfer.experiments.tune_space import defaults
+    cfg, search = load_tune_config(tune_yaml(tmp_path))
+    inner = SimpleNamespace(base=cfg)
+    study = optuna.create_study(direction="maximize")
+    epochs = optuna.distributions.CategoricalDistribution([2, 3])
+    for value, n_epochs in [(0.9, 2), (0.8, 3), (0.7, 2)]:
+        p = {**defaults(cfg), "epochs": n_epochs}
+        study.add_trial(optuna.trial.create_trial(  # ran exactly as estimated: a machine factor of 1
+            params={"epochs": n_epochs}, distributions={"epochs": epochs}, value=value,
+            user_attrs={"seconds": estimate_s(p, 100, 3), "estimate_s": estimate_s(p, 100, 3), "family": "features"}))
+    fits = [(1000, 5), (600, 3)]
+    cost = [sum(estimate_s({**defaults(cfg), "epochs": e}, r, k) for r, k in fits) for e in (2, 3, 2)]
+    assert affordable(study, inner, 3, None, fits, optuna) == 3  # no budget: the cap
+    assert affordable(study, inner, 3, sum(cost) / 0.8 + 1, fits, optuna) == 3
+    assert affordable(study, inner, 3, (cost[0] + cost[1]) / 0.8 + 1, fits, optuna) == 2
+    assert affordable(study, inner, 3, 1.0, fits, optuna) == 1  # the best trial always

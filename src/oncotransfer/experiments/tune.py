@@ -1,12 +1,15 @@
 """``oncotransfer tune``: an Optuna search over recipes, evaluated honestly by nested cross-validation.
 
 Outer grouped folds (the split's own grouping: patients or near-duplicate images) each hold out a test part; a
-whole search (TPE, pruned after each inner fold) runs on the rest, its best recipe is refitted there and scored on
-the held-out part. The pooled held-out predictions give the nested estimate. One more search on all data chooses
-the final recipe (its best inner score is the naive figure), which is trained as a normal run directory."""
+whole search (TPE, pruned after each inner fold) runs on the rest, what it chose (its best trial, or the mean of
+its top trials: ``tune_ensemble``) is refitted there and scored on the held-out part. The pooled held-out
+predictions give the nested estimate. One more search on all data chooses the final model (its inner score is the
+naive figure), which is trained as a normal run directory (an ensemble: ``recipe_merge``)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import resource
 import shutil
@@ -23,9 +26,11 @@ from oncotransfer.data.splits import make_split
 from oncotransfer.errors import ConfigError, MissingExtraError
 from oncotransfer.evaluate.metrics import classification_metrics
 from oncotransfer.experiments.run import RunResult, run_experiment
+from oncotransfer.experiments.recipe_merge import merge_runs
+from oncotransfer.experiments.tune_cost import base_params
+from oncotransfer.experiments.tune_ensemble import affordable, choose_members
 from oncotransfer.experiments.tune_ray import run_ray
 from oncotransfer.experiments.tune_report import leaderboard, write_tune_report
-from oncotransfer.experiments.tune_cost import base_params
 from oncotransfer.experiments.tune_space import defaults, recipe_config, recipe_yaml
 from oncotransfer.experiments.tune_trial import Data, Inner, fit_and_score, inner_folds, kfold, run_local, score
 from oncotransfer.experiments.tune_workers import reap_dead_trials, storage_for, wait_for, worker_sampler
@@ -136,8 +141,9 @@ def tune_dir_for(cfg: ExperimentConfig) -> Path:
 
 
 def _check_same(tune_dir: Path, cfg: ExperimentConfig, search: SearchConfig) -> None:
-    """A tune folder continues only the tune it was started with (trials and budget may change)."""
-    record = {"config": to_dict(cfg), "search": search.model_dump(mode="json", exclude={"trials", "budget"})}
+    """A tune folder continues only the tune it was started with (trials, budget and ensemble may change)."""
+    record = {"config": to_dict(cfg),
+              "search": search.model_dump(mode="json", exclude={"trials", "budget", "ensemble"})}
     saved = tune_dir / "tune_config.json"
     if saved.is_file():
         if json.loads(saved.read_text()) != json.loads(json.dumps(record)):
@@ -190,35 +196,41 @@ def run_tune(cfg: ExperimentConfig, search: SearchConfig, *, trials: int | None 
         folds = inner_folds(cfg, data, rows, search.inner_folds)
         return Inner(cfg, search, data_for, folds, tune_dir, device, trials, max_trial_s=max_trial_s(folds))
 
+    final_rows, final_fits = _final_size(cfg, len(m))
+
     def max_trial_s(folds) -> float | None:
         """A trial may cost what lets the final run (the config's split on all images, trained from scratch)
         fit 60% of the reserve (the refits take the rest): the final run's fits over a trial's, in rows."""
         if budget_s is None:
             return None
-        kfold_split = cfg.split.kind == "kfold"
-        final_rows = len(m) * (1 - cfg.split.val_size) * (1 - (1 / cfg.split.folds if kfold_split
-                                                                else cfg.split.test_size))
-        final_fits = cfg.split.folds if kfold_split else 1
         ratio = final_fits * final_rows / sum(len(f.train) for f in folds)
         return budget_s * REFIT_SHARE * 0.6 / max(ratio, 1.0)
 
-    studies = []  # every search first: the refits wait for no one while other workers still run trials
+    studies, inners = [], []  # every search first: the refits wait for no one while other workers still run trials
     for f in outer.folds:
-        studies.append(_search(f"outer-{f.index}", inner_for(np.sort(np.concatenate([f.train, f.val]))), store,
-                               timeout(), run_trials, log, progress))
+        inners.append(inner_for(np.sort(np.concatenate([f.train, f.val]))))
+        studies.append(_search(f"outer-{f.index}", inners[-1], store, timeout(), run_trials, log, progress))
         searches_left -= 1
-    study = _search("final", inner_for(np.arange(len(m))), store, timeout(), run_trials, log, progress)
+    final_inner = inner_for(np.arange(len(m)))
+    study = _search("final", final_inner, store, timeout(), run_trials, log, progress)
+    refit_rows = float(np.mean([len(f.train) for f in outer.folds]))
+    cap = _ensemble_cap(tune_dir, lambda: affordable(
+        study, final_inner, search.ensemble, None if budget_s is None else budget_s - (time.monotonic() - t0),
+        [(final_rows, final_fits), (refit_rows, len(outer.folds))], optuna))
 
     held, per_fold = [], []
-    for f, fold_study in zip(outer.folds, studies):
+    for f, fold_study, inner in zip(outer.folds, studies, inners):
         done_file = tune_dir / "outer" / f"fold{f.index}.csv"
 
-        def refit(f=f, fold_study=fold_study, done_file=done_file) -> None:
-            """The fold's best recipe on its whole training part, scored on its held-out rows."""
-            best = recipe_config(cfg, fold_study.best_params)
-            probs = fit_and_score(best, data_for(best), f, tune_dir, device)
+        def refit(f=f, fold_study=fold_study, inner=inner, done_file=done_file) -> None:
+            """The fold's chosen trials (``tune_ensemble``) on its whole training part, their mean scored on its
+            held-out rows."""
+            members, tried = choose_members(fold_study, inner, cap, optuna)
+            probs = np.mean([fit_and_score(c, data_for(c), f, tune_dir, device)
+                             for c in (recipe_config(cfg, t.params) for t in members)], axis=0)
             frame = pd.DataFrame(probs, columns=[f"prob_{c}" for c in m.classes]).assign(
-                index=f.test, label=m.labels[f.test], inner=fold_study.best_value)
+                index=f.test, label=m.labels[f.test], inner=_inner_score(fold_study, members, tried),
+                members=" ".join(str(t.number) for t in members))
             atomic_write_text(done_file, frame.to_csv(index=False))
 
         wait_for(done_file.is_file, done_file.with_suffix(".lock"), refit, f"the refit of outer fold {f.index}", log)
@@ -227,7 +239,9 @@ def run_tune(cfg: ExperimentConfig, search: SearchConfig, *, trials: int | None 
         probs = frame[[f"prob_{c}" for c in m.classes]].to_numpy()
         per_fold.append({"fold": f.index, "inner_best": float(frame["inner"].iloc[0]),
                          "test": score(search.metric, frame["label"].to_numpy(), probs, m.classes),
-                         "params": fold_study.best_params})
+                         "params": fold_study.best_params,
+                         "members": [int(x) for x in str(frame["members"].iloc[0]).split()]
+                         if "members" in frame.columns else [fold_study.best_trial.number]})
         log(f"outer fold {f.index + 1}/{len(outer.folds)}: held-out {search.metric} {per_fold[-1]['test']:.3f}")
     pooled = pd.concat(held)
     nested = classification_metrics(pooled["label"].to_numpy(), pooled[[f"prob_{c}" for c in m.classes]].to_numpy(),
@@ -236,24 +250,62 @@ def run_tune(cfg: ExperimentConfig, search: SearchConfig, *, trials: int | None 
     nested["per_fold"] = per_fold
     recipe = study.best_params
     chosen = recipe_config(cfg, recipe)
+    members, tried = choose_members(study, final_inner, cap, optuna)
     atomic_write_text(tune_dir / "recipe.yaml", recipe_yaml(chosen, recipe))
     atomic_write_text(tune_dir / "leaderboard.csv", leaderboard(study, optuna).to_csv(index=False))
     run_dir = tune_dir / "final"
+    member_dirs = [run_dir] if len(members) == 1 else [tune_dir / "members" / f"trial{t.number}" for t in members]
+    if len(members) > 1:
+        (tune_dir / "members").mkdir(exist_ok=True)
+    for t, member_dir in zip(members, member_dirs):
+        def train(c=recipe_config(cfg, t.params), member_dir=member_dir) -> None:
+            shutil.rmtree(member_dir, ignore_errors=True)  # a final run cut short: trained again from the start
+            run_experiment(c, member_dir, data=data_for(c), log=log)
 
-    def final_run() -> None:
-        shutil.rmtree(run_dir, ignore_errors=True)  # a final run cut short: trained again from the start
-        run_experiment(chosen, run_dir, data=data_for(chosen), log=log)
-
-    wait_for(lambda: run_finished(run_dir), tune_dir / "final.lock", final_run, "the final run", log)
+        what = "the final run" if len(members) == 1 else f"the final run of trial {t.number}"
+        wait_for(lambda d=member_dir: run_finished(d), member_dir.with_name(member_dir.name + ".lock"), train, what,
+                 log)
+    if len(members) > 1:
+        described = [{"trial": t.number, "params": t.params, "inner": t.value} for t in members]
+        wait_for(lambda: run_finished(run_dir), tune_dir / "final.lock",
+                 lambda: merge_runs(run_dir, member_dirs, described), "the final ensemble", log)
     run = RunResult(run_dir, json.loads((run_dir / "metrics.json").read_text()), m.classes)
+    naive = _inner_score(study, members, tried)
     summary = {"nested": {k: nested[k] for k in ("accuracy", "accuracy_ci95", "balanced_accuracy", "roc_auc",
                                                    "n", "per_fold")},
-               "naive": {"metric": search.metric, "value": study.best_value},
+               "naive": {"metric": search.metric, "value": naive},
+               "ensemble": {"cap": cap, "members": [{"trial": t.number, "inner": t.value, "params": t.params}
+                                                    for t in members], "tried": tried},
                "recipe": recipe, "run": str(run_dir), "storage": _safe_url(storage), "trials_per_search": trials,
                "executor": executor, "seconds": time.monotonic() - t0, "cpu_minutes": _cpu_minutes() - cpu0}
     atomic_write_text(tune_dir / "tune.json", json.dumps(summary, indent=1))
     summary["report"] = str(write_tune_report(tune_dir, study, studies, summary, chosen, search, optuna))
-    return TuneResult(tune_dir, nested, study.best_value, recipe, run, summary)
+    return TuneResult(tune_dir, nested, naive, recipe, run, summary)
+
+
+def _final_size(cfg: ExperimentConfig, n: int) -> tuple[float, int]:
+    """(training images per fit, fits) of a run with the config's own split on ``n`` images."""
+    kfold_split = cfg.split.kind == "kfold"
+    rows = n * (1 - cfg.split.val_size) * (1 - (1 / cfg.split.folds if kfold_split else cfg.split.test_size))
+    return rows, (cfg.split.folds if kfold_split else 1)
+
+
+def _inner_score(study, members: list, tried: list[dict]) -> float:
+    """The chosen model's inner score: the best trial's, or the ensemble's mean prediction's."""
+    return float(tried[len(members) - 1]["score"]) if len(members) > 1 else float(study.best_value)
+
+
+def _ensemble_cap(tune_dir: Path, decide: Callable[[], int]) -> int:
+    """The most trials an ensemble may average, decided once per tune (kept in ensemble_cap.json), so a resumed
+    tune and every worker apply to the final search the rule its outer folds were refitted with."""
+    path = tune_dir / "ensemble_cap.json"
+    if not path.is_file():
+        mine = tune_dir / f".ensemble_cap.{os.getpid()}.json"
+        atomic_write_text(mine, json.dumps({"cap": int(decide())}))
+        with contextlib.suppress(FileExistsError):  # the first worker's decision stands
+            os.link(mine, path)
+        mine.unlink()
+    return int(json.loads(path.read_text())["cap"])
 
 
 def _runner(executor: str, workers: int | None, address: str | None) -> Callable[..., None]:

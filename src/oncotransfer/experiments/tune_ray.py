@@ -21,7 +21,7 @@ from oncotransfer.config import ExperimentConfig
 from oncotransfer.data.splits import Fold
 from oncotransfer.errors import ConfigError, MissingExtraError, OncoError
 from oncotransfer.experiments.tune_space import recipe_config, sample
-from oncotransfer.experiments.tune_trial import Data, Inner, fit_and_score, score
+from oncotransfer.experiments.tune_trial import Data, Inner, fit_and_score, keep_oof, score
 from oncotransfer.experiments.tune_workers import Surplus, claim_trial, counted_states
 from oncotransfer.train.device import pick_device
 
@@ -80,11 +80,11 @@ def run_ray(study, inner: Inner, n_trials: int, timeout: float | None, tell: Cal
                     stopping = True
                     break
                 cfg = recipe_config(inner.base, sample(trial, inner.search.space))
-                inflight[task.remote(cfg, inner.folds[0], token)] = (trial, cfg, 0, [])
+                inflight[task.remote(cfg, inner.folds[0], token)] = (trial, cfg, 0, [], [])
             if not inflight:
                 return
             [ref], _ = ray.wait(list(inflight), num_returns=1)
-            trial, cfg, j, scores = inflight.pop(ref)
+            trial, cfg, j, scores, held = inflight.pop(ref)
             try:
                 probs, node = ray.get(ref)
             except ray.exceptions.RayTaskError as e:
@@ -96,13 +96,15 @@ def run_ray(study, inner: Inner, n_trials: int, timeout: float | None, tell: Cal
             trial.set_user_attr("ran_on", node)
             fold = inner.folds[j]
             scores.append(score(inner.search.metric, data.manifest.labels[fold.test], probs, data.manifest.classes))
+            held.append(probs)
             trial.report(float(np.mean(scores)), j)
             if j == len(inner.folds) - 1:
+                keep_oof(trial, held)
                 tell(study, study.tell(trial, float(np.mean(scores))))
             elif trial.should_prune():
                 tell(study, study.tell(trial, state=optuna.trial.TrialState.PRUNED))
             else:
-                inflight[task.remote(cfg, inner.folds[j + 1], token)] = (trial, cfg, j + 1, scores)
+                inflight[task.remote(cfg, inner.folds[j + 1], token)] = (trial, cfg, j + 1, scores, held)
     finally:
         for ref, (trial, *_rest) in inflight.items():  # an error or Ctrl-C: their trials are asked again
             ray.cancel(ref, force=True)

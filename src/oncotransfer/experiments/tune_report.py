@@ -77,14 +77,15 @@ def importances(study, optuna) -> tuple[dict[str, float], str]:
 def write_tune_report(tune_dir: Path, study, outer_studies: list, summary: dict[str, Any],
                       chosen: ExperimentConfig, search: SearchConfig, optuna) -> Path:
     """Write report.md and report.html into ``tune_dir``; return the HTML's path."""
-    metric, nested = search.metric, summary["nested"]
+    metric, nested, ens = search.metric, summary["nested"], summary.get("ensemble") or {}
     nested_value = nested.get(metric)
     ci = nested.get(f"{metric}_ci95")
     naive = summary["naive"]["value"]
     estimate = {
         "metric": metric, "n": nested["n"], "nested": fmt_ci(nested_value, ci), "naive": fmt(naive),
         "optimism": fmt(naive - nested_value) if nested_value is not None else "n/a",
-        "per_fold": [[p["fold"], fmt(p["inner_best"]), fmt(p["test"]), _recipe_text(p["params"])]
+        "per_fold": [[p["fold"], fmt(p["inner_best"]), fmt(p["test"]),
+                      ", ".join(str(n) for n in p.get("members") or []), _recipe_text(p["params"])]
                      for p in nested["per_fold"]],
         "trials": summary["trials_per_search"], "searches": len(outer_studies) + 1,
         "executor": summary.get("executor", "local"), "minutes": fmt(summary["seconds"] / 60, 1),
@@ -95,7 +96,11 @@ def write_tune_report(tune_dir: Path, study, outer_studies: list, summary: dict[
     raw = [c for c in board.columns if c == "lr"]
     sections = [
         ("tune/estimate.md.j2", estimate),
-        ("tune/recipe.md.j2", {"run": summary["run"], "recipe_yaml": recipe_yaml(chosen, summary["recipe"]).rstrip("\n")}),
+        ("tune/recipe.md.j2", {"run": summary["run"],
+                               "recipe_yaml": recipe_yaml(chosen, summary["recipe"]).rstrip("\n"),
+                               "members": [m["trial"] for m in ens.get("members") or []], "cap": ens.get("cap"),
+                               "tried": "; ".join(f"top {r['members']}: {fmt(r['score'])}"
+                                                  for r in ens.get("tried") or [])}),
         ("plots.md.j2", {"plots": [{"title": "Optimisation history", "file": history.relative_to(tune_dir)
                                     .as_posix()}]}),
         ("tune/importance.md.j2", {"rows": [[k, fmt(v)] for k, v in found.items()], "why": why}),

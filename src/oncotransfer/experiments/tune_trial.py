@@ -93,16 +93,27 @@ def objective(inner: Inner, optuna) -> Callable:
         _skip_if_too_slow(inner, trial, {**defaults(inner.base), **params}, optuna)
         cfg = recipe_config(inner.base, params)
         data = inner.data_for(cfg)
-        scores, t0 = [], time.monotonic()
+        scores, held, t0 = [], [], time.monotonic()
         for j, fold in enumerate(inner.folds):
             probs = fit_and_score(cfg, data, fold, inner.work, inner.device)
+            held.append(probs)
             scores.append(score(inner.search.metric, data.manifest.labels[fold.test], probs, data.manifest.classes))
             trial.report(float(np.mean(scores)), j)  # the pruner compares trials after the same inner folds
             if j < len(inner.folds) - 1 and (trial.should_prune() or _past_deadline(inner, trial, optuna)):
                 raise optuna.TrialPruned()
         trial.set_user_attr("seconds", time.monotonic() - t0)
+        keep_oof(trial, held)
         return float(np.mean(scores))
     return run
+
+
+OOF = "oof"
+"""A completed trial's held-out probabilities of every inner fold, in fold order (``tune_ensemble``)."""
+
+
+def keep_oof(trial, probs: list[np.ndarray]) -> None:
+    """Keep them with 6 decimals: a few kB a trial in the study."""
+    trial.set_user_attr(OOF, np.round(np.concatenate(probs), 6).tolist())
 
 
 def _skip_if_too_slow(inner: Inner, trial, params: dict, optuna) -> None:
