@@ -99,6 +99,7 @@ def write_tune_report(tune_dir: Path, study, outer_studies: list, summary: dict[
         ("tune/recipe.md.j2", {"run": summary["run"],
                                "recipe_yaml": recipe_yaml(chosen, summary["recipe"]).rstrip("\n"),
                                "members": [m["trial"] for m in ens.get("members") or []], "cap": ens.get("cap"),
+                               "wanted": search.ensemble,
                                "tried": "; ".join(f"top {r['members']}: {fmt(r['score'])}"
                                                   for r in ens.get("tried") or [])}),
         ("plots.md.j2", {"plots": [{"title": "Optimisation history", "file": history.relative_to(tune_dir)
