@@ -133,9 +133,10 @@ def load_members(run_dir: str | Path, fold: int | None = None):
 
 
 def _load_recipe(run_dir: str | Path, fold: int | None = None):
-    """``load_members`` of one recipe's checkpoint. Members whose fold file holds no backbone tensors (frozen runs) share fold 0's backbone module object,
-    so an ensemble computes the backbone once; the folds of a ``last:N`` run share fold 0's frozen stages
-    (``_share_frozen_prefix``), so one copy of them is kept and an ensemble runs them once."""
+    """``load_members`` of one recipe's checkpoint. Members whose fold file holds no backbone tensors (frozen
+    runs) share fold 0's backbone module object, so an ensemble computes the backbone once; the folds of a
+    ``last:N`` run share fold 0's frozen stages (``_share_frozen_prefix``), so one copy of them is kept and an
+    ensemble runs them once."""
     run_dir = Path(run_dir)
     state, meta = read_checkpoint(run_dir)
     entries = [fold_entry(run_dir, meta, fold)] if fold is not None else fold_entries(meta)
