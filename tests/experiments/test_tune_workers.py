@@ -134,3 +134,24 @@ def test_workers_with_one_seed_draw_different_recipes_and_one_alone_keeps_the_se
             drawn.append(tuple(sorted(_space(t).items())))
             shared.tell(t, 0.0)
     assert len(set(drawn)) == len(drawn)
+
+
+def test_a_recipe_enqueued_by_two_workers_trains_once_and_the_worker_goes_on(tmp_path):
+    """Both workers find the study empty and enqueue the base recipe (skip_if_exists is not atomic): the second
+    copy ends as FAIL before training, and the study still gets its trials."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s", direction="maximize")
+    for _ in range(2):
+        study.enqueue_trial({"lr": 0.001, "w": 16})
+    trained = []
+
+    def objective(trial) -> float:
+        tune_workers.claim_trial(trial, 3, optuna)
+        params = _space(trial)
+        trained.append(tuple(sorted(params.items())))
+        return params["lr"]
+    study.optimize(objective, n_trials=4, catch=(tune_workers.Surplus,))
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL] + [
+        optuna.trial.TrialState.COMPLETE] * 2
+    assert study.trials[1].user_attrs.get("duplicate") and not study.trials[1].params
+    assert len(trained) == 3 and len(set(trained)) == 3  # the base recipe once, then two new recipes

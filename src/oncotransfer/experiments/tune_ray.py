@@ -22,7 +22,7 @@ from oncotransfer.data.splits import Fold
 from oncotransfer.errors import ConfigError, MissingExtraError, OncoError
 from oncotransfer.experiments.tune_space import recipe_config, sample
 from oncotransfer.experiments.tune_trial import Data, Inner, fit_and_score, keep_oof, score
-from oncotransfer.experiments.tune_workers import Surplus, claim_trial, counted_states
+from oncotransfer.experiments.tune_workers import Duplicate, Surplus, claim_trial, counted_states
 from oncotransfer.train.device import pick_device
 
 _MEMO: dict[str, Any] = {"token": None, "data": None}  # per Ray worker process: the current tune's images
@@ -75,6 +75,9 @@ def run_ray(study, inner: Inner, n_trials: int, timeout: float | None, tell: Cal
                 trial, asked = study.ask(), asked + 1
                 try:
                     claim_trial(trial, inner.trials, optuna)
+                except Duplicate:
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    continue
                 except Surplus:
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
                     stopping = True

@@ -3,7 +3,8 @@
 Trials are shared through the Optuna storage (a PostgreSQL URL for processes on several machines; SQLite serves
 processes on one machine). Each trial is tagged with its worker (``host:pid``). A trial counts once it is
 COMPLETE, PRUNED or RUNNING; a new trial that finds ``trials`` counted trials numbered below it is a surplus
-(two workers asked at the same moment): it ends as FAIL before training anything, and its worker stops. A
+(two workers asked at the same moment): it ends as FAIL before training anything, and its worker stops; so
+does the second copy of an enqueued recipe (``Duplicate``), but its worker goes on. A
 RUNNING trial whose worker is gone (a killed process on this host, or one whose heartbeat stopped elsewhere)
 is failed, so a resumed tune runs it again.
 
@@ -28,6 +29,11 @@ HEARTBEAT_S, GRACE_S = 30, 120
 
 class Surplus(Exception):
     """This trial would exceed the study's trial count: other workers already run or ran them all."""
+
+
+class Duplicate(Surplus):
+    """This trial repeats a recipe another worker enqueued too (the base recipe, enqueued by every worker that
+    found the study empty: Optuna's ``skip_if_exists`` is not atomic): it ends as FAIL, and its worker goes on."""
 
 
 def storage_for(url: str, optuna, tries: int = 5):
@@ -76,10 +82,16 @@ def reap_dead_trials(study, optuna) -> int:
 
 
 def claim_trial(trial, trials: int, optuna) -> None:
-    """Tag ``trial`` with this worker; raise Surplus when ``trials`` counted trials are numbered below it."""
+    """Tag ``trial`` with this worker; raise Surplus when ``trials`` counted trials are numbered below it, and
+    Duplicate when it is an enqueued recipe that a trial numbered below it (not failed) was enqueued with."""
     trial.set_user_attr("worker", WORKER)
-    below = [t for t in trial.study.get_trials(deepcopy=False, states=counted_states(optuna))
-             if t.number < trial.number]
+    every = trial.study.get_trials(deepcopy=False)
+    fixed = next((t.system_attrs.get("fixed_params") for t in every if t.number == trial.number), None)
+    if fixed is not None and any(t.number < trial.number and t.state != optuna.trial.TrialState.FAIL
+                                 and t.system_attrs.get("fixed_params") == fixed for t in every):
+        trial.set_user_attr("duplicate", True)
+        raise Duplicate(f"trial {trial.number}: its recipe was enqueued twice (by two workers); not trained")
+    below = [t for t in every if t.state in counted_states(optuna) and t.number < trial.number]
     if len(below) >= trials:
         trial.set_user_attr("surplus", True)
         trial.study.stop()
