@@ -89,6 +89,16 @@ def test_missing_paths_are_errors_not_crashes(predictor, tmp_path):
     assert len(df) == 0 and "no such file" in errors[str(tmp_path / "absent.png")]
 
 
+def test_a_batch_whose_every_file_is_unreadable_is_errors_and_the_next_batch_is_scored(predictor, tmp_path):
+    from oncotransfer.data.demo import demo_path
+    bad = [tmp_path / "a.png", tmp_path / "b.png"]  # files, but not what their names say
+    for p in bad:
+        p.write_text("not an image")
+    good = sorted(demo_path("osteosarcoma").rglob("*.jpg"))[0]
+    df, errors = predictor.predict_paths([*bad, good], batch_size=2)
+    assert set(errors) == {str(p) for p in bad} and list(df["path"]) == [str(good)]
+
+
 def test_predictions_on_labelled_data(tiny_run):
     from oncotransfer.infer.external import predictions_on
     df = predictions_on(tiny_run, "demo:osteosarcoma", engine="torch")

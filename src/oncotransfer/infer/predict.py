@@ -352,7 +352,8 @@ class Predictor:
                     tensors.append(t)
                     if why:
                         blanks[str(f)] = why
-                batch = torch.stack(tensors) if tensors else torch.zeros((0, 3, self.size, self.size), torch.uint8)
+                batch = (torch.stack(tensors) if tensors
+                         else torch.zeros((0, 3, self.size, self.size), dtype=torch.uint8))
                 yield names, batch, self.normalised(batch), failed, blanks
 
     def frame(self, paths: list[str], probs: np.ndarray, ood: np.ndarray | None = None) -> pd.DataFrame:
